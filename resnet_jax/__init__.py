@@ -1,0 +1,44 @@
+"""resnet_jax: the networks of *Deep Residual Learning for Image Recognition* in Flax.
+
+>>> import resnet_jax as rj
+>>> model = rj.create_model("resnet50", num_classes=1000)
+
+Importing this package needs only jax and flax; TensorFlow is imported by
+``resnet_jax.data`` alone and Keras only inside ``rj.weights.from_keras``.
+"""
+
+from resnet_jax import weights
+from resnet_jax.flops import count_macs
+from resnet_jax.models import (
+    BasicBlock,
+    BottleneckBlock,
+    ResNet,
+    ResNet18,
+    ResNet34,
+    ResNet50,
+    ResNet101,
+    ResNet152,
+    Shortcut,
+    create_model,
+    list_models,
+    model_spec,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BasicBlock",
+    "BottleneckBlock",
+    "ResNet",
+    "ResNet18",
+    "ResNet34",
+    "ResNet50",
+    "ResNet101",
+    "ResNet152",
+    "Shortcut",
+    "count_macs",
+    "create_model",
+    "list_models",
+    "model_spec",
+    "weights",
+]

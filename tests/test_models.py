@@ -1,0 +1,316 @@
+"""The model library through its public API: counts, shapes, modes, errors."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import resnet_jax as rj
+
+
+def abstract_variables(model, shape):
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+
+
+def count(model, shape):
+    return n_params(abstract_variables(model, shape)["params"])
+
+
+def n_params(tree):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+# torchvision.models.resnetXX(): sum(p.numel() for p in m.parameters())
+TORCHVISION_PARAMS = {
+    "resnet18": 11_689_512,
+    "resnet34": 21_797_672,
+    "resnet50": 25_557_032,
+    "resnet101": 44_549_160,
+    "resnet152": 60_192_808,
+}
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION_PARAMS))
+@pytest.mark.parametrize("variant", ["v1", "v1.5"])
+def test_imagenet_param_counts_match_torchvision(name, variant):
+    v = abstract_variables(rj.create_model(name, variant=variant), (1, 224, 224, 3))
+    assert set(v) == {"params", "batch_stats"}
+    assert n_params(v["params"]) == TORCHVISION_PARAMS[name]
+
+
+# Table 6 of the paper, "# params" column, in millions as printed.
+PAPER_TABLE6 = {20: "0.27", 32: "0.46", 44: "0.66", 56: "0.85", 110: "1.7", 1202: "19.4"}
+
+
+@pytest.mark.parametrize("depth", sorted(PAPER_TABLE6))
+def test_cifar_param_counts_match_paper_table6(depth):
+    v = abstract_variables(rj.create_model(f"resnet{depth}"), (1, 32, 32, 3))
+    count = n_params(v["params"])
+    digits = len(PAPER_TABLE6[depth].split(".")[1])
+    assert f"{count / 1e6:.{digits}f}" == PAPER_TABLE6[depth]
+    if depth == 20:
+        assert count == 269_722
+
+
+def test_plain_nets_have_the_same_params_as_option_a_and_b_on_imagenet():
+    # Option A is parameter-free, so plainN and resnetN (A) have equal counts;
+    # the paper's Sec. 4.1 relies on this ("no extra parameter").
+    for depth in (20, 56):
+        a = count(rj.create_model(f"resnet{depth}"), (1, 32, 32, 3))
+        p = count(rj.create_model(f"plain{depth}"), (1, 32, 32, 3))
+        assert a == p
+    shape = (1, 224, 224, 3)
+    p34 = count(rj.create_model("plain34"), shape)
+    a34 = count(rj.create_model("resnet34", shortcut="A"), shape)
+    b34 = count(rj.create_model("resnet34", shortcut="B"), shape)
+    c34 = count(rj.create_model("resnet34", shortcut="C"), shape)
+    assert p34 == a34 < b34 < c34
+    assert b34 == TORCHVISION_PARAMS["resnet34"]
+
+
+# Table 1 of the paper, "FLOPs" row (multiply-adds), x 10^9.
+PAPER_TABLE1_GMACS = {
+    "resnet18": 1.8,
+    "resnet34": 3.6,
+    "resnet50": 3.8,
+    "resnet101": 7.6,
+    "resnet152": 11.3,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_TABLE1_GMACS))
+def test_macs_match_paper_table1(name):
+    macs = rj.count_macs(rj.create_model(name), (1, 224, 224, 3))
+    assert macs / 1e9 == pytest.approx(PAPER_TABLE1_GMACS[name], rel=0.03)
+
+
+def test_macs_count_padding_taps_and_v15_costs_more():
+    v1 = rj.count_macs(rj.create_model("resnet50"))
+    v15 = rj.count_macs(rj.create_model("resnet50", variant="v1.5"))
+    assert 1.04 < v15 / v1 < 1.08
+    # A 3x3 conv on 4x4 with padding 1: 16 outputs x 9 taps, although only 100
+    # of those 144 taps fall on real pixels.
+    assert rj.count_macs(OneConv(), (1, 4, 4, 1)) == 16 * 9
+
+
+class OneConv(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Conv(1, (3, 3), padding=((1, 1), (1, 1)), use_bias=False)(x)
+
+
+def test_list_models_and_any_cifar_depth():
+    names = rj.list_models()
+    for n in ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "plain18",
+              "plain34", "resnet8", "resnet20", "resnet32", "resnet44", "resnet56",
+              "resnet110", "resnet1202", "plain20", "plain56", "plain110"]:
+        assert n in names
+    assert names == sorted(set(names), key=names.index)  # no duplicates
+    m = rj.create_model("resnet26")  # 6*4 + 2
+    assert m.stage_sizes == (4, 4, 4) and m.stem == "cifar" and m.shortcut == "A"
+    assert rj.create_model("cifar_resnet50").stage_sizes == (8, 8, 8)
+    assert rj.create_model("resnet50").stem == "imagenet"
+
+
+def test_forward_shapes_and_dtypes():
+    model = rj.create_model("resnet8", num_classes=7)
+    x = jnp.ones((3, 32, 32, 3))
+    v = model.init(jax.random.key(0), x, train=False)
+    y = model.apply(v, x, train=False)
+    assert y.shape == (3, 7) and y.dtype == jnp.float32
+    # Any spatial size works, including odd ones.
+    assert model.apply(v, jnp.ones((2, 13, 21, 3)), train=False).shape == (2, 7)
+
+
+def test_train_mode_updates_batch_stats_and_eval_does_not():
+    model = rj.create_model("resnet8")
+    x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3)) * 3 + 1
+    v = model.init(jax.random.key(0), x, train=False)
+    y_train, updates = model.apply(v, x, train=True, mutable=["batch_stats"])
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), v["batch_stats"], updates["batch_stats"])
+    assert all(jax.tree.leaves(changed))
+    y_eval, same = model.apply(v, x, train=False, mutable=["batch_stats"])
+    unchanged = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), v["batch_stats"], same["batch_stats"])
+    assert all(jax.tree.leaves(unchanged))
+    # Batch statistics and running statistics give different outputs.
+    assert not np.allclose(y_train, y_eval)
+    # Momentum 0.9: new = 0.9 * old + 0.1 * batch mean (PyTorch momentum 0.1).
+    x_stem = model.apply(v, x, train=True, features=True, mutable=["batch_stats"])
+    del x_stem
+    kernel = v["params"]["stem_conv"]["kernel"]
+    conv_out = jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    expected = 0.9 * 0.0 + 0.1 * conv_out.mean(axis=(0, 1, 2))
+    np.testing.assert_allclose(updates["batch_stats"]["stem_bn"]["mean"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_shortcut_a_pads_channels_evenly_and_adds_no_params():
+    sc = rj.Shortcut(32, 2, "A", conv=None, norm=None)
+    x = jnp.arange(1 * 4 * 4 * 16, dtype=jnp.float32).reshape(1, 4, 4, 16) + 1
+    v = sc.init(jax.random.key(0), x)
+    assert v == {} or not jax.tree.leaves(v)
+    y = sc.apply(v, x)
+    assert y.shape == (1, 2, 2, 32)
+    np.testing.assert_array_equal(y[..., :8], 0)
+    np.testing.assert_array_equal(y[..., 24:], 0)
+    np.testing.assert_array_equal(y[..., 8:24], x[:, ::2, ::2, :])
+
+
+def test_bottleneck_stride_placement_v1_and_v15():
+    for variant, conv1_hw, conv2_hw in (("v1", 8, 8), ("v1.5", 16, 8)):
+        model = rj.create_model("resnet50", variant=variant)
+        x = jnp.ones((1, 64, 64, 3))
+        v = abstract_variables(model, x.shape)
+        _, state = jax.eval_shape(
+            lambda v, x: model.apply(v, x, capture_intermediates=True, mutable=["intermediates"]),
+            v, x,
+        )
+        block = state["intermediates"]["stage2_block1"]
+        assert block["conv1"]["__call__"][0].shape[1] == conv1_hw
+        assert block["conv2"]["__call__"][0].shape[1] == conv2_hw
+
+
+def test_features_mode_and_headless_backbone():
+    model = rj.create_model("resnet50", num_classes=0)
+    x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+    v = abstract_variables(model, x.shape)
+    assert "head" not in v["params"]
+    pooled = jax.eval_shape(lambda v, x: model.apply(v, x), v, x)
+    assert pooled.shape == (2, 2048) and pooled.dtype == jnp.float32
+    feats = jax.eval_shape(lambda v, x: model.apply(v, x, features=True), v, x)
+    shapes = {k: f.shape for k, f in feats.items()}
+    assert shapes == {
+        "stem": (2, 16, 16, 64),
+        "stage1": (2, 16, 16, 256),
+        "stage2": (2, 8, 8, 512),
+        "stage3": (2, 4, 4, 1024),
+        "stage4": (2, 2, 2, 2048),
+        "pooled": (2, 2048),
+    }
+    # With a classifier the dict also holds the logits, equal to the plain output.
+    small = rj.create_model("resnet8")
+    xs = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    vs = small.init(jax.random.key(0), xs)
+    f = small.apply(vs, xs, features=True)
+    np.testing.assert_array_equal(f["logits"], small.apply(vs, xs))
+    assert f["stage3"].shape == (2, 8, 8, 64)
+
+
+def test_bfloat16_compute_float32_state_and_logits():
+    model = rj.create_model("resnet8", dtype=jnp.bfloat16)
+    x = jnp.ones((2, 16, 16, 3))
+    v = model.init(jax.random.key(0), x)
+    assert {p.dtype for p in jax.tree.leaves(v["params"])} == {jnp.dtype(jnp.float32)}
+    assert {p.dtype for p in jax.tree.leaves(v["batch_stats"])} == {jnp.dtype(jnp.float32)}
+    logits, upd = model.apply(v, x, train=True, mutable=["batch_stats"])
+    assert logits.dtype == jnp.float32
+    assert {p.dtype for p in jax.tree.leaves(upd["batch_stats"])} == {jnp.dtype(jnp.float32)}
+    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x))(v, x)
+    conv_dtypes = {
+        e.invars[0].aval.dtype for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"
+    }
+    if not conv_dtypes:  # convolutions may sit inside a nested jaxpr
+        conv_dtypes = {
+            e.invars[0].aval.dtype
+            for e in _all_eqns(jaxpr.jaxpr)
+            if e.primitive.name == "conv_general_dilated"
+        }
+    assert conv_dtypes == {jnp.dtype(jnp.bfloat16)}
+
+
+def _all_eqns(jaxpr):
+    for e in jaxpr.eqns:
+        yield e
+        for p in e.params.values():
+            sub = getattr(p, "jaxpr", p)
+            if hasattr(sub, "eqns"):
+                yield from _all_eqns(sub)
+
+
+def test_jit_forward_backward():
+    model = rj.create_model("resnet8", num_classes=10)
+    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+    y = jnp.array([0, 1, 2, 3])
+    v = model.init(jax.random.key(1), x)
+
+    @jax.jit
+    def loss_and_grad(params, stats):
+        def loss(p):
+            logits, upd = model.apply(
+                {"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+            )
+            return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), y]), upd
+        return jax.value_and_grad(loss, has_aux=True)(params)
+
+    (loss, _), grads = loss_and_grad(v["params"], v["batch_stats"])
+    assert np.isfinite(loss)
+    norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
+    assert all(np.isfinite(norms)) and sum(norms) > 0
+
+
+def test_init_follows_the_paper():
+    model = rj.create_model("resnet20", zero_init_residual=False)
+    v = model.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)))
+    k = v["params"]["stage3_block2"]["conv2"]["kernel"]  # 3x3x64x64
+    fan_out = 3 * 3 * 64
+    assert float(k.std()) == pytest.approx(np.sqrt(2.0 / fan_out), rel=0.05)
+    bn = v["params"]["stage3_block2"]["bn2"]
+    np.testing.assert_array_equal(bn["scale"], 1.0)
+    np.testing.assert_array_equal(bn["bias"], 0.0)
+    z = rj.create_model("resnet20", zero_init_residual=True).init(jax.random.key(0), jnp.ones((1, 8, 8, 3)))
+    np.testing.assert_array_equal(z["params"]["stage3_block2"]["bn2"]["scale"], 0.0)
+    np.testing.assert_array_equal(z["params"]["stage3_block2"]["bn1"]["scale"], 1.0)
+
+
+def test_bn_options_reach_every_batchnorm():
+    model = rj.create_model("resnet8", bn_momentum=0.5, bn_epsilon=1e-3)
+    x = jnp.ones((2, 8, 8, 3))
+    v = model.init(jax.random.key(0), x)
+    bound = model.bind(v)
+    assert bound.bn_momentum == 0.5 and bound.bn_epsilon == 1e-3
+    # The running mean after one step: 0.5 * 0 + 0.5 * batch mean.
+    _, upd = model.apply(v, x * 2.0, train=True, mutable=["batch_stats"])
+    _, upd_default = rj.create_model("resnet8").apply(v, x * 2.0, train=True, mutable=["batch_stats"])
+    ratio = upd["batch_stats"]["stem_bn"]["mean"] / upd_default["batch_stats"]["stem_bn"]["mean"]
+    np.testing.assert_allclose(ratio, 5.0, rtol=1e-5)
+
+
+def test_custom_network_from_exported_modules():
+    model = rj.ResNet(stage_sizes=(1, 1), block_cls=rj.BottleneckBlock, widths=(8, 16),
+                      stem="cifar", stem_width=8, num_classes=3, shortcut="C")
+    x = jnp.ones((2, 16, 16, 3))
+    v = model.init(jax.random.key(0), x)
+    assert model.apply(v, x).shape == (2, 3)
+    assert "proj_conv" in v["params"]["stage1_block1"]["shortcut"]
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: rj.create_model("resnet19"), "Unknown model 'resnet19'.*resnet20"),
+        (lambda: rj.create_model("vgg16"), "Valid names"),
+        (lambda: rj.create_model("resnet20", widht=2), "Unknown option.*num_classes"),
+        (lambda: rj.create_model("resnet20", shortcut="D"), "Unknown shortcut 'D'"),
+        (lambda: rj.create_model("resnet50", variant="v2"), "Unknown variant"),
+        (lambda: rj.create_model("plain20", shortcut="B"), "plain network"),
+        (lambda: rj.create_model("plain20", zero_init_residual=True), "plain network"),
+        (lambda: rj.create_model("resnet20", num_classes=-1), "num_classes"),
+    ],
+)
+def test_bad_options_raise_clear_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = rj.create_model("resnet8")
+    v = model.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)))
+    with pytest.raises(ValueError, match="NHWC images of rank 4"):
+        model.apply(v, jnp.ones((32, 32, 3)))
+    with pytest.raises(ValueError, match="looks like NCHW"):
+        model.apply(v, jnp.ones((2, 3, 32, 32)))
+    with pytest.raises(ValueError, match="1 channels.*initialised for 3"):
+        model.apply(v, jnp.ones((2, 32, 32, 1)))
