@@ -12,10 +12,22 @@ import jax.numpy as jnp
 import resnet_jax as rj
 
 ROWS = [
-    ("resnet18", {}), ("resnet34", {}), ("resnet50", {}), ("resnet50", {"variant": "v1.5"}),
-    ("resnet101", {}), ("resnet152", {}), ("plain18", {}), ("plain34", {}),
-    ("resnet20", {}), ("resnet32", {}), ("resnet44", {}), ("resnet56", {}),
-    ("resnet110", {}), ("resnet1202", {}), ("plain20", {}), ("plain56", {}),
+    ("resnet18", {}),
+    ("resnet34", {}),
+    ("resnet50", {}),
+    ("resnet50", {"variant": "v1.5"}),
+    ("resnet101", {}),
+    ("resnet152", {}),
+    ("plain18", {}),
+    ("plain34", {}),
+    ("resnet20", {}),
+    ("resnet32", {}),
+    ("resnet44", {}),
+    ("resnet56", {}),
+    ("resnet110", {}),
+    ("resnet1202", {}),
+    ("plain20", {}),
+    ("plain56", {}),
 ]
 
 

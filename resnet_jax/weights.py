@@ -123,7 +123,10 @@ def from_keras(keras_model: Any) -> tuple[ResNet, dict[str, Any]]:
                 conv_bn(f"{k}_{i}_conv", f"{k}_{i}_bn", (f, f"conv{i}"), (f, f"bn{i}"))
             if f"{k}_0_conv" in layers:
                 conv_bn(
-                    f"{k}_0_conv", f"{k}_0_bn", (f, "shortcut", "proj_conv"), (f, "shortcut", "proj_bn")
+                    f"{k}_0_conv",
+                    f"{k}_0_bn",
+                    (f, "shortcut", "proj_conv"),
+                    (f, "shortcut", "proj_bn"),
                 )
             elif b == 0:
                 raise _unsupported(f"block {k} changes shape but has no projection shortcut")

@@ -103,9 +103,25 @@ class OneConv(nn.Module):
 
 def test_list_models_and_any_cifar_depth():
     names = rj.list_models()
-    for n in ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "plain18",
-              "plain34", "resnet8", "resnet20", "resnet32", "resnet44", "resnet56",
-              "resnet110", "resnet1202", "plain20", "plain56", "plain110"]:
+    for n in [
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "resnet101",
+        "resnet152",
+        "plain18",
+        "plain34",
+        "resnet8",
+        "resnet20",
+        "resnet32",
+        "resnet44",
+        "resnet56",
+        "resnet110",
+        "resnet1202",
+        "plain20",
+        "plain56",
+        "plain110",
+    ]:
         assert n in names
     assert names == sorted(set(names), key=names.index)  # no duplicates
     m = rj.create_model("resnet26")  # 6*4 + 2
@@ -129,10 +145,14 @@ def test_train_mode_updates_batch_stats_and_eval_does_not():
     x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3)) * 3 + 1
     v = model.init(jax.random.key(0), x, train=False)
     y_train, updates = model.apply(v, x, train=True, mutable=["batch_stats"])
-    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), v["batch_stats"], updates["batch_stats"])
+    changed = jax.tree.map(
+        lambda a, b: bool(jnp.any(a != b)), v["batch_stats"], updates["batch_stats"]
+    )
     assert all(jax.tree.leaves(changed))
     y_eval, same = model.apply(v, x, train=False, mutable=["batch_stats"])
-    unchanged = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), v["batch_stats"], same["batch_stats"])
+    unchanged = jax.tree.map(
+        lambda a, b: bool(jnp.all(a == b)), v["batch_stats"], same["batch_stats"]
+    )
     assert all(jax.tree.leaves(unchanged))
     # Batch statistics and running statistics give different outputs.
     assert not np.allclose(y_train, y_eval)
@@ -144,7 +164,9 @@ def test_train_mode_updates_batch_stats_and_eval_does_not():
         x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
     expected = 0.9 * 0.0 + 0.1 * conv_out.mean(axis=(0, 1, 2))
-    np.testing.assert_allclose(updates["batch_stats"]["stem_bn"]["mean"], expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        updates["batch_stats"]["stem_bn"]["mean"], expected, rtol=1e-4, atol=1e-5
+    )
 
 
 def test_shortcut_a_pads_channels_evenly_and_adds_no_params():
@@ -165,8 +187,11 @@ def test_bottleneck_stride_placement_v1_and_v15():
         x = jnp.ones((1, 64, 64, 3))
         v = abstract_variables(model, x.shape)
         _, state = jax.eval_shape(
-            lambda v, x: model.apply(v, x, capture_intermediates=True, mutable=["intermediates"]),
-            v, x,
+            lambda v, x, model=model: model.apply(
+                v, x, capture_intermediates=True, mutable=["intermediates"]
+            ),
+            v,
+            x,
         )
         block = state["intermediates"]["stage2_block1"]
         assert block["conv1"]["__call__"][0].shape[1] == conv1_hw
@@ -210,7 +235,9 @@ def test_bfloat16_compute_float32_state_and_logits():
     assert {p.dtype for p in jax.tree.leaves(upd["batch_stats"])} == {jnp.dtype(jnp.float32)}
     jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x))(v, x)
     conv_dtypes = {
-        e.invars[0].aval.dtype for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"
+        e.invars[0].aval.dtype
+        for e in jaxpr.jaxpr.eqns
+        if e.primitive.name == "conv_general_dilated"
     }
     if not conv_dtypes:  # convolutions may sit inside a nested jaxpr
         conv_dtypes = {
@@ -243,6 +270,7 @@ def test_jit_forward_backward():
                 {"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
             )
             return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), y]), upd
+
         return jax.value_and_grad(loss, has_aux=True)(params)
 
     (loss, _), grads = loss_and_grad(v["params"], v["batch_stats"])
@@ -260,7 +288,9 @@ def test_init_follows_the_paper():
     bn = v["params"]["stage3_block2"]["bn2"]
     np.testing.assert_array_equal(bn["scale"], 1.0)
     np.testing.assert_array_equal(bn["bias"], 0.0)
-    z = rj.create_model("resnet20", zero_init_residual=True).init(jax.random.key(0), jnp.ones((1, 8, 8, 3)))
+    z = rj.create_model("resnet20", zero_init_residual=True).init(
+        jax.random.key(0), jnp.ones((1, 8, 8, 3))
+    )
     np.testing.assert_array_equal(z["params"]["stage3_block2"]["bn2"]["scale"], 0.0)
     np.testing.assert_array_equal(z["params"]["stage3_block2"]["bn1"]["scale"], 1.0)
 
@@ -273,14 +303,23 @@ def test_bn_options_reach_every_batchnorm():
     assert bound.bn_momentum == 0.5 and bound.bn_epsilon == 1e-3
     # The running mean after one step: 0.5 * 0 + 0.5 * batch mean.
     _, upd = model.apply(v, x * 2.0, train=True, mutable=["batch_stats"])
-    _, upd_default = rj.create_model("resnet8").apply(v, x * 2.0, train=True, mutable=["batch_stats"])
+    _, upd_default = rj.create_model("resnet8").apply(
+        v, x * 2.0, train=True, mutable=["batch_stats"]
+    )
     ratio = upd["batch_stats"]["stem_bn"]["mean"] / upd_default["batch_stats"]["stem_bn"]["mean"]
     np.testing.assert_allclose(ratio, 5.0, rtol=1e-5)
 
 
 def test_custom_network_from_exported_modules():
-    model = rj.ResNet(stage_sizes=(1, 1), block_cls=rj.BottleneckBlock, widths=(8, 16),
-                      stem="cifar", stem_width=8, num_classes=3, shortcut="C")
+    model = rj.ResNet(
+        stage_sizes=(1, 1),
+        block_cls=rj.BottleneckBlock,
+        widths=(8, 16),
+        stem="cifar",
+        stem_width=8,
+        num_classes=3,
+        shortcut="C",
+    )
     x = jnp.ones((2, 16, 16, 3))
     v = model.init(jax.random.key(0), x)
     assert model.apply(v, x).shape == (2, 3)

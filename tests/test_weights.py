@@ -15,10 +15,14 @@ def randomise(model, seed=0):
         w = layer.get_weights()
         if isinstance(layer, keras.layers.BatchNormalization):
             g, b, m, v = w
-            layer.set_weights([
-                rng.uniform(0.5, 1.5, g.shape), rng.normal(0, 0.2, b.shape),
-                rng.normal(0, 0.2, m.shape), rng.uniform(0.5, 2.0, v.shape),
-            ])
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, g.shape),
+                    rng.normal(0, 0.2, b.shape),
+                    rng.normal(0, 0.2, m.shape),
+                    rng.uniform(0.5, 2.0, v.shape),
+                ]
+            )
         elif isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)) and len(w) == 2:
             layer.set_weights([w[0], rng.normal(0, 0.1, w[1].shape)])
     return model
@@ -47,7 +51,9 @@ def check(keras_model, x, *, train_too=True):
 def test_resnet50_224(resnet50):
     x = np.random.default_rng(1).normal(size=(2, 224, 224, 3)).astype(np.float32)
     module, variables = check(resnet50, x)
-    assert module.bn_epsilon == pytest.approx(1.001e-5) and module.bn_momentum == pytest.approx(0.99)
+    assert module.bn_epsilon == pytest.approx(1.001e-5) and module.bn_momentum == pytest.approx(
+        0.99
+    )
     assert module.variant == "v1" and module.num_classes == 1000
     # Keras' conv biases are folded into the BatchNorm means: torchvision's count.
     assert sum(p.size for p in jax.tree.leaves(variables["params"])) == 25_557_032
@@ -82,18 +88,22 @@ def test_softmax_classifier_gives_probabilities(resnet50):
 
 @pytest.mark.parametrize("name", ["ResNet101", "ResNet152"])
 def test_deeper_resnets(name):
-    ref = randomise(getattr(keras.applications, name)(
-        weights=None, classifier_activation=None, input_shape=(97, 131, 3), classes=10
-    ))
+    ref = randomise(
+        getattr(keras.applications, name)(
+            weights=None, classifier_activation=None, input_shape=(97, 131, 3), classes=10
+        )
+    )
     x = np.random.default_rng(4).normal(size=(3, 97, 131, 3)).astype(np.float32)
     module, _ = check(ref, x)
     assert module.stage_sizes == {"ResNet101": (3, 4, 23, 3), "ResNet152": (3, 8, 36, 3)}[name]
 
 
 def test_headless_with_avg_pooling():
-    ref = randomise(keras.applications.ResNet50(
-        weights=None, include_top=False, pooling="avg", input_shape=(64, 64, 3)
-    ))
+    ref = randomise(
+        keras.applications.ResNet50(
+            weights=None, include_top=False, pooling="avg", input_shape=(64, 64, 3)
+        )
+    )
     x = np.random.default_rng(5).normal(size=(2, 64, 64, 3)).astype(np.float32)
     module, _ = check(ref, x, train_too=False)
     assert module.num_classes == 0
