@@ -1,0 +1,47 @@
+"""Keys shared by every recipe; each config file overrides what it needs."""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # Model
+    c.model = "resnet20"
+    c.num_classes = 0  # 0: the dataset's number of classes
+    c.variant = "v1"  # 'v1' (paper) or 'v1.5' (stride in the bottleneck 3x3)
+    c.shortcut = config_dict.placeholder(str)  # None: A for CIFAR nets, B for ImageNet nets
+    c.zero_init_residual = False
+    c.bn_momentum = 0.9  # PyTorch momentum 0.1
+    c.bn_epsilon = 1e-5
+    c.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16'
+    # Data
+    c.dataset = "cifar10"
+    c.data_dir = config_dict.placeholder(str)  # tfds data_dir (None: ~/tensorflow_datasets)
+    c.mock_data = False  # the real tfds code path on tfds.testing.mock_data
+    c.mock_num_examples = 64
+    c.batch_size = 128  # global, over all devices and processes
+    c.eval_batch_size = 200
+    c.augment = True
+    # Optimisation
+    c.num_train_steps = 64_000
+    c.learning_rate = 0.1
+    c.lr_batch_base = 0  # >0: learning rate scaled by batch_size / lr_batch_base
+    c.lr_schedule = "step"  # 'step' or 'cosine'
+    c.lr_boundaries = (32_000, 48_000)
+    c.lr_decay_factor = 0.1
+    c.warmup_steps = 0
+    c.warmup_learning_rate = 0.01  # constant warm-up value for the 'step' schedule
+    c.momentum = 0.9
+    c.nesterov = False
+    c.weight_decay = 1e-4
+    c.weight_decay_exclude_bn_bias = False
+    c.label_smoothing = 0.0
+    c.skip_nonfinite_steps = False
+    # Bookkeeping
+    c.seed = 0
+    c.log_every_steps = 100
+    c.eval_every_steps = 2_000
+    c.checkpoint_every_steps = 2_000
+    c.keep_checkpoints = 3
+    return c

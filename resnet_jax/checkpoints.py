@@ -1,0 +1,159 @@
+"""Orbax checkpoints: save, restore the newest valid one, refuse foreign ones.
+
+A checkpoint holds two items: ``state`` (the ``TrainState`` pytree: step,
+params, batch_stats, opt_state) and ``meta`` (JSON: the config fingerprint and
+the host-side progress, e.g. the partial metric window). The input pipeline
+and all randomness are functions of the step, so nothing else is needed for
+an exact resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+# Config keys that define the checkpoint's contents; a workdir whose checkpoint
+# differs in one of them belongs to another experiment.
+FINGERPRINT_KEYS = (
+    "dataset",
+    "model",
+    "num_classes",
+    "variant",
+    "shortcut",
+    "weight_decay_exclude_bn_bias",
+)
+
+
+def fingerprint(config: Any) -> dict[str, Any]:
+    return {k: config.get(k) for k in FINGERPRINT_KEYS}
+
+
+class IncompatibleCheckpointError(ValueError):
+    pass
+
+
+class Checkpointer:
+    """Saves and restores ``TrainState`` + metadata under ``directory``.
+
+    Args:
+      directory: absolute path (``WORKDIR/checkpoints``).
+      max_to_keep: newest checkpoints kept; older ones are deleted by orbax.
+      async_save: write in a background thread (the device-to-host copy is
+        synchronous, so the donated state can be reused at once).
+    """
+
+    def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        self.max_to_keep = max_to_keep
+        self.async_save = async_save
+        self._open()
+
+    def _open(self) -> None:
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=self.max_to_keep,
+                create=True,
+                enable_async_checkpointing=self.async_save,
+            ),
+        )
+
+    def all_steps(self) -> list[int]:
+        self.manager.reload()
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+        )
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+            "meta"
+        ]
+
+    def restore_latest(
+        self, abstract_state: Any, expected_fingerprint: dict[str, Any]
+    ) -> tuple[Any, dict[str, Any]] | None:
+        """Restores the newest checkpoint that reads back, onto ``abstract_state``'s shardings.
+
+        A checkpoint that fails to read (truncated or missing files) is moved to
+        ``<directory>_corrupt/<step>`` (kept, never deleted) with a warning, and
+        the next older one is tried.
+
+        Raises:
+          IncompatibleCheckpointError: the newest readable checkpoint belongs to
+            a different model or config; nothing is touched.
+
+        Returns:
+          ``(state, meta)`` or None when there is no checkpoint.
+        """
+        for step in reversed(self.all_steps()):
+            try:
+                meta = self.read_meta(step)
+            except Exception as e:  # noqa: BLE001 - any read failure means a damaged checkpoint
+                self._quarantine(step, e)
+                continue
+            theirs = meta.get("fingerprint", {})
+            diff = {
+                k: (theirs.get(k), v) for k, v in expected_fingerprint.items() if theirs.get(k) != v
+            }
+            if diff:
+                details = ", ".join(
+                    f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items()
+                )
+                raise IncompatibleCheckpointError(
+                    f"The workdir {os.path.dirname(self.directory)} holds a checkpoint (step {step}) "
+                    f"of a different experiment ({details}). Nothing was changed; use another "
+                    "--workdir, or restore the original config to resume it."
+                )
+            try:
+                restored = self.manager.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+                )
+            except Exception as e:  # noqa: BLE001
+                self._quarantine(step, e)
+                continue
+            return restored["state"], meta
+        return None
+
+    def _quarantine(self, step: int, error: Exception) -> None:
+        src = os.path.join(self.directory, str(step))
+        dst_root = self.directory + "_corrupt"
+        dst = os.path.join(dst_root, str(step))
+        if jax.process_index() == 0:
+            os.makedirs(dst_root, exist_ok=True)
+            if os.path.exists(dst):
+                shutil.rmtree(dst)
+            shutil.move(src, dst)
+        log.warning(
+            "Checkpoint at step %d cannot be read (%s: %s); moved it to %s and trying an older one.",
+            step,
+            type(error).__name__,
+            str(error).splitlines()[0][:200] if str(error) else "",
+            dst,
+        )
+        self.manager.close()
+        self._open()

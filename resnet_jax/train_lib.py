@@ -1,0 +1,560 @@
+"""Training: TrainState, the pure train/eval steps, and the training loop.
+
+The steps are jitted once over a 1-D device ``Mesh`` (axis ``'data'``): the
+batch is sharded along it, the state replicated, so BatchNorm statistics and
+gradients are global by construction. The same code runs on one CPU, every
+GPU of a host, or every chip of a multi-host TPU slice.
+
+This module imports TensorFlow only inside :func:`train_and_evaluate` (through
+the input pipeline and the TensorBoard writer), so the steps can be reused
+where TensorFlow is absent.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import resnet_jax as rj
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class TrainState(train_state.TrainState):
+    """``step``, ``params``, ``opt_state`` (from Flax) plus ``batch_stats``."""
+
+    batch_stats: Any
+
+
+# --------------------------------------------------------------------------- #
+# Construction from a config
+# --------------------------------------------------------------------------- #
+
+
+def create_model(config: Any, num_classes: int) -> rj.ResNet:
+    """The configured network (``config.model`` and its options)."""
+    if config.dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {config.dtype!r}; valid: {', '.join(DTYPES)}.")
+    options = dict(
+        num_classes=num_classes,
+        dtype=DTYPES[config.dtype],
+        variant=config.get("variant", "v1"),
+        zero_init_residual=config.get("zero_init_residual", False),
+        bn_momentum=config.get("bn_momentum", 0.9),
+        bn_epsilon=config.get("bn_epsilon", 1e-5),
+    )
+    if config.get("shortcut"):
+        options["shortcut"] = config.shortcut
+    return rj.create_model(config.model, **options)
+
+
+def effective_learning_rate(config: Any) -> float:
+    """``learning_rate``, scaled by ``batch_size / lr_batch_base`` when that is set."""
+    base = config.get("lr_batch_base", 0)
+    return config.learning_rate * (config.batch_size / base if base else 1.0)
+
+
+def create_learning_rate_fn(config: Any) -> optax.Schedule:
+    """The configured schedule, in steps.
+
+    ``lr_schedule='step'``: ``learning_rate`` times ``lr_decay_factor`` at
+    each of ``lr_boundaries``; the first ``warmup_steps`` use the constant
+    ``warmup_learning_rate`` (the paper's ResNet-110 warm-up: 0.01 for ~400
+    iterations). ``'cosine'``: linear warm-up over ``warmup_steps`` from 0,
+    then cosine decay to 0 at ``num_train_steps``.
+    """
+    lr = effective_learning_rate(config)
+    warmup = int(config.get("warmup_steps", 0))
+    if config.lr_schedule == "step":
+        main = optax.piecewise_constant_schedule(
+            lr, {int(b): float(config.lr_decay_factor) for b in config.lr_boundaries}
+        )
+        if not warmup:
+            return main
+        warm_lr = float(config.warmup_learning_rate)
+        # Not optax.join_schedules: it restarts the second schedule's step count
+        # at the boundary, which would shift the paper's 32k/48k boundaries.
+        return lambda step: jnp.where(step < warmup, warm_lr, main(step))
+    if config.lr_schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, lr, max(warmup, 1), int(config.num_train_steps), end_value=0.0
+        )
+    raise ValueError(f"Unknown lr_schedule {config.lr_schedule!r}; valid: 'step', 'cosine'.")
+
+
+def _decay_mask(params: Any) -> Any:
+    """True for convolution and dense kernels; False for BatchNorm scales and biases."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) == "kernel", params
+    )
+
+
+def create_optimizer(config: Any, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+    """SGD with momentum and L2 weight decay added to the gradient (as in the paper)."""
+    mask = _decay_mask if config.get("weight_decay_exclude_bn_bias", False) else None
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay, mask=mask),
+        optax.sgd(
+            learning_rate_fn, momentum=config.momentum, nesterov=config.get("nesterov", False)
+        ),
+    )
+
+
+def create_mesh(devices: Any = None) -> Mesh:
+    """A 1-D mesh with axis ``'data'`` over every device of every process."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    return Mesh(devices.reshape(-1), ("data",))
+
+
+def create_train_state(
+    model: rj.ResNet,
+    tx: optax.GradientTransformation,
+    image_shape: tuple[int, ...],
+    rng: jax.Array,
+    sharding: NamedSharding,
+) -> TrainState:
+    """Initialises the replicated state directly on the devices."""
+
+    def init(rng):
+        variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+        return TrainState.create(
+            apply_fn=model.apply,
+            params=variables["params"],
+            batch_stats=variables["batch_stats"],
+            tx=tx,
+        )
+
+    return jax.jit(init, out_shardings=sharding)(rng)
+
+
+# --------------------------------------------------------------------------- #
+# The steps
+# --------------------------------------------------------------------------- #
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int, smoothing: float = 0.0):
+    """Per-example softmax cross-entropy in float32, with optional label smoothing."""
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    if smoothing:
+        onehot = optax.smooth_labels(onehot, smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot)
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    learning_rate_fn: Callable[[jax.Array], jax.Array],
+    num_classes: int,
+    label_smoothing: float = 0.0,
+    skip_nonfinite: bool = False,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One SGD step on a global batch; returns the new state and scalar metrics.
+
+    Metrics: ``loss`` (mean cross-entropy, without the weight-decay term),
+    ``accuracy``, ``learning_rate``, ``finite`` (1.0 when loss and gradients
+    are finite). With ``skip_nonfinite`` a non-finite step leaves the state
+    unchanged except for the step counter.
+    """
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            batch["image"],
+            train=True,
+            mutable=["batch_stats"],
+        )
+        loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
+        return loss, (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    finite = jnp.isfinite(loss) & jnp.all(
+        jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+    )
+    if skip_nonfinite:
+        kept = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old),
+            (new_state.params, new_state.batch_stats, new_state.opt_state),
+            (state.params, state.batch_stats, state.opt_state),
+        )
+        new_state = new_state.replace(params=kept[0], batch_stats=kept[1], opt_state=kept[2])
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+        "learning_rate": learning_rate_fn(state.step),
+        "finite": finite.astype(jnp.float32),
+    }
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, num_classes: int) -> dict:
+    """Masked sums over a batch: ``loss``, ``correct``, ``correct_top5``, ``count``.
+
+    Images of shape (N, K, H, W, C) are K crops per example (10-crop testing):
+    their softmax outputs are averaged.
+    """
+    images = batch["image"]
+    crops = images.shape[1] if images.ndim == 5 else 1
+    if crops > 1:
+        images = images.reshape(-1, *images.shape[2:])
+    logits = state.apply_fn(
+        {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
+    )
+    if crops > 1:
+        probs = jax.nn.softmax(logits).reshape(-1, crops, logits.shape[-1]).mean(axis=1)
+        logits = jnp.log(probs)
+    mask = batch["mask"]
+    loss = cross_entropy(logits, batch["label"], num_classes)
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    return {
+        "loss": jnp.sum(loss * mask),
+        "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
+        "correct_top5": jnp.sum(jnp.any(top5 == batch["label"][:, None], axis=-1) * mask),
+        "count": jnp.sum(mask),
+    }
+
+
+# --------------------------------------------------------------------------- #
+# The loop
+# --------------------------------------------------------------------------- #
+
+
+class PreemptionFlag:
+    """Set by SIGTERM/SIGINT; under several processes, agreed through JAX's
+    preemption sync point so that every process saves at the same step."""
+
+    def __init__(self):
+        self._event = threading.Event()
+        self._old = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        log.warning("Received signal %d: saving a checkpoint and stopping.", signum)
+        self._event.set()
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            try:
+                return multihost_utils.reached_preemption_sync_point(step) or self._event.is_set()
+            except RuntimeError:  # the preemption service is not running
+                pass
+        return self._event.is_set()
+
+
+class MetricWriter:
+    """Writes ``WORKDIR/metrics.jsonl`` and TensorBoard events (process 0 only)."""
+
+    def __init__(self, workdir: str, resume_step: int | None, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if not enabled:
+            return
+        if resume_step is not None and os.path.exists(self.path):
+            # Lines past the restored step are replayed identically by this run.
+            with open(self.path) as f:
+                keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+            os.replace(tmp, self.path)
+        elif resume_step is None and os.path.exists(self.path):
+            os.replace(self.path, self.path + f".{int(time.time())}.bak")
+        from clu import metric_writers
+
+        self._tb = metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._file = open(self.path, "a")
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        self._tb.write_scalars(step, metrics)
+
+    def flush(self) -> None:
+        if self.enabled:
+            self._file.flush()
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            self._tb.close()
+
+
+def _fetch(pending: list[tuple[int, dict]]) -> list[tuple[int, dict[str, float]]]:
+    return [(s, {k: float(v) for k, v in m.items()}) for s, m in jax.device_get(pending)]
+
+
+def _host_batch_to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict:
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+    }
+
+
+def evaluate(
+    state: TrainState, pipeline: Any, p_eval_step: Callable, sharding: NamedSharding
+) -> dict[str, float]:
+    """One exact pass over the eval split: ``eval_loss``, ``eval_accuracy``,
+    ``eval_top5_accuracy``, ``eval_count``."""
+    totals = None
+    for batch in pipeline.eval_batches():
+        sums = p_eval_step(state, _host_batch_to_global(batch, sharding))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    n = float(totals["count"])
+    return {
+        "eval_loss": float(totals["loss"]) / n,
+        "eval_accuracy": float(totals["correct"]) / n,
+        "eval_top5_accuracy": float(totals["correct_top5"]) / n,
+        "eval_count": n,
+    }
+
+
+def train_and_evaluate(config: Any, workdir: str, progress: bool = True) -> dict[str, float]:
+    """Trains ``config`` in ``workdir``, resuming from its newest checkpoint.
+
+    Writes ``metrics.jsonl``, TensorBoard events and ``checkpoints/``.
+    Returns the final summary (eval metrics, wall time, images/s).
+    """
+    from resnet_jax import checkpoints
+    from resnet_jax import data as data_lib
+
+    t_start = time.time()
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = create_mesh()
+    n_dev = mesh.devices.size
+    for key in ("batch_size", "eval_batch_size"):
+        if config[key] % n_dev:
+            raise ValueError(
+                f"{key}={config[key]} must be divisible by the number of devices ({n_dev}); "
+                f"use a multiple of {n_dev}, e.g. --config.{key}={n_dev * max(1, config[key] // n_dev)}."
+            )
+    replicated = NamedSharding(mesh, P())
+    data_sharding = NamedSharding(mesh, P("data"))
+
+    pipeline = data_lib.InputPipeline(config, jax.process_index(), jax.process_count())
+    info = pipeline.info
+    num_classes = int(config.get("num_classes") or info.num_classes)
+    model = create_model(config, num_classes)
+    lr_fn = create_learning_rate_fn(config)
+    tx = create_optimizer(config, lr_fn)
+    rng = jax.random.key(config.seed)
+
+    ckpt = checkpoints.Checkpointer(
+        os.path.join(workdir, "checkpoints"), max_to_keep=int(config.get("keep_checkpoints", 3))
+    )
+    fp = checkpoints.fingerprint(config) | {"num_classes": num_classes}
+    abstract = jax.eval_shape(
+        lambda r: create_train_state(model, tx, info.image_shape, r, replicated), rng
+    )
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract
+    )
+    restored = ckpt.restore_latest(abstract, fp)
+    if restored is None:
+        state = create_train_state(model, tx, info.image_shape, rng, replicated)
+        meta = {}
+        start_step = 0
+    else:
+        state, meta = restored
+        start_step = int(jax.device_get(state.step))
+        log.info("Resumed from the checkpoint at step %d.", start_step)
+
+    train_fn = jax.jit(
+        functools.partial(
+            train_step,
+            learning_rate_fn=lr_fn,
+            num_classes=num_classes,
+            label_smoothing=float(config.get("label_smoothing", 0.0)),
+            skip_nonfinite=bool(config.get("skip_nonfinite_steps", False)),
+        ),
+        in_shardings=(replicated, data_sharding),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    eval_fn = jax.jit(
+        functools.partial(eval_step, num_classes=num_classes),
+        in_shardings=(replicated, data_sharding),
+        out_shardings=replicated,
+    )
+
+    is_main = jax.process_index() == 0
+    writer = MetricWriter(workdir, start_step if restored else None, enabled=is_main)
+    total_steps = int(config.num_train_steps)
+    log_every = int(config.log_every_steps)
+    # The running window of training metrics (sums since the last log line);
+    # restored from the checkpoint so that log lines do not depend on restarts.
+    window = meta.get("window", {"loss": 0.0, "accuracy": 0.0, "steps": 0, "skipped": 0})
+    pending: list[tuple[int, Any]] = []
+    preempt = PreemptionFlag()
+    preempt.install()
+    bar = None
+    if progress and is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    last_good = ckpt.latest_step()
+    t_window = time.time()
+    waited = 0.0
+    images_seen = 0
+    t_train = 0.0
+    eval_metrics: dict[str, float] = {}
+    step = start_step
+
+    def drain() -> None:
+        """Moves fetched per-step metrics into the window; stops on a bad step."""
+        nonlocal pending
+        for s, m in _fetch(pending):
+            if m["finite"] < 1.0:
+                if config.get("skip_nonfinite_steps", False):
+                    window["skipped"] += 1
+                    continue
+                raise FloatingPointError(
+                    f"Non-finite loss or gradient at step {s}. The last good checkpoint is "
+                    + (f"step {last_good} in {ckpt.directory}" if last_good is not None else "none")
+                    + "; nothing was saved after it. Lower --config.learning_rate, or set "
+                    "--config.skip_nonfinite_steps=True to skip such steps."
+                )
+            window["loss"] += m["loss"]
+            window["accuracy"] += m["accuracy"]
+            window["steps"] += 1
+            window["lr"] = m["learning_rate"]
+        pending = []
+
+    def save(at_step: int) -> None:
+        nonlocal last_good
+        drain()  # never write a non-finite state
+        ckpt.save(at_step, state, {"fingerprint": fp, "window": dict(window)})
+        last_good = at_step
+
+    batches = pipeline.train_batches(start_step)
+    stopped_by_signal = False
+    try:
+        while step < total_steps:
+            t0 = time.time()
+            batch = next(batches)
+            waited += time.time() - t0
+            state, metrics = train_fn(state, _host_batch_to_global(batch, data_sharding))
+            step += 1
+            pending.append((step, metrics))
+            images_seen += config.batch_size
+            if step % log_every == 0 or step == total_steps:
+                drain()
+                dt = time.time() - t_window
+                t_train += dt
+                n = max(window["steps"], 1)
+                line = {
+                    "train_loss": window["loss"] / n,
+                    "train_accuracy": window["accuracy"] / n,
+                    "learning_rate": window.get("lr", float(lr_fn(step - 1))),
+                    "images_per_sec": images_seen / dt,
+                    "data_wait_fraction": waited / dt,
+                }
+                if window["skipped"]:
+                    line["skipped_steps"] = window["skipped"]
+                writer.write(step, line)
+                if bar is not None:
+                    bar.set_postfix(
+                        loss=f"{line['train_loss']:.4f}", img_s=f"{line['images_per_sec']:.0f}"
+                    )
+                window = {"loss": 0.0, "accuracy": 0.0, "steps": 0, "skipped": 0}
+                t_window, waited, images_seen = time.time(), 0.0, 0
+            if bar is not None:
+                bar.update(1)
+            if step % int(config.eval_every_steps) == 0 or step == total_steps:
+                eval_metrics = evaluate(state, pipeline, eval_fn, data_sharding)
+                if config.dataset != "imagenet2012":
+                    eval_metrics.pop("eval_top5_accuracy")
+                writer.write(step, eval_metrics)
+            if step % int(config.checkpoint_every_steps) == 0 or step == total_steps:
+                save(step)
+            elif preempt.reached(step):
+                save(step)
+                stopped_by_signal = True
+                break
+    finally:
+        preempt.uninstall()
+        if bar is not None:
+            bar.close()
+        ckpt.close()
+        writer.flush()
+        writer.close()
+
+    wall = time.time() - t_start
+    summary = {
+        "step": step,
+        "wall_seconds": wall,
+        "train_images_per_sec": (step - start_step) * config.batch_size / max(t_train, 1e-9),
+        **eval_metrics,
+    }
+    if stopped_by_signal:
+        summary["preempted"] = True
+        log.warning(
+            "Stopped by a signal at step %d; checkpoint saved. Run the same command to resume.",
+            step,
+        )
+    return summary
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """The one-line end-of-run summary."""
+    parts = [f"step {summary['step']}"]
+    if "eval_accuracy" in summary:
+        parts.append(f"eval accuracy {100 * summary['eval_accuracy']:.2f}%")
+        parts.append(
+            f"eval loss {summary['eval_loss']:.4f} on {int(summary['eval_count'])} examples"
+        )
+    parts.append(f"wall time {summary['wall_seconds']:.1f} s")
+    parts.append(f"{summary['train_images_per_sec']:.0f} train images/s")
+    if summary.get("preempted"):
+        parts.append("stopped by signal (resumable)")
+    return ", ".join(parts)
+
+
+__all__ = [
+    "TrainState",
+    "create_learning_rate_fn",
+    "create_mesh",
+    "create_model",
+    "create_optimizer",
+    "create_train_state",
+    "eval_step",
+    "evaluate",
+    "train_and_evaluate",
+    "train_step",
+]

@@ -1,0 +1,261 @@
+"""The training system: steps, schedules, pipelines and the real loop on mock data.
+
+Runs on 8 simulated CPU devices (tests/conftest.py).
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from configs import cifar10, digits, imagenet, imagenet_modern
+from resnet_jax import checkpoints, train_lib
+from resnet_jax import data as data_lib
+
+
+def tiny_cifar(**overrides):
+    c = cifar10.get_config()
+    c.model = "resnet8"
+    c.mock_data = True
+    c.mock_num_examples = 37  # not a multiple of any batch size below
+    c.batch_size = 16
+    c.eval_batch_size = 16
+    c.num_train_steps = 6
+    c.log_every_steps = 2
+    c.eval_every_steps = 6
+    c.checkpoint_every_steps = 3
+    c.update(overrides)
+    return c
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_eight_devices_are_simulated():
+    assert jax.device_count() == 8
+
+
+def test_cifar10_mock_run_on_eight_devices(tmp_path):
+    summary = train_lib.train_and_evaluate(tiny_cifar(), str(tmp_path), progress=False)
+    lines = read_metrics(tmp_path)
+    train = [m for m in lines if "train_loss" in m]
+    evals = [m for m in lines if "eval_loss" in m]
+    assert [m["step"] for m in train] == [2, 4, 6]
+    for m in train:
+        assert {"train_loss", "train_accuracy", "learning_rate", "images_per_sec"} <= set(m)
+        assert np.isfinite(m["train_loss"]) and m["learning_rate"] == pytest.approx(0.1)
+    assert len(evals) == 1 and evals[0]["eval_count"] == 37  # every example exactly once
+    assert summary["eval_count"] == 37 and summary["step"] == 6
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
+
+
+def test_imagenet_mock_run_reports_top5(tmp_path):
+    c = imagenet.get_config()
+    c.update(
+        model="resnet18",
+        mock_data=True,
+        mock_num_examples=21,
+        image_size=32,
+        train_scale_range=(36, 48),
+        eval_resize=36,
+        batch_size=8,
+        eval_batch_size=8,
+        num_train_steps=2,
+        log_every_steps=1,
+        eval_every_steps=2,
+        checkpoint_every_steps=2,
+        shuffle_buffer=16,
+    )
+    summary = train_lib.train_and_evaluate(c, str(tmp_path), progress=False)
+    assert summary["eval_count"] == 21
+    assert 0.0 <= summary["eval_accuracy"] <= summary["eval_top5_accuracy"] <= 1.0
+    assert len([m for m in read_metrics(tmp_path) if "train_loss" in m]) == 2
+
+
+def test_imagenet_ten_crop_eval_pipeline():
+    c = imagenet.get_config()
+    c.update(
+        mock_data=True,
+        mock_num_examples=5,
+        image_size=16,
+        eval_resize=20,
+        eval_batch_size=4,
+        batch_size=4,
+        ten_crop=True,
+    )
+    pipe = data_lib.InputPipeline(c)
+    batches = list(pipe.eval_batches())
+    assert batches[0]["image"].shape == (4, 10, 16, 16, 3)
+    assert sum(b["mask"].sum() for b in batches) == 5
+    # Crop 5 and crop 10 are mirror images of each other (center crop and its flip).
+    img = batches[0]["image"][0]
+    np.testing.assert_allclose(img[9], img[4][:, ::-1], atol=1e-6)
+
+
+def test_imagenet_train_augmentation_shapes_and_determinism():
+    c = imagenet.get_config()
+    c.update(
+        mock_data=True,
+        mock_num_examples=12,
+        image_size=24,
+        train_scale_range=(28, 40),
+        batch_size=4,
+        eval_batch_size=4,
+        shuffle_buffer=8,
+    )
+    pipe = data_lib.InputPipeline(c)
+    a = [b["image"] for _, b in zip(range(4), pipe.train_batches(0))]
+    b = [b["image"] for _, b in zip(range(2), pipe.train_batches(2))]
+    assert a[0].shape == (4, 24, 24, 3)
+    np.testing.assert_array_equal(a[2], b[0])
+    np.testing.assert_array_equal(a[3], b[1])
+
+
+def test_in_memory_stream_is_a_function_of_the_step_and_independent_of_processes():
+    c = digits.get_config()
+    c.batch_size = 64
+    one = data_lib.InputPipeline(c)
+    stream = [b for _, b in zip(range(30), one.train_batches(0))]  # crosses an epoch (22 steps)
+    resumed = [b for _, b in zip(range(10), one.train_batches(20))]
+    for x, y in zip(stream[20:], resumed):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["label"], y["label"])
+    # Two processes each get half of the same global batch.
+    halves = [data_lib.InputPipeline(c, p, 2) for p in (0, 1)]
+    parts = [next(h.train_batches(5)) for h in halves]
+    np.testing.assert_array_equal(np.concatenate([p["image"] for p in parts]), stream[5]["image"])
+    # An epoch is a permutation: no example twice within an epoch.
+    labels_seen = np.concatenate([b["label"] for b in stream[:22]])
+    assert len(labels_seen) == 22 * 64
+    # Augmentation really changes images between epochs.
+    assert not np.array_equal(stream[0]["image"], stream[22]["image"])
+
+
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_eval_sees_every_example_exactly_once(processes):
+    c = digits.get_config()
+    c.eval_batch_size = 48 * processes  # 360 test examples: not divisible
+    c.batch_size = 48 * processes
+    pipes = [data_lib.InputPipeline(c, p, processes) for p in range(processes)]
+    batches = [list(p.eval_batches()) for p in pipes]
+    assert len({len(b) for b in batches}) == 1  # same number of batches on every host
+    seen = np.concatenate([b["image"][b["mask"] > 0].reshape(-1, 64) for bs in batches for b in bs])
+    expected = pipes[0].test.images.astype(np.float32).reshape(-1, 64) / 255.0
+    expected = expected - pipes[0].mean.reshape(-1)
+    assert seen.shape == expected.shape
+    np.testing.assert_allclose(np.sort(seen, axis=0), np.sort(expected, axis=0), atol=1e-6)
+
+
+def test_overfitting_one_batch_drives_the_loss_down():
+    c = tiny_cifar(weight_decay=0.0, learning_rate=0.05)
+    mesh = train_lib.create_mesh()
+    repl, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    model = train_lib.create_model(c, 10)
+    lr_fn = train_lib.create_learning_rate_fn(c)
+    state = train_lib.create_train_state(
+        model, train_lib.create_optimizer(c, lr_fn), (32, 32, 3), jax.random.key(0), repl
+    )
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": jax.device_put(rng.normal(size=(16, 32, 32, 3)).astype(np.float32), shard),
+        "label": jax.device_put(rng.integers(0, 10, 16).astype(np.int32), shard),
+    }
+    step = jax.jit(
+        lambda s, b: train_lib.train_step(s, b, learning_rate_fn=lr_fn, num_classes=10),
+        donate_argnums=0,
+    )
+    losses = []
+    for _ in range(40):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < 0.1 * losses[0]
+    assert float(m["accuracy"]) == 1.0
+    assert int(state.step) == 40
+
+
+def test_step_schedule_and_resnet110_warmup():
+    c = cifar10.get_config()
+    lr = train_lib.create_learning_rate_fn(c)
+    assert [float(lr(s)) for s in (0, 31_999, 32_000, 47_999, 48_000, 63_999)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
+    )
+    c.warmup_steps = 400
+    lr = train_lib.create_learning_rate_fn(c)
+    assert [float(lr(s)) for s in (0, 399, 400, 32_000)] == pytest.approx([0.01, 0.01, 0.1, 0.01])
+
+
+def test_modern_recipe_schedule_and_scaling():
+    c = imagenet_modern.get_config()
+    lr = train_lib.create_learning_rate_fn(c)
+    peak = 0.1 * c.batch_size / 256
+    assert float(lr(0)) == 0.0
+    assert float(lr(c.warmup_steps)) == pytest.approx(peak, rel=1e-5)
+    assert float(lr(c.num_train_steps)) == pytest.approx(0.0, abs=1e-7)
+    model = train_lib.create_model(c, 1000)
+    assert model.dtype == jnp.bfloat16 and model.variant == "v1.5" and model.zero_init_residual
+
+
+def test_weight_decay_is_l2_and_can_exclude_batchnorm_and_biases():
+    params = {
+        "conv": {"kernel": jnp.ones((3,))},
+        "bn": {"scale": jnp.ones((3,)), "bias": jnp.ones((3,))},
+    }
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    for exclude, expect_bn in ((False, -0.1 * 1e-4), (True, 0.0)):
+        c = cifar10.get_config()
+        c.weight_decay_exclude_bn_bias = exclude
+        tx = train_lib.create_optimizer(c, optax.constant_schedule(0.1))
+        updates, _ = tx.update(zeros, tx.init(params), params)
+        assert float(updates["conv"]["kernel"][0]) == pytest.approx(-0.1 * 1e-4)
+        assert float(updates["bn"]["scale"][0]) == pytest.approx(expect_bn)
+        assert float(updates["bn"]["bias"][0]) == pytest.approx(expect_bn)
+
+
+def test_batch_not_divisible_by_devices_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="divisible by the number of devices \\(8\\)"):
+        train_lib.train_and_evaluate(tiny_cifar(batch_size=12), str(tmp_path), progress=False)
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_bfloat16_run(tmp_path):
+    summary = train_lib.train_and_evaluate(
+        tiny_cifar(
+            dtype="bfloat16", num_train_steps=2, checkpoint_every_steps=2, eval_every_steps=2
+        ),
+        str(tmp_path),
+        progress=False,
+    )
+    assert np.isfinite(summary["eval_loss"])
+
+
+def test_resume_continues_and_refuses_another_experiment(tmp_path):
+    train_lib.train_and_evaluate(tiny_cifar(num_train_steps=3), str(tmp_path), progress=False)
+    summary = train_lib.train_and_evaluate(tiny_cifar(), str(tmp_path), progress=False)
+    assert summary["step"] == 6
+    steps = [m["step"] for m in read_metrics(tmp_path) if "train_loss" in m]
+    assert steps == [2, 3, 4, 6]  # the first run ended (and logged) at step 3
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    with pytest.raises(
+        checkpoints.IncompatibleCheckpointError,
+        match="model: checkpoint 'resnet8' vs config 'resnet14'",
+    ):
+        train_lib.train_and_evaluate(
+            tiny_cifar(model="resnet14", num_train_steps=9), str(tmp_path), progress=False
+        )
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+
+
+def test_digits_config_is_the_offline_default():
+    c = digits.get_config()
+    pipe = data_lib.InputPipeline(c)
+    assert pipe.info.train_size == 1437 and pipe.info.eval_size == 360
+    assert pipe.info.image_shape == (8, 8, 1)
