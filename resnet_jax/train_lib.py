@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import os
+import resource
 import signal
 import threading
 import time
@@ -186,8 +187,10 @@ def train_step(
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    # Finite loss, gradients and updated parameters (a finite gradient times a
+    # huge learning rate can still overflow).
     finite = jnp.isfinite(loss) & jnp.all(
-        jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+        jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((grads, new_state.params))])
     )
     if skip_nonfinite:
         kept = jax.tree.map(
@@ -238,17 +241,25 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, num_classes: in
 
 
 class PreemptionFlag:
-    """Set by SIGTERM/SIGINT; under several processes, agreed through JAX's
-    preemption sync point so that every process saves at the same step."""
+    """Tells the loop when to save and stop.
+
+    One process: set by SIGTERM (a preemption notice) or SIGINT (Ctrl-C; a
+    second Ctrl-C interrupts at once). Several processes: JAX's preemption
+    service (started by ``jax.distributed.initialize``) catches SIGTERM on any
+    host and ``reached_preemption_sync_point`` turns true at the same step on
+    every host, so all of them save the same step.
+    """
 
     def __init__(self):
         self._event = threading.Event()
         self._old = {}
+        self._multi = jax.process_count() > 1
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        signals = (signal.SIGINT,) if self._multi else (signal.SIGTERM, signal.SIGINT)
+        for sig in signals:
             self._old[sig] = signal.signal(sig, self._handle)
 
     def uninstall(self) -> None:
@@ -257,17 +268,21 @@ class PreemptionFlag:
         self._old = {}
 
     def _handle(self, signum, frame):
-        log.warning("Received signal %d: saving a checkpoint and stopping.", signum)
+        if self._event.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        log.warning(
+            "Received signal %d: saving a checkpoint at the next step, then stopping.", signum
+        )
         self._event.set()
 
     def reached(self, step: int) -> bool:
-        if jax.process_count() > 1:
+        if self._multi:
             from jax.experimental import multihost_utils
 
             try:
-                return multihost_utils.reached_preemption_sync_point(step) or self._event.is_set()
-            except RuntimeError:  # the preemption service is not running
-                pass
+                return bool(multihost_utils.reached_preemption_sync_point(step))
+            except RuntimeError:  # no preemption service (not started by jax.distributed)
+                return False
         return self._event.is_set()
 
 
@@ -343,6 +358,28 @@ def evaluate(
     }
 
 
+def validate_config(config: Any, num_devices: int) -> None:
+    """Refuses a bad config before any work is done, saying what to change."""
+    from resnet_jax import data as data_lib
+
+    if config.dataset not in data_lib.DATASETS:
+        raise ValueError(
+            f"Unknown dataset {config.dataset!r}; valid: {', '.join(data_lib.DATASETS)}."
+        )
+    create_model(config, 10)  # unknown model names and options raise here
+    create_learning_rate_fn(config)
+    for key in ("batch_size", "eval_batch_size"):
+        if config[key] <= 0 or config[key] % num_devices:
+            raise ValueError(
+                f"{key}={config[key]} must be positive and divisible by the number of "
+                f"devices ({num_devices}) so that every device gets an equal share; use e.g. "
+                f"--config.{key}={num_devices * max(1, config[key] // num_devices)}."
+            )
+    for key in ("num_train_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
+        if int(config[key]) <= 0:
+            raise ValueError(f"{key} must be positive, got {config[key]}.")
+
+
 def train_and_evaluate(config: Any, workdir: str, progress: bool = True) -> dict[str, float]:
     """Trains ``config`` in ``workdir``, resuming from its newest checkpoint.
 
@@ -354,15 +391,9 @@ def train_and_evaluate(config: Any, workdir: str, progress: bool = True) -> dict
 
     t_start = time.time()
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
     mesh = create_mesh()
-    n_dev = mesh.devices.size
-    for key in ("batch_size", "eval_batch_size"):
-        if config[key] % n_dev:
-            raise ValueError(
-                f"{key}={config[key]} must be divisible by the number of devices ({n_dev}); "
-                f"use a multiple of {n_dev}, e.g. --config.{key}={n_dev * max(1, config[key] // n_dev)}."
-            )
+    validate_config(config, mesh.devices.size)
+    os.makedirs(workdir, exist_ok=True)
     replicated = NamedSharding(mesh, P())
     data_sharding = NamedSharding(mesh, P("data"))
 
@@ -453,7 +484,6 @@ def train_and_evaluate(config: Any, workdir: str, progress: bool = True) -> dict
             window["loss"] += m["loss"]
             window["accuracy"] += m["accuracy"]
             window["steps"] += 1
-            window["lr"] = m["learning_rate"]
         pending = []
 
     def save(at_step: int) -> None:
@@ -477,20 +507,24 @@ def train_and_evaluate(config: Any, workdir: str, progress: bool = True) -> dict
                 drain()
                 dt = time.time() - t_window
                 t_train += dt
-                n = max(window["steps"], 1)
-                line = {
-                    "train_loss": window["loss"] / n,
-                    "train_accuracy": window["accuracy"] / n,
-                    "learning_rate": window.get("lr", float(lr_fn(step - 1))),
+                n = window["steps"]
+                line = {}
+                if n:  # all steps of the window may have been skipped
+                    line["train_loss"] = window["loss"] / n
+                    line["train_accuracy"] = window["accuracy"] / n
+                line |= {
+                    "learning_rate": float(lr_fn(step - 1)),
                     "images_per_sec": images_seen / dt,
                     "data_wait_fraction": waited / dt,
+                    "host_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 }
                 if window["skipped"]:
                     line["skipped_steps"] = window["skipped"]
                 writer.write(step, line)
                 if bar is not None:
                     bar.set_postfix(
-                        loss=f"{line['train_loss']:.4f}", img_s=f"{line['images_per_sec']:.0f}"
+                        loss=f"{line.get('train_loss', float('nan')):.4f}",
+                        img_s=f"{line['images_per_sec']:.0f}",
                     )
                 window = {"loss": 0.0, "accuracy": 0.0, "steps": 0, "skipped": 0}
                 t_window, waited, images_seen = time.time(), 0.0, 0
@@ -501,10 +535,12 @@ def train_and_evaluate(config: Any, workdir: str, progress: bool = True) -> dict
                 if config.dataset != "imagenet2012":
                     eval_metrics.pop("eval_top5_accuracy")
                 writer.write(step, eval_metrics)
-            if step % int(config.checkpoint_every_steps) == 0 or step == total_steps:
+            saved = step % int(config.checkpoint_every_steps) == 0 or step == total_steps
+            if saved:
                 save(step)
-            elif preempt.reached(step):
-                save(step)
+            if preempt.reached(step):
+                if not saved:
+                    save(step)
                 stopped_by_signal = True
                 break
     finally:
