@@ -23,6 +23,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch_size = 128  # global, over all devices and processes
     c.eval_batch_size = 200
     c.augment = True
+    # The fast path for in-memory datasets: training set and augmentation on the
+    # devices, steps_per_call train steps per host call (lax.scan).
+    c.device_data = False
+    c.steps_per_call = 1
     # Optimisation
     c.num_train_steps = 64_000
     c.learning_rate = 0.1

@@ -288,45 +288,57 @@ class InputPipeline:
         """An endless stream of this host's training batches from ``start_step`` on."""
         epoch = start_step // self.steps_per_epoch
         offset = start_step % self.steps_per_epoch
+        # In-memory datasets build one tf.data pipeline per chunk of epochs
+        # (about 10k steps): building one per epoch costs time and host memory.
+        chunk = 1
+        if self.config.dataset in IN_MEMORY:
+            chunk = max(1, math.ceil(10_000 / self.steps_per_epoch))
         while True:
-            ds = self._train_epoch(epoch, offset)
+            ds = self._train_epochs(epoch, chunk, offset)
             yield from ds.as_numpy_iterator()
-            epoch, offset = epoch + 1, 0
+            epoch, offset = epoch + chunk, 0
 
     def _epoch_seed(self, epoch: int) -> int:
         return int(np.random.SeedSequence([int(self.config.seed), 7, epoch]).generate_state(1)[0])
 
-    def _train_epoch(self, epoch: int, offset: int) -> tf.data.Dataset:
+    def _train_epochs(self, epoch: int, count: int, offset: int) -> tf.data.Dataset:
+        """Epochs ``epoch .. epoch + count - 1``, starting ``offset`` steps into the first."""
         cfg = self.config
         B, b, p = cfg.batch_size, self.host_batch, self.process_index
-        seed = self._epoch_seed(epoch)
+        spe = self.steps_per_epoch
         if cfg.dataset in IN_MEMORY:
             n = self.info.train_size
-            perm = np.random.default_rng(seed).permutation(n)[: self.steps_per_epoch * B]
-            # Global batch k is perm[k*B:(k+1)*B]; this host takes slice p of it.
-            idx = perm.reshape(self.steps_per_epoch, B)[offset:, p * b : (p + 1) * b]
-            positions = (
-                np.arange(self.steps_per_epoch * B).reshape(self.steps_per_epoch, B)[
-                    offset:, p * b : (p + 1) * b
-                ]
-            ).reshape(-1)
-            images = tf.constant(self.train.images)
-            labels = tf.constant(self.train.labels)
-            mean = tf.constant(self.mean)
+            idx, seeds = [], []
+            for e in range(epoch, epoch + count):
+                perm = np.random.default_rng(self._epoch_seed(e)).permutation(n)[: spe * B]
+                # Global batch k is perm[k*B:(k+1)*B]; this host takes slice p of it.
+                idx.append(perm.reshape(spe, B)[:, p * b : (p + 1) * b])
+            idx = np.concatenate(idx)[offset:].reshape(-1)
+            # Augmentation seed of an example: (epoch seed, position in the epoch).
+            steps = np.arange(epoch * spe + offset, (epoch + count) * spe)
+            epoch_seeds = np.array(
+                [self._epoch_seed(e) % (2**31) for e in range(epoch, epoch + count)], np.int64
+            )
+            pos = (steps % spe)[:, None] * B + p * b + np.arange(b)[None, :]
+            seeds = np.stack(
+                [np.repeat(epoch_seeds[steps // spe - epoch], b), pos.reshape(-1)], axis=1
+            )
+            images, labels, mean = self._tf_arrays()
             pad = int(cfg.get("crop_padding", 4))
             flip = bool(cfg.get("random_flip", True))
             augment = bool(cfg.get("augment", True))
 
-            def fn(i, pos):
+            def fn(i, seed):
                 image = tf.gather(images, i)
                 if augment:
-                    image = _pad_crop_flip(image, tf.stack([seed % (2**31), pos]), pad, flip)
+                    image = _pad_crop_flip(image, seed, pad, flip)
                 image = tf.cast(image, tf.float32) / 255.0 - mean
                 return {"image": image, "label": tf.gather(labels, i)}
 
-            ds = tf.data.Dataset.from_tensor_slices((idx.reshape(-1), positions))
+            ds = tf.data.Dataset.from_tensor_slices((idx, seeds))
             ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         else:
+            seed = self._epoch_seed(epoch)
             ds = self._imagenet_source("train", seed)
             ds = ds.enumerate().skip(offset * b)
             mean = tf.constant(self.mean)
@@ -338,6 +350,16 @@ class InputPipeline:
             ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             ds = ds.take((self.steps_per_epoch - offset) * b)
         return ds.batch(b, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+    def _tf_arrays(self):
+        """The training split as TensorFlow tensors, made once (not per pipeline)."""
+        if not hasattr(self, "_tf_cache"):
+            self._tf_cache = (
+                tf.constant(self.train.images),
+                tf.constant(self.train.labels),
+                tf.constant(self.mean),
+            )
+        return self._tf_cache
 
     def _imagenet_source(self, split: str, seed: int | None):
         import tensorflow_datasets as tfds

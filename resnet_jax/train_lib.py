@@ -329,8 +329,23 @@ class MetricWriter:
             self._tb.close()
 
 
+def _host_rss_mb() -> float:
+    """Current resident memory of this process (peak where /proc is absent)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _fetch(pending: list[tuple[int, dict]]) -> list[tuple[int, dict[str, float]]]:
-    return [(s, {k: float(v) for k, v in m.items()}) for s, m in jax.device_get(pending)]
+    """Per-step host metrics; an entry of k stacked steps ends at its step."""
+    out = []
+    for end, m in jax.device_get(pending):
+        k = int(np.size(m["loss"]))
+        for i in range(k):
+            out.append((end - k + 1 + i, {n: float(np.reshape(v, -1)[i]) for n, v in m.items()}))
+    return out
 
 
 def _host_batch_to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict:
@@ -378,6 +393,26 @@ def validate_config(config: Any, num_devices: int) -> None:
     for key in ("num_train_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
         if int(config[key]) <= 0:
             raise ValueError(f"{key} must be positive, got {config[key]}.")
+    k = int(config.get("steps_per_call", 1))
+    if config.get("device_data", False):
+        if config.dataset not in data_lib.IN_MEMORY:
+            raise ValueError(
+                f"device_data=True holds the training set on the devices; it supports "
+                f"{', '.join(data_lib.IN_MEMORY)}, not {config.dataset}."
+            )
+        for key in (
+            "num_train_steps",
+            "log_every_steps",
+            "eval_every_steps",
+            "checkpoint_every_steps",
+        ):
+            if int(config[key]) % k:
+                raise ValueError(
+                    f"{key}={config[key]} must be a multiple of steps_per_call={k} (the loop "
+                    "logs, evaluates and saves between calls)."
+                )
+    elif k != 1:
+        raise ValueError("steps_per_call > 1 needs --config.device_data=True.")
 
 
 def train_and_evaluate(config: Any, workdir: str, progress: bool = True) -> dict[str, float]:
@@ -425,18 +460,42 @@ def train_and_evaluate(config: Any, workdir: str, progress: bool = True) -> dict
         start_step = int(jax.device_get(state.step))
         log.info("Resumed from the checkpoint at step %d.", start_step)
 
-    train_fn = jax.jit(
-        functools.partial(
-            train_step,
-            learning_rate_fn=lr_fn,
-            num_classes=num_classes,
-            label_smoothing=float(config.get("label_smoothing", 0.0)),
-            skip_nonfinite=bool(config.get("skip_nonfinite_steps", False)),
-        ),
-        in_shardings=(replicated, data_sharding),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
+    step_fn = functools.partial(
+        train_step,
+        learning_rate_fn=lr_fn,
+        num_classes=num_classes,
+        label_smoothing=float(config.get("label_smoothing", 0.0)),
+        skip_nonfinite=bool(config.get("skip_nonfinite_steps", False)),
     )
+    steps_per_call = 1
+    if config.get("device_data", False):
+        from resnet_jax import device_data
+
+        steps_per_call = int(config.get("steps_per_call", 1))
+        data_on_device = device_data.put_on_devices(
+            pipeline.train.images, pipeline.train.labels, pipeline.mean, replicated
+        )
+        batch_fn = functools.partial(
+            device_data.batch_at,
+            seed=int(config.seed),
+            batch_size=int(config.batch_size),
+            augment=bool(config.get("augment", True)),
+            pad=int(config.get("crop_padding", 4)),
+            flip=bool(config.get("random_flip", True)),
+        )
+        multi_fn = jax.jit(
+            device_data.make_multi_step(step_fn, batch_fn, steps_per_call, data_sharding),
+            in_shardings=(replicated, replicated, None),
+            out_shardings=(replicated, replicated),
+            donate_argnums=0,
+        )
+    else:
+        train_fn = jax.jit(
+            step_fn,
+            in_shardings=(replicated, data_sharding),
+            out_shardings=(replicated, replicated),
+            donate_argnums=0,
+        )
     eval_fn = jax.jit(
         functools.partial(eval_step, num_classes=num_classes),
         in_shardings=(replicated, data_sharding),
@@ -492,17 +551,20 @@ def train_and_evaluate(config: Any, workdir: str, progress: bool = True) -> dict
         ckpt.save(at_step, state, {"fingerprint": fp, "window": dict(window)})
         last_good = at_step
 
-    batches = pipeline.train_batches(start_step)
+    batches = None if config.get("device_data", False) else pipeline.train_batches(start_step)
     stopped_by_signal = False
     try:
         while step < total_steps:
-            t0 = time.time()
-            batch = next(batches)
-            waited += time.time() - t0
-            state, metrics = train_fn(state, _host_batch_to_global(batch, data_sharding))
-            step += 1
+            if steps_per_call > 1 or config.get("device_data", False):
+                state, metrics = multi_fn(state, data_on_device, jnp.int32(step))
+            else:
+                t0 = time.time()
+                batch = next(batches)
+                waited += time.time() - t0
+                state, metrics = train_fn(state, _host_batch_to_global(batch, data_sharding))
+            step += steps_per_call
             pending.append((step, metrics))
-            images_seen += config.batch_size
+            images_seen += config.batch_size * steps_per_call
             if step % log_every == 0 or step == total_steps:
                 drain()
                 dt = time.time() - t_window
@@ -516,7 +578,7 @@ def train_and_evaluate(config: Any, workdir: str, progress: bool = True) -> dict
                     "learning_rate": float(lr_fn(step - 1)),
                     "images_per_sec": images_seen / dt,
                     "data_wait_fraction": waited / dt,
-                    "host_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                    "host_rss_mb": _host_rss_mb(),
                 }
                 if window["skipped"]:
                     line["skipped_steps"] = window["skipped"]
@@ -529,7 +591,7 @@ def train_and_evaluate(config: Any, workdir: str, progress: bool = True) -> dict
                 window = {"loss": 0.0, "accuracy": 0.0, "steps": 0, "skipped": 0}
                 t_window, waited, images_seen = time.time(), 0.0, 0
             if bar is not None:
-                bar.update(1)
+                bar.update(steps_per_call)
             if step % int(config.eval_every_steps) == 0 or step == total_steps:
                 eval_metrics = evaluate(state, pipeline, eval_fn, data_sharding)
                 if config.dataset != "imagenet2012":
