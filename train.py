@@ -31,10 +31,19 @@ flags.DEFINE_string(
     "Persistent XLA compilation cache ('' disables it).",
 )
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_integer(
+    "cpu_devices",
+    0,
+    "On a CPU-only host, split the CPU into this many XLA devices (e.g. one per core): "
+    "XLA:CPU runs convolution gradients on about one core, so this trains faster.",
+)
 
 
 def main(argv):
     del argv
+    if FLAGS.cpu_devices:
+        flag = f"--xla_force_host_platform_device_count={FLAGS.cpu_devices}"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
     import jax
 
     if FLAGS.coordinator_address:

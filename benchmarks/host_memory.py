@@ -20,7 +20,11 @@ flags.DEFINE_integer("steps", 3000, "Training steps.")
 
 def main(argv):
     del argv
+    import logging
+
     import jax
+
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
 
     from configs import cifar10
     from resnet_jax import train_lib

@@ -28,7 +28,11 @@ flags.DEFINE_integer("log_every", 50, "Steps per measurement window.")
 
 def main(argv):
     del argv
+    import logging
+
     import jax
+
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
 
     from resnet_jax import train_lib
 
