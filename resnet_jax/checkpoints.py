@@ -155,5 +155,9 @@ class Checkpointer:
             str(error).splitlines()[0][:200] if str(error) else "",
             dst,
         )
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"resnet_jax_quarantine_{step}")
         self.manager.close()
         self._open()

@@ -353,3 +353,16 @@ def test_bad_inputs_raise_clear_errors():
         model.apply(v, jnp.ones((2, 3, 32, 32)))
     with pytest.raises(ValueError, match="1 channels.*initialised for 3"):
         model.apply(v, jnp.ones((2, 32, 32, 1)))
+
+
+def test_import_is_light():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, resnet_jax; "
+        "heavy = [m for m in ('tensorflow', 'keras', 'torch', 'orbax', 'optax') if m in sys.modules]; "
+        "print(heavy); assert not heavy"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
