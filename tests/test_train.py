@@ -259,3 +259,37 @@ def test_digits_config_is_the_offline_default():
     pipe = data_lib.InputPipeline(c)
     assert pipe.info.train_size == 1437 and pipe.info.eval_size == 360
     assert pipe.info.image_shape == (8, 8, 1)
+
+
+def test_ten_crop_eval_step_averages_softmax_over_crops():
+    c = tiny_cifar()
+    mesh = train_lib.create_mesh()
+    repl = NamedSharding(mesh, P())
+    model = train_lib.create_model(c, 10)
+    lr_fn = train_lib.create_learning_rate_fn(c)
+    state = train_lib.create_train_state(
+        model, train_lib.create_optimizer(c, lr_fn), (16, 16, 3), jax.random.key(0), repl
+    )
+    rng = np.random.default_rng(0)
+    crops = rng.normal(size=(8, 10, 16, 16, 3)).astype(np.float32)
+    labels = rng.integers(0, 10, 8).astype(np.int32)
+    mask = np.array([1, 1, 1, 1, 1, 1, 0, 0], np.float32)
+    out = train_lib.eval_step(
+        state, {"image": crops, "label": labels, "mask": mask}, num_classes=10
+    )
+    logits = model.apply(
+        {"params": state.params, "batch_stats": state.batch_stats}, crops.reshape(80, 16, 16, 3)
+    )
+    probs = np.asarray(jax.nn.softmax(logits)).reshape(8, 10, 10).mean(axis=1)
+    expected_loss = -np.log(probs[np.arange(8), labels])
+    assert float(out["count"]) == 6
+    assert float(out["loss"]) == pytest.approx(float((expected_loss * mask).sum()), rel=1e-4)
+    assert float(out["correct"]) == float(((probs.argmax(-1) == labels) * mask).sum())
+
+
+def test_cifar100_by_config():
+    c = tiny_cifar(dataset="cifar100")
+    pipe = data_lib.InputPipeline(c)
+    assert pipe.info.num_classes == 100 and pipe.info.image_shape == (32, 32, 3)
+    batch = next(pipe.train_batches(0))
+    assert batch["image"].shape == (16, 32, 32, 3) and batch["label"].max() < 100
