@@ -293,3 +293,18 @@ def test_cifar100_by_config():
     assert pipe.info.num_classes == 100 and pipe.info.image_shape == (32, 32, 3)
     batch = next(pipe.train_batches(0))
     assert batch["image"].shape == (16, 32, 32, 3) and batch["label"].max() < 100
+
+
+def test_paper_validation_split_holds_out_the_end_of_train(monkeypatch):
+    calls = []
+
+    def fake(name, split, data_dir):
+        calls.append((name, split))
+        return data_lib.Split(np.zeros((4, 32, 32, 3), np.uint8), np.zeros((4,), np.int32))
+
+    monkeypatch.setattr(data_lib, "_tfds_in_memory", fake)
+    data_lib.load_in_memory(tiny_cifar(validation_split=5000))
+    assert calls == [("cifar10", "train[:-5000]"), ("cifar10", "train[-5000:]")]
+    calls.clear()
+    data_lib.load_in_memory(tiny_cifar())
+    assert calls == [("cifar10", "train"), ("cifar10", "test")]
