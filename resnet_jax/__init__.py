@@ -3,8 +3,9 @@
 >>> import resnet_jax as rj
 >>> model = rj.create_model("resnet50", num_classes=1000)
 
-Importing this package needs only jax and flax; TensorFlow is imported by
-``resnet_jax.data`` alone and Keras only inside ``rj.weights.from_keras``.
+Importing this package needs only jax and flax. TensorFlow is imported only by
+the training input pipeline (``resnet_jax.data``) and the TensorBoard writer;
+Keras is never imported (``rj.weights.from_keras`` receives a Keras model).
 """
 
 from resnet_jax import weights
