@@ -366,3 +366,15 @@ def test_import_is_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_train_steps_and_fast_path_import_without_tensorflow():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, resnet_jax.train_lib, resnet_jax.device_data, benchmarks.throughput; "
+        "assert 'tensorflow' not in sys.modules, 'tensorflow imported'"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
