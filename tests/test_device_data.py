@@ -10,10 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import cifar10
 from resnet_jax import device_data, train_lib
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, tiny_config, train_losses
 
 
 def test_pad_crop_flip_keeps_pixels_and_shifts_within_the_padding():
@@ -51,28 +49,13 @@ def test_batches_are_a_function_of_the_step_and_epochs_are_permutations():
     )
 
 
-def tiny(**kw):
-    c = cifar10.get_config()
-    c.update(
-        model="resnet8",
-        mock_data=True,
-        mock_num_examples=64,
-        batch_size=16,
-        eval_batch_size=16,
-        num_train_steps=6,
-        log_every_steps=3,
-        eval_every_steps=6,
-        checkpoint_every_steps=3,
-        device_data=True,
-        steps_per_call=3,
+def tiny(**overrides):
+    return tiny_config(
+        **({"log_every_steps": 3, "device_data": True, "steps_per_call": 3} | overrides)
     )
-    c.update(kw)
-    return c
 
 
-def losses(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [(m["step"], m["train_loss"]) for m in map(json.loads, f) if "train_loss" in m]
+losses = train_losses
 
 
 def test_fast_path_on_eight_devices_resumes_exactly(tmp_path):

@@ -1,6 +1,5 @@
 """Faults the trainer survives and bad input it refuses (issue: reliability)."""
 
-import json
 import logging
 import os
 import shutil
@@ -13,37 +12,15 @@ import time
 import numpy as np
 import pytest
 
-from configs import cifar10, imagenet
+from configs import imagenet
 from resnet_jax import data as data_lib
 from resnet_jax import train_lib
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, tiny_config, train_losses
+from tests.helpers import read_metrics as metrics
 
 
 def tiny(**overrides):
-    c = cifar10.get_config()
-    c.update(
-        model="resnet8",
-        mock_data=True,
-        mock_num_examples=64,
-        batch_size=16,
-        eval_batch_size=16,
-        num_train_steps=6,
-        log_every_steps=1,
-        eval_every_steps=6,
-        checkpoint_every_steps=3,
-    )
-    c.update(overrides)
-    return c
-
-
-def metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(x) for x in f]
-
-
-def train_losses(workdir):
-    return [(m["step"], m["train_loss"]) for m in metrics(workdir) if "train_loss" in m]
+    return tiny_config(**overrides)
 
 
 def cli(workdir, *overrides, devices=8, extra_env=None):

@@ -3,7 +3,6 @@
 Runs on 8 simulated CPU devices (tests/conftest.py).
 """
 
-import json
 import os
 
 import jax
@@ -17,26 +16,12 @@ from jax.sharding import PartitionSpec as P
 from configs import cifar10, digits, imagenet, imagenet_modern
 from resnet_jax import checkpoints, train_lib
 from resnet_jax import data as data_lib
+from tests.helpers import read_metrics, tiny_config
 
 
 def tiny_cifar(**overrides):
-    c = cifar10.get_config()
-    c.model = "resnet8"
-    c.mock_data = True
-    c.mock_num_examples = 37  # not a multiple of any batch size below
-    c.batch_size = 16
-    c.eval_batch_size = 16
-    c.num_train_steps = 6
-    c.log_every_steps = 2
-    c.eval_every_steps = 6
-    c.checkpoint_every_steps = 3
-    c.update(overrides)
-    return c
-
-
-def read_metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    # 37 examples: not a multiple of any batch size below.
+    return tiny_config(**({"mock_num_examples": 37, "log_every_steps": 2} | overrides))
 
 
 def test_eight_devices_are_simulated():
