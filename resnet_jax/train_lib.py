@@ -605,6 +605,12 @@ def train_and_evaluate(config: Any, workdir: str, progress: bool = True) -> dict
                     save(step)
                 stopped_by_signal = True
                 break
+        if not eval_metrics and not stopped_by_signal:
+            # Already finished when started (the same command run again):
+            # evaluate so that the summary still reports the accuracy.
+            eval_metrics = evaluate(state, pipeline, eval_fn, data_sharding)
+            if config.dataset != "imagenet2012":
+                eval_metrics.pop("eval_top5_accuracy")
     finally:
         preempt.uninstall()
         if bar is not None:

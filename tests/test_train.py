@@ -228,6 +228,12 @@ def test_resume_continues_and_refuses_another_experiment(tmp_path):
     assert summary["step"] == 6
     steps = [m["step"] for m in read_metrics(tmp_path) if "train_loss" in m]
     assert steps == [2, 3, 4, 6]  # the first run ended (and logged) at step 3
+    # Running the finished command again trains nothing, changes nothing, and
+    # still reports the evaluation.
+    lines = read_metrics(tmp_path)
+    again = train_lib.train_and_evaluate(tiny_cifar(), str(tmp_path), progress=False)
+    assert again["step"] == 6 and again["eval_accuracy"] == summary["eval_accuracy"]
+    assert read_metrics(tmp_path) == lines
     before = sorted(os.listdir(tmp_path / "checkpoints"))
     with pytest.raises(
         checkpoints.IncompatibleCheckpointError,
