@@ -41,18 +41,10 @@ def main(argv=None) -> dict:
     throughput.enable_compilation_cache(a.compilation_cache_dir)
     import jax
     import jax.numpy as jnp
-    import optax
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
-    import resnet_jax as rj
     from resnet_jax import device_data, train_lib
 
-    mesh = train_lib.create_mesh()
-    repl, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    model = rj.create_model(a.model, num_classes=10, dtype=getattr(jnp, a.dtype))
-    tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
-    state = train_lib.create_train_state(model, tx, (32, 32, 3), jax.random.key(0), repl)
+    _, state, repl, shard = throughput.setup(a.model, a.batch_size, a.dtype, 32, num_classes=10)
     rng = np.random.default_rng(0)
     data = device_data.put_on_devices(
         rng.integers(0, 256, (a.train_size, 32, 32, 3), dtype=np.uint8),

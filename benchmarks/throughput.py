@@ -46,6 +46,42 @@ def enable_compilation_cache(path: str | None) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def setup(
+    model: str,
+    batch_size: int,
+    dtype: str,
+    image_size: int | None = None,
+    variant: str = "v1",
+    num_classes: int | None = None,
+):
+    """The benchmarked network and its replicated train state (SGD momentum 0.9 and
+    weight decay 1e-4, as the recipes) over every device.
+
+    Returns ``(module, state, replicated_sharding, batch_sharding)``.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import resnet_jax as rj
+    from resnet_jax import train_lib
+
+    options = {} if num_classes is None else {"num_classes": num_classes}
+    net = rj.create_model(model, variant=variant, dtype=getattr(jnp, dtype), **options)
+    size = image_size or (224 if net.stem == "imagenet" else 32)
+    mesh = train_lib.create_mesh()
+    if batch_size % mesh.devices.size:
+        raise SystemExit(
+            f"--batch-size {batch_size} must divide by the {mesh.devices.size} devices."
+        )
+    repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
+    state = train_lib.create_train_state(net, tx, (size, size, 3), jax.random.key(0), repl)
+    return net, state, repl, data
+
+
 def measure(
     model: str = "resnet50",
     batch_size: int = 128,
@@ -58,24 +94,11 @@ def measure(
 ) -> dict:
     """Runs the benchmark in this process; returns the result dict."""
     import jax
-    import jax.numpy as jnp
-    import optax
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
-    import resnet_jax as rj
     from resnet_jax import train_lib
 
-    net = rj.create_model(model, variant=variant, dtype=getattr(jnp, dtype))
+    net, state, repl, data = setup(model, batch_size, dtype, image_size, variant)
     size = image_size or (224 if net.stem == "imagenet" else 32)
-    mesh = train_lib.create_mesh()
-    repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    if batch_size % mesh.devices.size:
-        raise SystemExit(
-            f"--batch-size {batch_size} must divide by the {mesh.devices.size} devices."
-        )
-    tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
-    state = train_lib.create_train_state(net, tx, (size, size, 3), jax.random.key(0), repl)
     rng = np.random.default_rng(0)
     batch = {
         "image": jax.device_put(

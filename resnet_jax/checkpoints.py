@@ -82,9 +82,6 @@ class Checkpointer:
             force=True,
         )
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()

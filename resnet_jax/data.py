@@ -64,7 +64,8 @@ class DatasetInfo:
     eval_size: int
 
 
-def _check_dataset(name: str) -> None:
+def check_dataset(name: str) -> None:
+    """Raises a ValueError naming the valid datasets."""
     if name not in DATASETS:
         raise ValueError(f"Unknown dataset {name!r}; valid: {', '.join(DATASETS)}.")
 
@@ -89,6 +90,17 @@ def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> tuple[Split,
         images, labels, test_size=test_fraction, random_state=split_seed, stratify=labels
     )
     return Split(xtr, ytr), Split(xte, yte)
+
+
+def _tfds_source(config: Any):
+    """``tfds.testing.mock_data`` when ``config.mock_data``, else nothing to enter."""
+    import contextlib
+
+    import tensorflow_datasets as tfds
+
+    if config.mock_data:
+        return tfds.testing.mock_data(num_examples=int(config.get("mock_num_examples", 64)))
+    return contextlib.nullcontext()
 
 
 def _tfds_in_memory(name: str, split: str, data_dir: str | None) -> Split:
@@ -148,7 +160,7 @@ def imagenet_preflight(data_dir: str | None) -> None:
 
 def dataset_info(config: Any, train: Split | None = None, test: Split | None = None) -> DatasetInfo:
     """Sizes and shapes of the configured dataset."""
-    _check_dataset(config.dataset)
+    check_dataset(config.dataset)
     if config.dataset in IN_MEMORY:
         assert train is not None and test is not None
         return DatasetInfo(
@@ -243,7 +255,7 @@ class InputPipeline:
     """
 
     def __init__(self, config: Any, process_index: int = 0, process_count: int = 1):
-        _check_dataset(config.dataset)
+        check_dataset(config.dataset)
         self.config = config
         self.process_index = process_index
         self.process_count = process_count
@@ -255,12 +267,7 @@ class InputPipeline:
         self.host_batch = config.batch_size // process_count
         self.host_eval_batch = config.eval_batch_size // process_count
         if config.dataset in IN_MEMORY:
-            if config.dataset != "digits" and config.mock_data:
-                import tensorflow_datasets as tfds
-
-                with tfds.testing.mock_data(num_examples=int(config.get("mock_num_examples", 64))):
-                    self.train, self.test = load_in_memory(config)
-            else:
+            with _tfds_source(config):
                 self.train, self.test = load_in_memory(config)
             self.info = dataset_info(config, self.train, self.test)
             # Per-pixel mean over the training set (Sec. 4.2), on the 0..1 scale.
@@ -308,17 +315,16 @@ class InputPipeline:
         spe = self.steps_per_epoch
         if cfg.dataset in IN_MEMORY:
             n = self.info.train_size
-            idx, seeds = [], []
-            for e in range(epoch, epoch + count):
-                perm = np.random.default_rng(self._epoch_seed(e)).permutation(n)[: spe * B]
+            epoch_seeds = [self._epoch_seed(e) for e in range(epoch, epoch + count)]
+            idx = []
+            for seed in epoch_seeds:
+                perm = np.random.default_rng(seed).permutation(n)[: spe * B]
                 # Global batch k is perm[k*B:(k+1)*B]; this host takes slice p of it.
                 idx.append(perm.reshape(spe, B)[:, p * b : (p + 1) * b])
             idx = np.concatenate(idx)[offset:].reshape(-1)
             # Augmentation seed of an example: (epoch seed, position in the epoch).
             steps = np.arange(epoch * spe + offset, (epoch + count) * spe)
-            epoch_seeds = np.array(
-                [self._epoch_seed(e) % (2**31) for e in range(epoch, epoch + count)], np.int64
-            )
+            epoch_seeds = np.array(epoch_seeds, np.int64) % (2**31)
             pos = (steps % spe)[:, None] * B + p * b + np.arange(b)[None, :]
             seeds = np.stack(
                 [np.repeat(epoch_seeds[steps // spe - epoch], b), pos.reshape(-1)], axis=1
@@ -380,10 +386,7 @@ class InputPipeline:
             shuffle_files=seed is not None,
             read_config=read_config,
         )
-        if cfg.mock_data:
-            with tfds.testing.mock_data(num_examples=int(cfg.get("mock_num_examples", 64))):
-                ds = tfds.load("imagenet2012", **kw)
-        else:
+        with _tfds_source(cfg):
             ds = tfds.load("imagenet2012", **kw)
         if seed is not None:
             opts = tf.data.Options()

@@ -355,32 +355,35 @@ def _host_batch_to_global(batch: dict[str, np.ndarray], sharding: NamedSharding)
 
 
 def evaluate(
-    state: TrainState, pipeline: Any, p_eval_step: Callable, sharding: NamedSharding
+    state: TrainState,
+    pipeline: Any,
+    p_eval_step: Callable,
+    sharding: NamedSharding,
+    top5: bool = False,
 ) -> dict[str, float]:
     """One exact pass over the eval split: ``eval_loss``, ``eval_accuracy``,
-    ``eval_top5_accuracy``, ``eval_count``."""
+    ``eval_count`` and, with ``top5``, ``eval_top5_accuracy``."""
     totals = None
     for batch in pipeline.eval_batches():
         sums = p_eval_step(state, _host_batch_to_global(batch, sharding))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     n = float(totals["count"])
-    return {
+    metrics = {
         "eval_loss": float(totals["loss"]) / n,
         "eval_accuracy": float(totals["correct"]) / n,
-        "eval_top5_accuracy": float(totals["correct_top5"]) / n,
         "eval_count": n,
     }
+    if top5:
+        metrics["eval_top5_accuracy"] = float(totals["correct_top5"]) / n
+    return metrics
 
 
 def validate_config(config: Any, num_devices: int) -> None:
     """Refuses a bad config before any work is done, saying what to change."""
     from resnet_jax import data as data_lib
 
-    if config.dataset not in data_lib.DATASETS:
-        raise ValueError(
-            f"Unknown dataset {config.dataset!r}; valid: {', '.join(data_lib.DATASETS)}."
-        )
+    data_lib.check_dataset(config.dataset)
     create_model(config, 10)  # unknown model names and options raise here
     create_learning_rate_fn(config)
     for key in ("batch_size", "eval_batch_size"):
@@ -468,7 +471,8 @@ def train_and_evaluate(config: Any, workdir: str, progress: bool = True) -> dict
         skip_nonfinite=bool(config.get("skip_nonfinite_steps", False)),
     )
     steps_per_call = 1
-    if config.get("device_data", False):
+    on_device = bool(config.get("device_data", False))
+    if on_device:
         from resnet_jax import device_data
 
         steps_per_call = int(config.get("steps_per_call", 1))
@@ -545,17 +549,22 @@ def train_and_evaluate(config: Any, workdir: str, progress: bool = True) -> dict
             window["steps"] += 1
         pending = []
 
+    def run_eval() -> dict[str, float]:
+        return evaluate(
+            state, pipeline, eval_fn, data_sharding, top5=config.dataset == "imagenet2012"
+        )
+
     def save(at_step: int) -> None:
         nonlocal last_good
         drain()  # never write a non-finite state
         ckpt.save(at_step, state, {"fingerprint": fp, "window": dict(window)})
         last_good = at_step
 
-    batches = None if config.get("device_data", False) else pipeline.train_batches(start_step)
+    batches = None if on_device else pipeline.train_batches(start_step)
     stopped_by_signal = False
     try:
         while step < total_steps:
-            if steps_per_call > 1 or config.get("device_data", False):
+            if on_device:
                 state, metrics = multi_fn(state, data_on_device, jnp.int32(step))
             else:
                 t0 = time.time()
@@ -593,9 +602,7 @@ def train_and_evaluate(config: Any, workdir: str, progress: bool = True) -> dict
             if bar is not None:
                 bar.update(steps_per_call)
             if step % int(config.eval_every_steps) == 0 or step == total_steps:
-                eval_metrics = evaluate(state, pipeline, eval_fn, data_sharding)
-                if config.dataset != "imagenet2012":
-                    eval_metrics.pop("eval_top5_accuracy")
+                eval_metrics = run_eval()
                 writer.write(step, eval_metrics)
             saved = step % int(config.checkpoint_every_steps) == 0 or step == total_steps
             if saved:
@@ -608,9 +615,7 @@ def train_and_evaluate(config: Any, workdir: str, progress: bool = True) -> dict
         if not eval_metrics and not stopped_by_signal:
             # Already finished when started (the same command run again):
             # evaluate so that the summary still reports the accuracy.
-            eval_metrics = evaluate(state, pipeline, eval_fn, data_sharding)
-            if config.dataset != "imagenet2012":
-                eval_metrics.pop("eval_top5_accuracy")
+            eval_metrics = run_eval()
     finally:
         preempt.uninstall()
         if bar is not None:
