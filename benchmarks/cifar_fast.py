@@ -32,6 +32,7 @@ def main(argv=None) -> dict:
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--train-size", type=int, default=50_000)
     p.add_argument("--cpu-devices", type=int, default=0)
+    throughput.add_materialize_flag(p)
     p.add_argument(
         "--compilation-cache-dir",
         default=os.path.expanduser("~/.cache/resnet_jax/jax_compilation_cache"),
@@ -44,7 +45,14 @@ def main(argv=None) -> dict:
 
     from resnet_jax import device_data, train_lib
 
-    _, state, repl, shard = throughput.setup(a.model, a.batch_size, a.dtype, 32, num_classes=10)
+    _, state, repl, shard = throughput.setup(
+        a.model,
+        a.batch_size,
+        a.dtype,
+        32,
+        num_classes=10,
+        materialize=throughput.MATERIALIZE[a.materialize],
+    )
     rng = np.random.default_rng(0)
     data = device_data.put_on_devices(
         rng.integers(0, 256, (a.train_size, 32, 32, 3), dtype=np.uint8),
@@ -79,6 +87,7 @@ def main(argv=None) -> dict:
         "batch_size": a.batch_size,
         "dtype": a.dtype,
         "steps_per_call": k,
+        "materialize": a.materialize,
         "devices": jax.device_count(),
         "device_kind": jax.devices()[0].device_kind,
         "jax": jax.__version__,

@@ -8,8 +8,9 @@ option-A shortcuts, written below to match resnet_jax, for resnetN), in
 channels-last memory format, SGD momentum 0.9 + weight decay 1e-4,
 cross-entropy, ``torch.autocast`` for bfloat16, ``torch.compile`` unless
 ``--no-compile`` or it fails (then eager, and the output says so). Both sides
-run a synthetic batch resident on the device. Prints a table, the ratio
-JAX / PyTorch, and, last, one JSON object.
+run a synthetic batch resident on the device; JAX is measured first, by
+``benchmarks.throughput`` in a child process, then PyTorch in this one.
+Prints a table, the ratio JAX / PyTorch, and, last, one JSON object.
 
 PyTorch is an optional dependency of the benchmarks only:
 ``pip install torch`` (and ``torchvision`` for the ImageNet nets).
@@ -18,11 +19,19 @@ PyTorch is an optional dependency of the benchmarks only:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import subprocess
+import sys
 import time
 
 from benchmarks import throughput
+
+TORCH_MISSING = (
+    "PyTorch is not installed: pip install torch torchvision (an optional dependency "
+    "of the benchmarks only)."
+)
 
 
 def torch_cifar_resnet(depth: int, num_classes: int = 10):
@@ -76,10 +85,7 @@ def measure_torch(
     try:
         import torch
     except ImportError as e:
-        raise SystemExit(
-            "PyTorch is not installed: pip install torch torchvision (an optional "
-            "dependency of the benchmarks only)."
-        ) from e
+        raise SystemExit(TORCH_MISSING) from e
     import resnet_jax as rj
 
     spec = rj.model_spec(model)
@@ -157,6 +163,7 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--no-compile", action="store_true", help="PyTorch eager only")
+    throughput.add_materialize_flag(p)
     p.add_argument(
         "--compilation-cache-dir",
         default=os.path.expanduser("~/.cache/resnet_jax/jax_compilation_cache"),
@@ -168,11 +175,29 @@ def main(argv=None) -> dict:
         help="JAX on a CPU host: this many XLA devices (e.g. one per core)",
     )
     a = p.parse_args(argv)
-    throughput.set_cpu_devices(a.cpu_devices)
-    throughput.enable_compilation_cache(a.compilation_cache_dir)
-    jx = throughput.measure(
-        a.model, a.batch_size, a.dtype, "train", a.steps, a.warmup, a.image_size
-    )
+    if importlib.util.find_spec("torch") is None:
+        raise SystemExit(TORCH_MISSING)
+    jax_argv = [
+        sys.executable,
+        "-m",
+        "benchmarks.throughput",
+        f"--model={a.model}",
+        f"--batch-size={a.batch_size}",
+        f"--dtype={a.dtype}",
+        f"--steps={a.steps}",
+        f"--warmup={a.warmup}",
+        f"--materialize={a.materialize}",
+        f"--compilation-cache-dir={a.compilation_cache_dir}",
+        f"--cpu-devices={a.cpu_devices}",
+    ]
+    if a.image_size:
+        jax_argv.append(f"--image-size={a.image_size}")
+    # JAX runs in a child process that has exited before PyTorch starts, so
+    # neither side's thread pools compete with the other's measurement.
+    child = subprocess.run(jax_argv, capture_output=True, text=True)
+    if child.returncode:
+        raise SystemExit(f"The JAX measurement failed:\n{child.stdout}{child.stderr}")
+    jx = json.loads(child.stdout.strip().splitlines()[-1])
     pt = measure_torch(
         a.model, a.batch_size, a.dtype, a.steps, a.warmup, not a.no_compile, a.image_size
     )

@@ -23,6 +23,17 @@ import time
 import numpy as np
 
 DTYPES = ("float32", "bfloat16")
+MATERIALIZE = {"auto": None, "on": True, "off": False}
+MATERIALIZE_NAMES = {v: k for k, v in MATERIALIZE.items()}
+
+
+def add_materialize_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--materialize",
+        default="auto",
+        choices=list(MATERIALIZE),
+        help="ResNet(materialize=...): auto = on for the CPU backend (see resnet_jax.materialize)",
+    )
 
 
 def set_cpu_devices(n: int) -> None:
@@ -53,6 +64,7 @@ def setup(
     image_size: int | None = None,
     variant: str = "v1",
     num_classes: int | None = None,
+    materialize: bool | None = None,
 ):
     """The benchmarked network and its replicated train state (SGD momentum 0.9 and
     weight decay 1e-4, as the recipes) over every device.
@@ -68,7 +80,9 @@ def setup(
     import resnet_jax as rj
     from resnet_jax import train_lib
 
-    options = {} if num_classes is None else {"num_classes": num_classes}
+    options = {"materialize": materialize}
+    if num_classes is not None:
+        options["num_classes"] = num_classes
     net = rj.create_model(model, variant=variant, dtype=getattr(jnp, dtype), **options)
     size = image_size or (224 if net.stem == "imagenet" else 32)
     mesh = train_lib.create_mesh()
@@ -82,6 +96,38 @@ def setup(
     return net, state, repl, data
 
 
+def synthetic_batch(num_classes: int, batch_size: int, size: int, sharding) -> dict:
+    """A fixed random batch (images, labels, mask), sharded over the devices."""
+    import jax
+
+    rng = np.random.default_rng(0)
+    return {
+        "image": jax.device_put(
+            rng.normal(size=(batch_size, size, size, 3)).astype(np.float32), sharding
+        ),
+        "label": jax.device_put(
+            rng.integers(0, num_classes, batch_size).astype(np.int32), sharding
+        ),
+        "mask": jax.device_put(np.ones((batch_size,), np.float32), sharding),
+    }
+
+
+def jit_train_step(num_classes: int, repl, data):
+    """train.py's train step, jitted as the trainer does (state donated)."""
+    import jax
+
+    from resnet_jax import train_lib
+
+    return jax.jit(
+        functools.partial(
+            train_lib.train_step, learning_rate_fn=lambda s: 0.1, num_classes=num_classes
+        ),
+        in_shardings=(repl, data),
+        out_shardings=(repl, repl),
+        donate_argnums=0,
+    )
+
+
 def measure(
     model: str = "resnet50",
     batch_size: int = 128,
@@ -91,33 +137,20 @@ def measure(
     warmup: int = 3,
     image_size: int | None = None,
     variant: str = "v1",
+    materialize: bool | None = None,
 ) -> dict:
     """Runs the benchmark in this process; returns the result dict."""
     import jax
 
     from resnet_jax import train_lib
 
-    net, state, repl, data = setup(model, batch_size, dtype, image_size, variant)
+    net, state, repl, data = setup(
+        model, batch_size, dtype, image_size, variant, materialize=materialize
+    )
     size = image_size or (224 if net.stem == "imagenet" else 32)
-    rng = np.random.default_rng(0)
-    batch = {
-        "image": jax.device_put(
-            rng.normal(size=(batch_size, size, size, 3)).astype(np.float32), data
-        ),
-        "label": jax.device_put(
-            rng.integers(0, net.num_classes, batch_size).astype(np.int32), data
-        ),
-        "mask": jax.device_put(np.ones((batch_size,), np.float32), data),
-    }
+    batch = synthetic_batch(net.num_classes, batch_size, size, data)
     if mode == "train":
-        fn = jax.jit(
-            functools.partial(
-                train_lib.train_step, learning_rate_fn=lambda s: 0.1, num_classes=net.num_classes
-            ),
-            in_shardings=(repl, data),
-            out_shardings=(repl, repl),
-            donate_argnums=0,
-        )
+        fn = jit_train_step(net.num_classes, repl, data)
     else:
         fn = jax.jit(
             functools.partial(train_lib.eval_step, num_classes=net.num_classes),
@@ -146,6 +179,7 @@ def measure(
     return {
         "model": model,
         "variant": variant,
+        "materialize": MATERIALIZE_NAMES[materialize],
         "mode": mode,
         "batch_size": batch_size,
         "image_size": size,
@@ -172,6 +206,7 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--variant", default="v1", choices=["v1", "v1.5"])
+    add_materialize_flag(p)
     p.add_argument(
         "--compilation-cache-dir",
         default=os.path.expanduser("~/.cache/resnet_jax/jax_compilation_cache"),
@@ -188,7 +223,17 @@ def main(argv=None) -> dict:
     enable_compilation_cache(a.compilation_cache_dir)
     if a.cpu_devices:
         print(f"XLA_FLAGS={os.environ['XLA_FLAGS']}")
-    r = measure(a.model, a.batch_size, a.dtype, a.mode, a.steps, a.warmup, a.image_size, a.variant)
+    r = measure(
+        a.model,
+        a.batch_size,
+        a.dtype,
+        a.mode,
+        a.steps,
+        a.warmup,
+        a.image_size,
+        a.variant,
+        MATERIALIZE[a.materialize],
+    )
     print(
         f"{'model':<10} {'mode':<5} {'batch':>5} {'dtype':<8} {'devices':>7} "
         f"{'step ms':>8} {'images/s':>9} {'compile s':>9}"

@@ -22,6 +22,7 @@ from resnet_jax.models import (
     Shortcut,
     create_model,
     list_models,
+    materialize,
     model_spec,
 )
 
@@ -40,6 +41,7 @@ __all__ = [
     "count_macs",
     "create_model",
     "list_models",
+    "materialize",
     "model_spec",
     "weights",
 ]

@@ -279,6 +279,54 @@ def test_jit_forward_backward():
     assert all(np.isfinite(norms)) and sum(norms) > 0
 
 
+def _train_outputs(model, x):
+    v = model.init(jax.random.key(1), x)
+
+    @jax.jit
+    def run(params, stats):
+        def loss(p):
+            logits, upd = model.apply(
+                {"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+            )
+            return jnp.sum(logits**2), (logits, upd)
+
+        return jax.value_and_grad(loss, has_aux=True)(params)
+
+    return run(v["params"], v["batch_stats"])
+
+
+@pytest.mark.parametrize("name", ["resnet8", "resnet18"])
+def test_materialize_changes_no_value_or_gradient(name):
+    x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+    on = _train_outputs(rj.create_model(name, num_classes=10, materialize=True), x)
+    off = _train_outputs(rj.create_model(name, num_classes=10, materialize=False), x)
+    for a, b in zip(jax.tree.leaves(on), jax.tree.leaves(off), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert float(jnp.linalg.norm(jax.tree.leaves(on[1])[0])) > 0
+    # NaN still reaches the loss (the trainer's non-finite guard relies on it).
+    bad = _train_outputs(
+        rj.create_model("resnet8", num_classes=10, materialize=True), x.at[0, 0, 0, 0].set(jnp.nan)
+    )
+    assert np.isnan(bad[0][0])
+
+
+def test_materialize_is_on_for_cpu_training_only():
+    x = jnp.ones((2, 16, 16, 3))
+
+    def conds(model, train):
+        v = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+        jaxpr = jax.make_jaxpr(lambda v: model.apply(v, x, train=train, mutable=["batch_stats"]))(v)
+        return sum(e.primitive.name == "cond" for e in _all_eqns(jaxpr.jaxpr))
+
+    auto = rj.create_model("resnet8")
+    assert jax.default_backend() == "cpu"
+    # stem + (conv1 ReLU + block output) x 3 blocks
+    assert conds(auto, train=True) == 7
+    assert conds(auto, train=False) == 0
+    assert conds(rj.create_model("resnet8", materialize=False), train=True) == 0
+    assert rj.materialize(jnp.arange(3.0)).tolist() == [0.0, 1.0, 2.0]
+
+
 def test_init_follows_the_paper():
     model = rj.create_model("resnet20", zero_init_residual=False)
     v = model.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)))

@@ -1,0 +1,164 @@
+"""Where the train step's time goes: a jax.profiler trace, summed per XLA operation.
+
+    python -m benchmarks.profile_step --model resnet20 --batch-size 128
+    python -m benchmarks.profile_step --model resnet50 --batch-size 128 --dtype bfloat16 \\
+        --trace-dir /tmp/rn50_trace --dump-hlo /tmp/rn50_hlo
+
+Compiles the same train step as ``benchmarks.throughput``, runs ``--warmup``
+steps, then traces ``--steps`` steps with ``jax.profiler`` (a Perfetto trace
+is written next to the TensorBoard one, under ``--trace-dir``). Prints the
+operations grouped by kind (an XLA fusion's name without its ``.N`` suffix:
+``ynn_fusion``, ``transpose_copy_fusion``, ...; on a GPU the kernels), with
+milliseconds per step and their share of the summed operator time, the
+biggest single operations, and, last, one JSON object. Operator time can
+exceed the step's wall time where operations run in parallel. With
+``--dump-hlo DIR`` XLA also writes its optimised HLO there (look up an
+operation's name in ``*train_step*after_optimizations.txt``). Needs jax, flax
+and optax only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+import time
+
+from benchmarks import throughput
+
+# Runtime bookkeeping in the trace, not XLA operations.
+_NOT_OPS = re.compile(
+    r"^(\$|end: |ThunkExecutor|PjitFunction|Pjit|ParseArguments|Handle |Wait |"
+    r"AllocateOutputBuffers|ThreadpoolListener|PythonRefManager)|::"
+)
+
+
+def _kind(name: str) -> str:
+    return re.sub(r"(\.\d+)+$", "", name)
+
+
+def summarize(trace_file: str, steps: int) -> dict:
+    """Sums the complete ('X') events of a Perfetto trace per operation.
+
+    Uses the device processes (``/device:...``) when the trace has any
+    (GPU/TPU), else the host's (XLA:CPU runs its operations there).
+    """
+    with gzip.open(trace_file, "rt") as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    names = {
+        e["pid"]: e["args"]["name"]
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
+    device_pids = {pid for pid, n in names.items() if n.startswith("/device:")}
+    per_op: collections.Counter = collections.Counter()
+    for e in events:
+        if e.get("ph") != "X" or _NOT_OPS.search(e.get("name", "")):
+            continue
+        if device_pids and e.get("pid") not in device_pids:
+            continue
+        per_op[e["name"]] += e.get("dur", 0) / 1000.0  # microseconds -> ms
+    per_kind: collections.Counter = collections.Counter()
+    for name, ms in per_op.items():
+        per_kind[_kind(name)] += ms
+    total = sum(per_kind.values())
+    return {
+        "source": "device" if device_pids else "host",
+        "op_ms_per_step": total / steps,
+        "kinds": [
+            {"kind": k, "ms_per_step": ms / steps, "share": ms / total}
+            for k, ms in per_kind.most_common()
+        ],
+        "top_ops": [{"op": n, "ms_per_step": ms / steps} for n, ms in per_op.most_common(10)],
+    }
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--dtype", default="float32", choices=throughput.DTYPES)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--variant", default="v1", choices=["v1", "v1.5"])
+    throughput.add_materialize_flag(p)
+    p.add_argument("--cpu-devices", type=int, default=0)
+    p.add_argument("--trace-dir", default=None, help="default: a new temporary folder")
+    p.add_argument("--dump-hlo", default=None, help="also write XLA's HLO dumps to this folder")
+    p.add_argument("--top", type=int, default=12, help="kinds to print")
+    p.add_argument(
+        "--compilation-cache-dir",
+        default=os.path.expanduser("~/.cache/resnet_jax/jax_compilation_cache"),
+    )
+    a = p.parse_args(argv)
+    throughput.set_cpu_devices(a.cpu_devices)
+    if a.dump_hlo:
+        flags = f"--xla_dump_to={a.dump_hlo} --xla_dump_hlo_as_text"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
+        a.compilation_cache_dir = ""  # a cached executable would skip the dump
+    throughput.enable_compilation_cache(a.compilation_cache_dir)
+    import jax
+
+    net, state, repl, data = throughput.setup(
+        a.model,
+        a.batch_size,
+        a.dtype,
+        a.image_size,
+        a.variant,
+        materialize=throughput.MATERIALIZE[a.materialize],
+    )
+    size = a.image_size or (224 if net.stem == "imagenet" else 32)
+    batch = throughput.synthetic_batch(net.num_classes, a.batch_size, size, data)
+    step = throughput.jit_train_step(net.num_classes, repl, data).lower(state, batch).compile()
+    for _ in range(a.warmup):
+        state, m = step(state, batch)
+    jax.block_until_ready(state)
+    trace_dir = a.trace_dir or tempfile.mkdtemp(prefix="resnet_jax_trace_")
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        t0 = time.perf_counter()
+        for _ in range(a.steps):
+            state, m = step(state, batch)
+        jax.block_until_ready(state)
+        wall = time.perf_counter() - t0
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
+    if not files:
+        raise SystemExit(f"jax.profiler wrote no Perfetto trace under {trace_dir}.")
+    r = summarize(files[-1], a.steps)
+    dev = jax.devices()[0]
+    r.update(
+        model=a.model,
+        batch_size=a.batch_size,
+        dtype=a.dtype,
+        materialize=a.materialize,
+        devices=jax.device_count(),
+        device_kind=dev.device_kind,
+        jax=jax.__version__,
+        steps=a.steps,
+        wall_ms_per_step=1000 * wall / a.steps,
+        trace=files[-1],
+    )
+    print(
+        f"{a.model} train step, batch {a.batch_size}, {a.dtype}, {r['devices']} x "
+        f"{r['device_kind']}, materialize={a.materialize}: {r['wall_ms_per_step']:.1f} ms/step "
+        f"wall (traced), {r['op_ms_per_step']:.1f} ms/step summed over {r['source']} operations"
+    )
+    print(f"{'operation kind':<36} {'ms/step':>9} {'share':>7}")
+    for k in r["kinds"][: a.top]:
+        print(f"{k['kind']:<36} {k['ms_per_step']:>9.1f} {100 * k['share']:>6.1f}%")
+    print("biggest operations:")
+    for o in r["top_ops"][:5]:
+        print(f"  {o['op']:<34} {o['ms_per_step']:>9.1f}")
+    print(f"trace: {files[-1]}" + (f"; HLO: {a.dump_hlo}" if a.dump_hlo else ""))
+    print(json.dumps(r))
+    return r
+
+
+if __name__ == "__main__":
+    main()

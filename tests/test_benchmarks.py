@@ -1,0 +1,69 @@
+"""The benchmark scripts run and report what they promise (tiny sizes; no timing asserted)."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from benchmarks import cifar_fast, compare_torch, profile_step, throughput
+
+KEYS = {"model", "batch_size", "dtype", "devices", "images_per_sec", "compile_seconds"}
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_throughput_reports_the_required_fields(mode, capsys):
+    r = throughput.main(
+        [
+            "--model=resnet8",
+            "--batch-size=8",
+            "--steps=2",
+            "--warmup=1",
+            f"--mode={mode}",
+            "--compilation-cache-dir=",
+        ]
+    )
+    assert KEYS <= set(r) and r["images_per_sec"] > 0 and r["devices"] == 8
+    assert r["materialize"] == "auto" and r["mode"] == mode
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith('{"model": "resnet8"')
+
+
+def test_profile_step_sums_the_operations_of_the_trace(tmp_path):
+    r = profile_step.main(
+        [
+            "--model=resnet8",
+            "--batch-size=8",
+            "--steps=2",
+            "--warmup=1",
+            f"--trace-dir={tmp_path}",
+            "--compilation-cache-dir=",
+        ]
+    )
+    assert r["source"] == "host" and r["op_ms_per_step"] > 0
+    assert np.isclose(sum(k["share"] for k in r["kinds"]), 1.0)
+    kinds = {k["kind"] for k in r["kinds"]}
+    assert any("fusion" in k for k in kinds), kinds
+    assert not any(k.startswith(("$", "ThunkExecutor")) for k in kinds), kinds
+    assert r["trace"].startswith(str(tmp_path))
+
+
+def test_cifar_fast_path_benchmark_runs():
+    r = cifar_fast.main(
+        [
+            "--model=resnet8",
+            "--batch-size=8",
+            "--steps-per-call=2",
+            "--calls=1",
+            "--train-size=64",
+            "--compilation-cache-dir=",
+        ]
+    )
+    assert r["final_loss_finite"] and r["steps_per_sec"] > 0 and r["steps_per_call"] == 2
+
+
+def test_compare_torch_says_how_to_install_pytorch(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a)
+    )
+    with pytest.raises(SystemExit, match="pip install torch torchvision"):
+        compare_torch.main(["--model=resnet8"])
