@@ -31,14 +31,14 @@ def main(argv=None) -> dict:
     p.add_argument("--steps-per-call", type=int, default=100)
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--train-size", type=int, default=50_000)
-    p.add_argument("--cpu-devices", type=int, default=0)
+    throughput.add_cpu_flags(p)
     throughput.add_materialize_flag(p)
     p.add_argument(
         "--compilation-cache-dir",
         default=os.path.expanduser("~/.cache/resnet_jax/jax_compilation_cache"),
     )
     a = p.parse_args(argv)
-    throughput.set_cpu_devices(a.cpu_devices)
+    throughput.configure_cpu(a)
     throughput.enable_compilation_cache(a.compilation_cache_dir)
     import jax
     import jax.numpy as jnp

@@ -168,12 +168,7 @@ def main(argv=None) -> dict:
         "--compilation-cache-dir",
         default=os.path.expanduser("~/.cache/resnet_jax/jax_compilation_cache"),
     )
-    p.add_argument(
-        "--cpu-devices",
-        type=int,
-        default=0,
-        help="JAX on a CPU host: this many XLA devices (e.g. one per core)",
-    )
+    throughput.add_cpu_flags(p)
     a = p.parse_args(argv)
     if importlib.util.find_spec("torch") is None:
         raise SystemExit(TORCH_MISSING)
@@ -189,6 +184,7 @@ def main(argv=None) -> dict:
         f"--materialize={a.materialize}",
         f"--compilation-cache-dir={a.compilation_cache_dir}",
         f"--cpu-devices={a.cpu_devices}",
+        f"--cpu-conv={a.cpu_conv}",
     ]
     if a.image_size:
         jax_argv.append(f"--image-size={a.image_size}")

@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--variant", default="v1", choices=["v1", "v1.5"])
     throughput.add_materialize_flag(p)
-    p.add_argument("--cpu-devices", type=int, default=0)
+    throughput.add_cpu_flags(p)
     p.add_argument("--trace-dir", default=None, help="default: a new temporary folder")
     p.add_argument("--dump-hlo", default=None, help="also write XLA's HLO dumps to this folder")
     p.add_argument("--top", type=int, default=12, help="kinds to print")
@@ -98,7 +98,7 @@ def main(argv=None) -> dict:
         default=os.path.expanduser("~/.cache/resnet_jax/jax_compilation_cache"),
     )
     a = p.parse_args(argv)
-    throughput.set_cpu_devices(a.cpu_devices)
+    throughput.configure_cpu(a)
     if a.dump_hlo:
         flags = f"--xla_dump_to={a.dump_hlo} --xla_dump_hlo_as_text"
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()

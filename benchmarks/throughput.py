@@ -36,16 +36,28 @@ def add_materialize_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
-def set_cpu_devices(n: int) -> None:
-    """One XLA CPU device per core (must run before jax is imported).
+def add_cpu_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=0,
+        help="on a CPU host, split it into this many XLA devices (e.g. one per core)",
+    )
+    p.add_argument(
+        "--cpu-conv",
+        default="eigen",
+        choices=["eigen", "ynn"],
+        help="XLA:CPU convolution kernels (resnet_jax.xla_cpu); no effect on GPU/TPU",
+    )
 
-    XLA:CPU runs a convolution's backward pass on about one core (measured:
-    1.17 cores busy of 2), so splitting the batch over one device per core
-    keeps every core busy. Ignored on GPU/TPU hosts.
-    """
-    if n > 0:
-        flag = f"--xla_force_host_platform_device_count={n}"
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+
+def configure_cpu(a: argparse.Namespace) -> None:
+    """Applies --cpu-devices/--cpu-conv (must run before JAX starts)."""
+    from resnet_jax import xla_cpu
+
+    flags = xla_cpu.configure(a.cpu_devices, a.cpu_conv)
+    if flags:
+        print(f"XLA_FLAGS={flags}")
 
 
 def enable_compilation_cache(path: str | None) -> None:
@@ -212,17 +224,10 @@ def main(argv=None) -> dict:
         default=os.path.expanduser("~/.cache/resnet_jax/jax_compilation_cache"),
         help="persistent compilation cache ('' disables it)",
     )
-    p.add_argument(
-        "--cpu-devices",
-        type=int,
-        default=0,
-        help="on a CPU host, split it into this many XLA devices (e.g. one per core)",
-    )
+    add_cpu_flags(p)
     a = p.parse_args(argv)
-    set_cpu_devices(a.cpu_devices)
+    configure_cpu(a)
     enable_compilation_cache(a.compilation_cache_dir)
-    if a.cpu_devices:
-        print(f"XLA_FLAGS={os.environ['XLA_FLAGS']}")
     r = measure(
         a.model,
         a.batch_size,
