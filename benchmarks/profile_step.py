@@ -11,7 +11,9 @@ operations grouped by kind (an XLA fusion's name without its ``.N`` suffix:
 ``ynn_fusion``, ``transpose_copy_fusion``, ...; on a GPU the kernels), with
 milliseconds per step and their share of the summed operator time, the
 biggest single operations, and, last, one JSON object. Operator time can
-exceed the step's wall time where operations run in parallel. With
+exceed the step's wall time where operations run in parallel, and fall short
+of it where work is not named in the trace (XLA:CPU's Eigen convolutions,
+``--cpu-conv eigen``, the default; the script says so). With
 ``--dump-hlo DIR`` XLA also writes its optimised HLO there (look up an
 operation's name in ``*train_step*after_optimizations.txt``). Needs jax, flax
 and optax only.
@@ -155,6 +157,12 @@ def main(argv=None) -> dict:
     print("biggest operations:")
     for o in r["top_ops"][:5]:
         print(f"  {o['op']:<34} {o['ms_per_step']:>9.1f}")
+    if r["op_ms_per_step"] < 0.8 * r["wall_ms_per_step"]:
+        print(
+            f"note: the named operations cover {r['op_ms_per_step']:.0f} of "
+            f"{r['wall_ms_per_step']:.0f} ms/step. XLA:CPU's Eigen convolutions do not "
+            "appear in the trace under their own names; --cpu-conv ynn shows YNNPACK's."
+        )
     print(f"trace: {files[-1]}" + (f"; HLO: {a.dump_hlo}" if a.dump_hlo else ""))
     print(json.dumps(r))
     return r

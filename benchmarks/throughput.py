@@ -201,6 +201,7 @@ def measure(
         "device_kind": dev.device_kind,
         "cpu": platform.processor() or platform.machine(),
         "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "steps": steps,
         "step_ms": 1000 * dt / steps,
         "images_per_sec": batch_size * steps / dt,

@@ -1,11 +1,20 @@
 """The benchmark scripts run and report what they promise (tiny sizes; no timing asserted)."""
 
 import importlib.util
+import os
 
 import numpy as np
 import pytest
 
 from benchmarks import cifar_fast, compare_torch, profile_step, throughput
+
+
+@pytest.fixture(autouse=True)
+def _keep_xla_flags(monkeypatch):
+    # The scripts append XLA:CPU flags to XLA_FLAGS (no effect once JAX has
+    # started); keep them from reaching other tests' subprocesses.
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+
 
 KEYS = {"model", "batch_size", "dtype", "devices", "images_per_sec", "compile_seconds"}
 
