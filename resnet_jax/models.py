@@ -184,8 +184,8 @@ class ResNet(nn.Module):
       materialize: in training, pass every activation through
         :func:`materialize` (an identity XLA cannot fuse across) so that the
         convolution kernel gradients read it from memory. ``None`` (default):
-        on when JAX's default backend is the CPU, where it makes the ResNet-20
-        train step about 25% faster (BENCHMARKS.md), off elsewhere. Values and
+        on when JAX's default backend is the CPU, where it made the ResNet-20
+        train step 11-27% faster (BENCHMARKS.md), off elsewhere. Values and
         gradients are the same either way.
     """
 
@@ -301,7 +301,7 @@ def materialize(x: jax.Array) -> jax.Array:
     gradient of a convolution, XLA:CPU transposes the input activation; fused
     with the BatchNorm + residual + ReLU chain that produced it, that transpose
     recomputes the chain, several blocks deep, with strided reads (measured:
-    43% of the ResNet-20 step's operator time). A ``lax.cond`` is a boundary
+    41% of the ResNet-20 step's operator time). A ``lax.cond`` is a boundary
     XLA does not fuse across (``lax.optimization_barrier`` is removed before
     fusion on XLA:CPU). Its predicate is read from ``x`` so that it cannot be
     folded at compile time, and the two branches differ (``x`` and ``x + 0``)
