@@ -12,7 +12,10 @@ machine (BENCHMARKS.md):
   devices: 10.6 -> 7.9 s.
 
 Neither changes anything on a GPU or TPU: the flags apply to the CPU backend
-only. This module imports nothing from JAX.
+only. The YNNPACK flag is an experimental XLA option (present in jax 0.10.2,
+pinned in requirements.txt); if another JAX version rejects it ("Unknown flags
+in XLA_FLAGS"), ``conv="ynn"`` (``train.py --cpu_conv=ynn``) leaves it out.
+This module imports nothing from JAX.
 """
 
 from __future__ import annotations
