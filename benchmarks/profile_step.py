@@ -48,22 +48,37 @@ def summarize(trace_file: str, steps: int) -> dict:
     """Sums the complete ('X') events of a Perfetto trace per operation.
 
     Uses the device processes (``/device:...``) when the trace has any
-    (GPU/TPU), else the host's (XLA:CPU runs its operations there).
+    (GPU/TPU), else the host's (XLA:CPU runs its operations there). A device
+    process shows the same work on several lines (the whole module, each
+    operation, each kernel); where it has an "XLA Ops" line only that one is
+    summed, else every line but "XLA Modules" and "Steps". (Written from the
+    trace format; no GPU trace has been read by it yet.)
     """
     with gzip.open(trace_file, "rt") as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    names = {
-        e["pid"]: e["args"]["name"]
-        for e in events
-        if e.get("ph") == "M" and e.get("name") == "process_name"
+    meta = [e for e in events if e.get("ph") == "M"]
+    process = {e["pid"]: e["args"]["name"] for e in meta if e.get("name") == "process_name"}
+    thread = {
+        (e["pid"], e.get("tid")): e["args"]["name"] for e in meta if e.get("name") == "thread_name"
     }
-    device_pids = {pid for pid, n in names.items() if n.startswith("/device:")}
+    device_pids = {pid for pid, n in process.items() if n.startswith("/device:")}
+    op_lines = {k for k, n in thread.items() if k[0] in device_pids and n == "XLA Ops"}
+    skipped_lines = {
+        k for k, n in thread.items() if k[0] in device_pids and n in ("XLA Modules", "Steps")
+    }
+
+    def counted(e) -> bool:
+        if not device_pids:
+            return True
+        line = (e.get("pid"), e.get("tid"))
+        if op_lines:
+            return line in op_lines
+        return e.get("pid") in device_pids and line not in skipped_lines
+
     per_op: collections.Counter = collections.Counter()
     for e in events:
-        if e.get("ph") != "X" or _NOT_OPS.search(e.get("name", "")):
-            continue
-        if device_pids and e.get("pid") not in device_pids:
+        if e.get("ph") != "X" or _NOT_OPS.search(e.get("name", "")) or not counted(e):
             continue
         per_op[e["name"]] += e.get("dur", 0) / 1000.0  # microseconds -> ms
     per_kind: collections.Counter = collections.Counter()
@@ -116,8 +131,7 @@ def main(argv=None) -> dict:
         a.variant,
         materialize=throughput.MATERIALIZE[a.materialize],
     )
-    size = a.image_size or (224 if net.stem == "imagenet" else 32)
-    batch = throughput.synthetic_batch(net.num_classes, a.batch_size, size, data)
+    batch = throughput.synthetic_batch(net, a.batch_size, a.image_size, data)
     step = throughput.jit_train_step(net.num_classes, repl, data).lower(state, batch).compile()
     for _ in range(a.warmup):
         state, m = step(state, batch)

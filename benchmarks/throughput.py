@@ -96,7 +96,7 @@ def setup(
     if num_classes is not None:
         options["num_classes"] = num_classes
     net = rj.create_model(model, variant=variant, dtype=getattr(jnp, dtype), **options)
-    size = image_size or (224 if net.stem == "imagenet" else 32)
+    size = input_size(net, image_size)
     mesh = train_lib.create_mesh()
     if batch_size % mesh.devices.size:
         raise SystemExit(
@@ -108,10 +108,16 @@ def setup(
     return net, state, repl, data
 
 
-def synthetic_batch(num_classes: int, batch_size: int, size: int, sharding) -> dict:
-    """A fixed random batch (images, labels, mask), sharded over the devices."""
+def input_size(net, image_size: int | None) -> int:
+    """``image_size``, else the family's: 224 for ImageNet nets, 32 for CIFAR nets."""
+    return image_size or (224 if net.stem == "imagenet" else 32)
+
+
+def synthetic_batch(net, batch_size: int, image_size: int | None, sharding) -> dict:
+    """A fixed random batch (images, labels, mask) for ``net``, sharded over the devices."""
     import jax
 
+    size, num_classes = input_size(net, image_size), net.num_classes
     rng = np.random.default_rng(0)
     return {
         "image": jax.device_put(
@@ -159,8 +165,7 @@ def measure(
     net, state, repl, data = setup(
         model, batch_size, dtype, image_size, variant, materialize=materialize
     )
-    size = image_size or (224 if net.stem == "imagenet" else 32)
-    batch = synthetic_batch(net.num_classes, batch_size, size, data)
+    batch = synthetic_batch(net, batch_size, image_size, data)
     if mode == "train":
         fn = jit_train_step(net.num_classes, repl, data)
     else:
@@ -194,7 +199,7 @@ def measure(
         "materialize": MATERIALIZE_NAMES[materialize],
         "mode": mode,
         "batch_size": batch_size,
-        "image_size": size,
+        "image_size": input_size(net, image_size),
         "dtype": dtype,
         "devices": jax.device_count(),
         "platform": dev.platform,

@@ -1,6 +1,8 @@
 """The benchmark scripts run and report what they promise (tiny sizes; no timing asserted)."""
 
+import gzip
 import importlib.util
+import json
 import os
 
 import numpy as np
@@ -76,3 +78,38 @@ def test_compare_torch_says_how_to_install_pytorch(monkeypatch):
     )
     with pytest.raises(SystemExit, match="pip install torch torchvision"):
         compare_torch.main(["--model=resnet8"])
+
+
+def test_profile_summary_counts_each_device_operation_once(tmp_path):
+    # A device process shows the step on a module line, an op line and a kernel line.
+    def meta(kind, pid, tid, name):
+        return {"ph": "M", "name": kind, "pid": pid, "tid": tid, "args": {"name": name}}
+
+    def ev(pid, tid, name, dur):
+        return {"ph": "X", "pid": pid, "tid": tid, "name": name, "ts": 0, "dur": dur}
+
+    events = [
+        meta("process_name", 1, 0, "/device:GPU:0"),
+        meta("process_name", 2, 0, "/host:CPU"),
+        meta("thread_name", 1, 10, "XLA Modules"),
+        meta("thread_name", 1, 11, "XLA Ops"),
+        meta("thread_name", 1, 12, "Stream #7(Compute)"),
+        ev(1, 10, "jit_train_step", 9000),
+        ev(1, 11, "convolution.3", 6000),
+        ev(1, 11, "fusion.12", 2000),
+        ev(1, 12, "sm90_xmma_fprop_kernel", 5800),
+        ev(2, 20, "convolution.3", 100),  # host-side launch, not device time
+    ]
+    path = tmp_path / "t.trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    r = profile_step.summarize(str(path), steps=2)
+    assert r["source"] == "device"
+    assert r["op_ms_per_step"] == pytest.approx(4.0)  # (6 + 2) ms over 2 steps
+    assert [k["kind"] for k in r["kinds"]] == ["convolution", "fusion"]
+    # Without an "XLA Ops" line, the kernels count and the module line does not.
+    events = [e for e in events if e.get("tid") != 11]
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    r = profile_step.summarize(str(path), steps=2)
+    assert r["op_ms_per_step"] == pytest.approx(2.9)
