@@ -13,6 +13,8 @@ from resnet_jax.flops import count_macs
 from resnet_jax.models import (
     BasicBlock,
     BottleneckBlock,
+    Features,
+    ModelSpec,
     ResNet,
     ResNet18,
     ResNet34,
@@ -31,6 +33,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BasicBlock",
     "BottleneckBlock",
+    "Features",
+    "ModelSpec",
     "ResNet",
     "ResNet18",
     "ResNet34",

@@ -3,8 +3,8 @@
 The count reads the shapes of every convolution and matrix product in the
 jaxpr of the forward pass, so it does not trust the model code's own
 arithmetic. Like the paper's Table 1, every kernel tap counts, including taps
-that fall on zero padding (XLA's compiled ``cost_analysis`` skips those and
-lands about 6% lower for ResNet-18/34).
+that fall on zero padding (XLA's compiled ``cost_analysis`` skips those, so
+it reports fewer).
 """
 
 from __future__ import annotations

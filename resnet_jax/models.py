@@ -16,10 +16,11 @@ Inputs are NHWC arrays. Parameter names (``stem_conv``, ``stage2_block1/conv1``,
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -31,10 +32,35 @@ Dtype = Any
 
 SHORTCUTS = ("A", "B", "C")
 VARIANTS = ("v1", "v1.5")
+STEMS = ("imagenet", "cifar")
+IMAGENET_WIDTHS = (64, 128, 256, 512)
+CIFAR_WIDTHS = (16, 32, 64)
 
 # He normal, as in [13] of the paper; fan_out like torchvision so that the
 # backward signal keeps unit variance (both modes are "as in [13]").
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class Features(NamedTuple):
+    """Intermediate outputs of :class:`ResNet`, from ``apply(..., features=True)``.
+
+    A NamedTuple, so a pytree: it passes through ``jax.jit`` and ``jax.eval_shape``.
+    For ``(N, H, W, C)`` inputs:
+
+    Attributes:
+      stem: ``(N, ceil(H/4), ceil(W/4), stem_width)`` after the ImageNet stem's
+        max-pool, ``(N, H, W, stem_width)`` after the CIFAR stem; compute dtype.
+      stages: one ``(N, H_i, W_i, C_i)`` output per stage, compute dtype; the
+        spatial size halves at the start of every stage after the first, and
+        ``C_i`` is ``widths[i]`` (basic blocks) or ``4 * widths[i]`` (bottleneck).
+      pooled: ``(N, C_last)`` global average of the last stage, float32.
+      logits: ``(N, num_classes)`` float32, or None when ``num_classes == 0``.
+    """
+
+    stem: jax.Array
+    stages: tuple[jax.Array, ...]
+    pooled: jax.Array
+    logits: jax.Array | None
 
 
 def _check_shortcut(shortcut: str | None) -> None:
@@ -46,12 +72,46 @@ def _check_shortcut(shortcut: str | None) -> None:
         )
 
 
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(
+            f"Unknown variant {variant!r}; valid: 'v1' (paper: stride in the bottleneck's "
+            "first 1x1) or 'v1.5' (stride in its 3x3)."
+        )
+
+
+def _check_resnet_fields(m: ResNet) -> None:
+    """Raises ValueError for a field of ``m`` that names no valid network."""
+    _check_shortcut(m.shortcut)
+    _check_variant(m.variant)
+    if m.stem not in STEMS:
+        raise ValueError(
+            f"Unknown stem {m.stem!r}; valid: 'imagenet' (7x7/2 conv + 3x3/2 max-pool) "
+            "or 'cifar' (3x3 conv)."
+        )
+    if not isinstance(m.num_classes, int) or m.num_classes < 0:
+        raise ValueError(
+            f"num_classes must be an int >= 0 (0 drops the classifier), got {m.num_classes!r}."
+        )
+    if len(m.stage_sizes) != len(m.widths):
+        raise ValueError(
+            f"stage_sizes {tuple(m.stage_sizes)} and widths {tuple(m.widths)} must have "
+            "the same length: one width per stage."
+        )
+    if not m.stage_sizes or min(m.stage_sizes) < 1:
+        raise ValueError(
+            f"stage_sizes must list at least one stage of >= 1 blocks, got {m.stage_sizes!r}."
+        )
+
+
 class Shortcut(nn.Module):
     """The identity path of a residual block, projected or padded as needed.
 
+    Maps ``(N, H, W, C_in)`` to ``(N, ceil(H/s), ceil(W/s), out_features)``.
+
     Attributes:
       out_features: channels of the block's output.
-      strides: spatial stride of the block.
+      strides: spatial stride ``s`` of the block.
       option: 'A' (parameter-free: subsample by striding, zero-pad the new
         channels, split evenly on both sides), 'B' (1x1 projection + BatchNorm
         only where the shape changes) or 'C' (projection in every block).
@@ -62,6 +122,14 @@ class Shortcut(nn.Module):
     option: str
     conv: ModuleDef
     norm: ModuleDef
+
+    def __post_init__(self) -> None:
+        if self.option not in SHORTCUTS:
+            raise ValueError(
+                f"Unknown shortcut option {self.option!r}; valid: 'A', 'B' or 'C' (a plain "
+                "block, shortcut=None, has no Shortcut module)."
+            )
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x):
@@ -87,13 +155,16 @@ class Shortcut(nn.Module):
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions (Fig. 2 / Fig. 5 left of the paper).
 
+    Maps ``(N, H, W, C)`` to ``(N, ceil(H/strides), ceil(W/strides), filters)``.
+
     Attributes:
       filters: output channels of both convolutions.
+      conv, norm: module factories (``nn.Conv``/``nn.BatchNorm`` with dtype and
+        train mode bound), called as ``conv(features, kernel_size, strides=, name=)``.
+      act: the activation function.
       strides: stride of the first convolution.
       shortcut: 'A', 'B', 'C' or None for a plain block without a shortcut.
       zero_init_residual: start the last BatchNorm scale at zero.
-      variant: accepted for symmetry with :class:`BottleneckBlock`; a basic
-        block is the same in v1 and v1.5.
     """
 
     filters: int
@@ -103,9 +174,10 @@ class BasicBlock(nn.Module):
     strides: int = 1
     shortcut: str | None = "B"
     zero_init_residual: bool = False
-    variant: str = "v1"
 
-    expansion = 1
+    def __post_init__(self) -> None:
+        _check_shortcut(self.shortcut)
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x):
@@ -125,9 +197,11 @@ class BasicBlock(nn.Module):
 class BottleneckBlock(nn.Module):
     """1x1 reduce, 3x3, 1x1 expand (Fig. 5 right of the paper).
 
-    ``variant='v1'`` puts the stride in the first 1x1 convolution, as in the
-    paper and Keras; ``'v1.5'`` puts it in the 3x3, as in torchvision (more
-    accurate, about 6% more multiply-adds for ResNet-50).
+    Maps ``(N, H, W, C)`` to ``(N, ceil(H/strides), ceil(W/strides), 4 * filters)``.
+    Fields as :class:`BasicBlock`, plus ``variant``: ``'v1'`` puts the stride in
+    the first 1x1 convolution, as in the paper and Keras; ``'v1.5'`` puts it in
+    the 3x3, as in torchvision (more accurate, about 6% more multiply-adds for
+    ResNet-50, as counted by :func:`resnet_jax.count_macs`).
     """
 
     filters: int
@@ -139,7 +213,10 @@ class BottleneckBlock(nn.Module):
     zero_init_residual: bool = False
     variant: str = "v1"
 
-    expansion = 4
+    def __post_init__(self) -> None:
+        _check_shortcut(self.shortcut)
+        _check_variant(self.variant)
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x):
@@ -162,10 +239,14 @@ class BottleneckBlock(nn.Module):
 class ResNet(nn.Module):
     """A residual (or plain) network.
 
+    Construction raises ValueError for an unknown ``shortcut``, ``variant`` or
+    ``stem``, a negative ``num_classes``, or ``stage_sizes`` and ``widths`` of
+    different lengths.
+
     Attributes:
       stage_sizes: blocks per stage, e.g. ``(3, 4, 6, 3)`` for ResNet-50.
       block_cls: :class:`BasicBlock` or :class:`BottleneckBlock` (or any module
-        with the same fields).
+        with the same fields; ``variant`` is passed only to a block that declares it).
       widths: base filters per stage (a bottleneck block outputs 4x that).
       stem: ``'imagenet'`` (7x7/2 conv + 3x3/2 max-pool) or ``'cifar'`` (3x3 conv).
       stem_width: filters of the stem convolution.
@@ -183,15 +264,15 @@ class ResNet(nn.Module):
       act: the activation function (ReLU).
       materialize: in training, pass every activation through
         :func:`materialize` (an identity XLA cannot fuse across) so that the
-        convolution kernel gradients read it from memory. ``None`` (default):
-        on when JAX's default backend is the CPU, where it made the ResNet-20
-        train step 11-27% faster (BENCHMARKS.md), off elsewhere. Values and
-        gradients are the same either way.
+        convolution kernel gradients read it from memory instead of
+        recomputing it. Only on request: it helps XLA:CPU (see BENCHMARKS.md),
+        so the trainer and benchmarks ask for it there. Values and gradients
+        are the same either way.
     """
 
     stage_sizes: Sequence[int]
     block_cls: ModuleDef
-    widths: Sequence[int] = (64, 128, 256, 512)
+    widths: Sequence[int] = IMAGENET_WIDTHS
     stem: str = "imagenet"
     stem_width: int = 64
     num_classes: int = 1000
@@ -203,7 +284,11 @@ class ResNet(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     act: Callable = nn.relu
-    materialize: bool | None = None
+    materialize: bool = False
+
+    def __post_init__(self) -> None:
+        _check_resnet_fields(self)
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x, train: bool = False, features: bool = False):
@@ -213,32 +298,44 @@ class ResNet(nn.Module):
           x: ``(N, H, W, C)`` images.
           train: use batch statistics and update ``batch_stats`` (apply with
             ``mutable=['batch_stats']``); False uses the running statistics.
-          features: return a dict of intermediate outputs instead of logits:
-            ``stem``, ``stage1`` ... ``stageK`` (NHWC, compute dtype),
-            ``pooled`` (``(N, C)`` float32) and ``logits`` when
-            ``num_classes > 0``.
+          features: return a :class:`Features` record of the intermediate
+            outputs (stem, every stage, pooled, logits or None) instead.
 
         Returns:
-          ``(N, num_classes)`` float32 logits, ``(N, C)`` pooled features when
-          ``num_classes == 0``, or the feature dict.
+          ``(N, num_classes)`` float32 logits, ``(N, C)`` float32 pooled
+          features when ``num_classes == 0``, or :class:`Features`.
         """
-        if x.ndim != 4:
-            raise ValueError(
-                f"ResNet expects NHWC images of rank 4, got shape {x.shape}; add a batch "
-                "axis with x[None] or transpose NCHW inputs with x.transpose(0, 2, 3, 1)."
-            )
-        if "stem_conv" in self.variables.get("params", {}):
-            expected = self.variables["params"]["stem_conv"]["kernel"].shape[2]
-            if x.shape[-1] != expected:
-                hint = (
-                    " The input looks like NCHW: transpose it with x.transpose(0, 2, 3, 1)."
-                    if x.shape[1] == expected
-                    else ""
-                )
-                raise ValueError(
-                    f"Input has {x.shape[-1]} channels in its last axis but the model was "
-                    f"initialised for {expected} (inputs are NHWC).{hint}"
-                )
+        _check_input(x, self.variables.get("params", {}))
+        conv, norm, act = self._layers(train)
+        x = _stem(jnp.asarray(x, self.dtype), self.stem, self.stem_width, conv, norm, act)
+        stem = x
+        stages = []
+        block_options = self._block_options()
+        for i, (size, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
+            for j in range(size):
+                x = self.block_cls(
+                    width,
+                    conv=conv,
+                    norm=norm,
+                    act=act,
+                    strides=2 if i > 0 and j == 0 else 1,
+                    name=f"stage{i + 1}_block{j + 1}",
+                    **block_options,
+                )(x)
+            stages.append(x)
+        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        logits = None
+        if self.num_classes > 0:
+            logits = nn.Dense(
+                self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype, name="head"
+            )(pooled)
+        if features:
+            return Features(stem=stem, stages=tuple(stages), pooled=pooled, logits=logits)
+        return pooled if logits is None else logits
+
+    @nn.nowrap
+    def _layers(self, train: bool) -> tuple[Callable, Callable, Callable]:
+        """The conv and norm factories and the activation the blocks share."""
         conv = functools.partial(
             _conv,
             use_bias=False,
@@ -254,54 +351,60 @@ class ResNet(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
-        act = self.act
-        on = jax.default_backend() == "cpu" if self.materialize is None else self.materialize
-        if train and on:
-            act = _materialized(self.act)
-        out = {}
-        x = jnp.asarray(x, self.dtype)
-        if self.stem == "imagenet":
-            x = conv(self.stem_width, (7, 7), strides=2, name="stem_conv")(x)
-            x = act(norm(name="stem_bn")(x))
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        elif self.stem == "cifar":
-            x = conv(self.stem_width, (3, 3), name="stem_conv")(x)
-            x = act(norm(name="stem_bn")(x))
-        else:
-            raise ValueError(f"Unknown stem {self.stem!r}; valid: 'imagenet', 'cifar'.")
-        out["stem"] = x
-        for i, (size, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
-            for j in range(size):
-                x = self.block_cls(
-                    width,
-                    conv=conv,
-                    norm=norm,
-                    act=act,
-                    strides=2 if i > 0 and j == 0 else 1,
-                    shortcut=self.shortcut,
-                    zero_init_residual=self.zero_init_residual,
-                    variant=self.variant,
-                    name=f"stage{i + 1}_block{j + 1}",
-                )(x)
-            out[f"stage{i + 1}"] = x
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        out["pooled"] = x
-        if self.num_classes > 0:
-            x = nn.Dense(
-                self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype, name="head"
-            )(x)
-            out["logits"] = x
-        return out if features else x
+        act = _materialized(self.act) if train and self.materialize else self.act
+        return conv, norm, act
+
+    @nn.nowrap
+    def _block_options(self) -> dict[str, Any]:
+        """The fields every block gets; ``variant`` only where the block declares it."""
+        options: dict[str, Any] = dict(
+            shortcut=self.shortcut, zero_init_residual=self.zero_init_residual
+        )
+        if "variant" in getattr(self.block_cls, "__dataclass_fields__", {}):
+            options["variant"] = self.variant
+        return options
+
+
+def _check_input(x: jax.Array, params: Mapping[str, Any]) -> None:
+    """Raises ValueError for inputs that are not NHWC with the initialised channels."""
+    if x.ndim != 4:
+        raise ValueError(
+            f"ResNet expects NHWC images of rank 4, got shape {x.shape}; add a batch "
+            "axis with x[None] or transpose NCHW inputs with x.transpose(0, 2, 3, 1)."
+        )
+    if "stem_conv" not in params:
+        return
+    expected = params["stem_conv"]["kernel"].shape[2]
+    if x.shape[-1] != expected:
+        hint = (
+            " The input looks like NCHW: transpose it with x.transpose(0, 2, 3, 1)."
+            if x.shape[1] == expected
+            else ""
+        )
+        raise ValueError(
+            f"Input has {x.shape[-1]} channels in its last axis but the model was "
+            f"initialised for {expected} (inputs are NHWC).{hint}"
+        )
+
+
+def _stem(x: jax.Array, kind: str, width: int, conv, norm, act) -> jax.Array:
+    """The stem, in the calling module's scope (``stem_conv``, ``stem_bn``)."""
+    if kind == "imagenet":
+        x = conv(width, (7, 7), strides=2, name="stem_conv")(x)
+        x = act(norm(name="stem_bn")(x))
+        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = conv(width, (3, 3), name="stem_conv")(x)
+    return act(norm(name="stem_bn")(x))
 
 
 def materialize(x: jax.Array) -> jax.Array:
-    """Returns ``x`` unchanged, computed once and stored.
+    """Returns ``x`` unchanged (any shape and dtype), computed once and stored.
 
     XLA fuses cheap elementwise producers into every consumer. For the kernel
     gradient of a convolution, XLA:CPU transposes the input activation; fused
     with the BatchNorm + residual + ReLU chain that produced it, that transpose
-    recomputes the chain, several blocks deep, with strided reads (measured:
-    41% of the ResNet-20 step's operator time). A ``lax.cond`` is a boundary
+    recomputes the chain, several blocks deep, with strided reads (its share
+    of the step time is in BENCHMARKS.md). A ``lax.cond`` is a boundary
     XLA does not fuse across (``lax.optimization_barrier`` is removed before
     fusion on XLA:CPU). Its predicate is read from ``x`` so that it cannot be
     folded at compile time, and the two branches differ (``x`` and ``x + 0``)
@@ -329,18 +432,54 @@ def _conv(features: int, kernel_size: tuple[int, int], strides: int = 1, **kw) -
 # The depth table.
 # --------------------------------------------------------------------------- #
 
-IMAGENET_WIDTHS = (64, 128, 256, 512)
-CIFAR_WIDTHS = (16, 32, 64)
 
-# name -> (block, stage sizes, residual?)  (Table 1 of the paper)
-IMAGENET_MODELS: dict[str, tuple[type[nn.Module], tuple[int, ...], bool]] = {
-    "resnet18": (BasicBlock, (2, 2, 2, 2), True),
-    "resnet34": (BasicBlock, (3, 4, 6, 3), True),
-    "resnet50": (BottleneckBlock, (3, 4, 6, 3), True),
-    "resnet101": (BottleneckBlock, (3, 4, 23, 3), True),
-    "resnet152": (BottleneckBlock, (3, 8, 36, 3), True),
-    "plain18": (BasicBlock, (2, 2, 2, 2), False),
-    "plain34": (BasicBlock, (3, 4, 6, 3), False),
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What a model name stands for: the :class:`ResNet` fields without options.
+
+    Attributes:
+      family: ``'imagenet'`` (Table 1, 224x224 inputs, 1000 classes) or
+        ``'cifar'`` (Section 4.2, 32x32 inputs, 10 classes).
+      block_cls: :class:`BasicBlock` or :class:`BottleneckBlock`.
+      stage_sizes: blocks per stage.
+      widths: base filters per stage.
+      stem: ``'imagenet'`` or ``'cifar'``.
+      stem_width: filters of the stem convolution.
+      residual: False for the plain nets of the paper (no shortcuts).
+    """
+
+    family: str
+    block_cls: type[nn.Module]
+    stage_sizes: tuple[int, ...]
+    widths: tuple[int, ...]
+    stem: str
+    stem_width: int
+    residual: bool = True
+
+    def resnet_fields(self) -> dict[str, Any]:
+        """The :class:`ResNet` constructor arguments this spec fixes."""
+        return dict(
+            stage_sizes=self.stage_sizes,
+            block_cls=self.block_cls,
+            widths=self.widths,
+            stem=self.stem,
+            stem_width=self.stem_width,
+        )
+
+
+def _imagenet(block: type[nn.Module], sizes: tuple[int, ...], residual: bool = True) -> ModelSpec:
+    return ModelSpec("imagenet", block, sizes, IMAGENET_WIDTHS, "imagenet", 64, residual)
+
+
+# Table 1 of the paper (and the plain nets of Section 4.1).
+IMAGENET_MODELS: dict[str, ModelSpec] = {
+    "resnet18": _imagenet(BasicBlock, (2, 2, 2, 2)),
+    "resnet34": _imagenet(BasicBlock, (3, 4, 6, 3)),
+    "resnet50": _imagenet(BottleneckBlock, (3, 4, 6, 3)),
+    "resnet101": _imagenet(BottleneckBlock, (3, 4, 23, 3)),
+    "resnet152": _imagenet(BottleneckBlock, (3, 8, 36, 3)),
+    "plain18": _imagenet(BasicBlock, (2, 2, 2, 2), residual=False),
+    "plain34": _imagenet(BasicBlock, (3, 4, 6, 3), residual=False),
 }
 # CIFAR depths of Table 6 (any 6n + 2 works through create_model).
 CIFAR_DEPTHS = (8, 20, 32, 44, 56, 110, 1202)
@@ -377,30 +516,19 @@ def list_models() -> list[str]:
     return sorted(names, key=lambda s: (re.sub(r"\d+", "", s), int(re.sub(r"\D", "", s))))
 
 
-def model_spec(name: str) -> dict[str, Any]:
-    """The ``ResNet`` fields (without options) that a table name stands for."""
+def model_spec(name: str) -> ModelSpec:
+    """The :class:`ModelSpec` (``ResNet`` fields without options) that ``name`` stands for.
+
+    Raises:
+      ValueError: for a name that is neither in the table nor a CIFAR depth 6n+2.
+    """
     if name in IMAGENET_MODELS:
-        block, sizes, residual = IMAGENET_MODELS[name]
-        return dict(
-            family="imagenet",
-            block_cls=block,
-            stage_sizes=sizes,
-            widths=IMAGENET_WIDTHS,
-            stem="imagenet",
-            stem_width=64,
-            residual=residual,
-        )
+        return IMAGENET_MODELS[name]
     m = _CIFAR_RE.match(name)
     if m and (int(m.group(2)) - 2) % 6 == 0 and int(m.group(2)) >= 8:
         n = (int(m.group(2)) - 2) // 6
-        return dict(
-            family="cifar",
-            block_cls=BasicBlock,
-            stage_sizes=(n, n, n),
-            widths=CIFAR_WIDTHS,
-            stem="cifar",
-            stem_width=16,
-            residual=m.group(1) == "resnet",
+        return ModelSpec(
+            "cifar", BasicBlock, (n, n, n), CIFAR_WIDTHS, "cifar", 16, m.group(1) == "resnet"
         )
     raise ValueError(
         f"Unknown model {name!r}. Valid names: {', '.join(list_models())}; CIFAR nets "
@@ -419,10 +547,14 @@ def create_model(name: str, **options: Any) -> ResNet:
         ('v1' default, or 'v1.5'), ``shortcut`` ('A', 'B', 'C'; default A for
         CIFAR and B for ImageNet nets), ``dtype``, ``param_dtype``,
         ``zero_init_residual``, ``bn_momentum`` (0.9), ``bn_epsilon`` (1e-5),
-        ``act``.
+        ``act``, ``materialize`` (False); see :class:`ResNet`.
 
     Returns:
       An uninitialised :class:`ResNet`.
+
+    Raises:
+      ValueError: for an unknown name or option, an invalid option value, or
+        shortcut options on a plain network.
     """
     spec = model_spec(name)
     unknown = sorted(set(options) - set(OPTIONS))
@@ -430,12 +562,8 @@ def create_model(name: str, **options: Any) -> ResNet:
         raise ValueError(
             f"Unknown option(s) {unknown} for create_model; valid options: {', '.join(OPTIONS)}."
         )
-    variant = options.pop("variant", "v1")
-    if variant not in VARIANTS:
-        raise ValueError(f"Unknown variant {variant!r}; valid: 'v1' (paper), 'v1.5'.")
     shortcut = options.pop("shortcut", None)
-    _check_shortcut(shortcut)
-    if not spec["residual"]:
+    if not spec.residual:
         if shortcut is not None:
             raise ValueError(f"{name} is a plain network and has no shortcuts; drop shortcut=.")
         if options.get("zero_init_residual"):
@@ -443,25 +571,18 @@ def create_model(name: str, **options: Any) -> ResNet:
                 f"zero_init_residual=True would zero every block of the plain network {name}."
             )
     elif shortcut is None:
-        shortcut = "A" if spec["family"] == "cifar" else "B"
-    num_classes = options.pop("num_classes", 10 if spec["family"] == "cifar" else 1000)
-    if not isinstance(num_classes, int) or num_classes < 0:
-        raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}.")
-    return ResNet(
-        stage_sizes=spec["stage_sizes"],
-        block_cls=spec["block_cls"],
-        widths=spec["widths"],
-        stem=spec["stem"],
-        stem_width=spec["stem_width"],
-        num_classes=num_classes,
-        shortcut=shortcut,
-        variant=variant,
-        **options,
-    )
+        shortcut = "A" if spec.family == "cifar" else "B"
+    options.setdefault("num_classes", 10 if spec.family == "cifar" else 1000)
+    return ResNet(**spec.resnet_fields(), shortcut=shortcut, **options)
 
 
-ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
-ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock)
-ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckBlock)
-ResNet101 = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), block_cls=BottleneckBlock)
-ResNet152 = functools.partial(ResNet, stage_sizes=(3, 8, 36, 3), block_cls=BottleneckBlock)
+def _preset(name: str) -> Callable[..., ResNet]:
+    return functools.partial(ResNet, **IMAGENET_MODELS[name].resnet_fields())
+
+
+# ``ResNet50(num_classes=10)``: the table's fields preset, every other field free.
+ResNet18 = _preset("resnet18")
+ResNet34 = _preset("resnet34")
+ResNet50 = _preset("resnet50")
+ResNet101 = _preset("resnet101")
+ResNet152 = _preset("resnet152")

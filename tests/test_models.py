@@ -1,10 +1,13 @@
 """The model library through its public API: counts, shapes, modes, errors."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 
 import resnet_jax as rj
 
@@ -206,22 +209,28 @@ def test_features_mode_and_headless_backbone():
     pooled = jax.eval_shape(lambda v, x: model.apply(v, x), v, x)
     assert pooled.shape == (2, 2048) and pooled.dtype == jnp.float32
     feats = jax.eval_shape(lambda v, x: model.apply(v, x, features=True), v, x)
-    shapes = {k: f.shape for k, f in feats.items()}
-    assert shapes == {
-        "stem": (2, 16, 16, 64),
-        "stage1": (2, 16, 16, 256),
-        "stage2": (2, 8, 8, 512),
-        "stage3": (2, 4, 4, 1024),
-        "stage4": (2, 2, 2, 2048),
-        "pooled": (2, 2048),
-    }
-    # With a classifier the dict also holds the logits, equal to the plain output.
+    assert isinstance(feats, rj.Features)
+    assert feats.stem.shape == (2, 16, 16, 64)
+    assert [s.shape for s in feats.stages] == [
+        (2, 16, 16, 256),
+        (2, 8, 8, 512),
+        (2, 4, 4, 1024),
+        (2, 2, 2, 2048),
+    ]
+    assert feats.pooled.shape == (2, 2048) and feats.pooled.dtype == jnp.float32
+    assert feats.logits is None  # no classifier
+    # With a classifier the record also holds the logits, equal to the plain output.
     small = rj.create_model("resnet8")
     xs = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     vs = small.init(jax.random.key(0), xs)
     f = small.apply(vs, xs, features=True)
-    np.testing.assert_array_equal(f["logits"], small.apply(vs, xs))
-    assert f["stage3"].shape == (2, 8, 8, 64)
+    np.testing.assert_array_equal(f.logits, small.apply(vs, xs))
+    assert len(f.stages) == 3 and f.stages[2].shape == (2, 8, 8, 64)
+    # Features keep the compute dtype; pooled features and logits stay float32.
+    half = rj.create_model("resnet8", dtype=jnp.bfloat16)
+    fh = jax.eval_shape(lambda v, x: half.apply(v, x, features=True), vs, xs)
+    assert fh.stem.dtype == jnp.bfloat16 and {s.dtype for s in fh.stages} == {jnp.dtype("bfloat16")}
+    assert fh.pooled.dtype == jnp.float32 and fh.logits.dtype == jnp.float32
 
 
 def test_bfloat16_compute_float32_state_and_logits():
@@ -296,7 +305,7 @@ def test_materialize_changes_no_value_or_gradient(name):
     assert np.isnan(bad[0][0])
 
 
-def test_materialize_is_on_for_cpu_training_only():
+def test_materialize_only_on_request_and_only_in_training():
     x = jnp.ones((2, 16, 16, 3))
 
     def conds(model, train):
@@ -304,12 +313,15 @@ def test_materialize_is_on_for_cpu_training_only():
         jaxpr = jax.make_jaxpr(lambda v: model.apply(v, x, train=train, mutable=["batch_stats"]))(v)
         return sum(e.primitive.name == "cond" for e in _all_eqns(jaxpr.jaxpr))
 
-    auto = rj.create_model("resnet8")
-    assert jax.default_backend() == "cpu"
+    # The default traces the same program whatever the backend: no barriers.
+    default = rj.create_model("resnet8")
+    assert default.materialize is False
+    assert conds(default, train=True) == 0
+    assert conds(default, train=False) == 0
+    on = rj.create_model("resnet8", materialize=True)
     # stem + (conv1 ReLU + block output) x 3 blocks
-    assert conds(auto, train=True) == 7
-    assert conds(auto, train=False) == 0
-    assert conds(rj.create_model("resnet8", materialize=False), train=True) == 0
+    assert conds(on, train=True) == 7
+    assert conds(on, train=False) == 0
     assert rj.materialize(jnp.arange(3.0)).tolist() == [0.0, 1.0, 2.0]
 
 
@@ -319,6 +331,14 @@ def test_init_follows_the_paper():
     k = v["params"]["stage3_block2"]["conv2"]["kernel"]  # 3x3x64x64
     fan_out = 3 * 3 * 64
     assert float(k.std()) == pytest.approx(np.sqrt(2.0 / fan_out), rel=0.05)
+    # He normal with fan-out (torchvision's mode): where fan-in and fan-out
+    # differ (the 16 -> 32 first conv of stage 2), a fan-in init would be 41% wider.
+    k = v["params"]["stage2_block1"]["conv1"]["kernel"]
+    assert k.shape == (3, 3, 16, 32)
+    fan_in, fan_out = 3 * 3 * 16, 3 * 3 * 32
+    assert float(k.std()) == pytest.approx(np.sqrt(2.0 / fan_out), rel=0.05)
+    assert float(k.std()) < 0.85 * np.sqrt(2.0 / fan_in)
+    assert abs(float(k.mean())) < 0.01
     bn = v["params"]["stage3_block2"]["bn2"]
     np.testing.assert_array_equal(bn["scale"], 1.0)
     np.testing.assert_array_equal(bn["bias"], 0.0)
@@ -329,19 +349,79 @@ def test_init_follows_the_paper():
     np.testing.assert_array_equal(z["params"]["stage3_block2"]["bn1"]["scale"], 1.0)
 
 
-def test_bn_options_reach_every_batchnorm():
-    model = rj.create_model("resnet8", bn_momentum=0.5, bn_epsilon=1e-3)
-    x = jnp.ones((2, 8, 8, 3))
-    v = model.init(jax.random.key(0), x)
-    bound = model.bind(v)
-    assert bound.bn_momentum == 0.5 and bound.bn_epsilon == 1e-3
-    # The running mean after one step: 0.5 * 0 + 0.5 * batch mean.
-    _, upd = model.apply(v, x * 2.0, train=True, mutable=["batch_stats"])
-    _, upd_default = rj.create_model("resnet8").apply(
-        v, x * 2.0, train=True, mutable=["batch_stats"]
+BN_MODELS = {
+    # resnet8 with projections: stem_bn, bn1, bn2 and shortcut/proj_bn.
+    "basic": lambda **bn: rj.create_model("resnet8", shortcut="C", **bn),
+    # a small bottleneck net: bn3 too.
+    "bottleneck": lambda **bn: rj.ResNet(
+        stage_sizes=(1, 1),
+        block_cls=rj.BottleneckBlock,
+        widths=(4, 8),
+        stem="cifar",
+        stem_width=8,
+        num_classes=3,
+        **bn,
+    ),
+}
+
+
+def _train_step_seen_by_batchnorms(model, variables, x):
+    """One training apply; returns the new batch_stats and, per BatchNorm path,
+    its input (the output of its sibling convolution) and its output."""
+    bn_paths = set()
+
+    def capture(mdl, _):
+        if isinstance(mdl, nn.BatchNorm):
+            bn_paths.add(tuple(mdl.path))
+        return isinstance(mdl, (nn.Conv, nn.BatchNorm))
+
+    _, state = model.apply(
+        variables,
+        x,
+        train=True,
+        mutable=["batch_stats", "intermediates"],
+        capture_intermediates=capture,
     )
-    ratio = upd["batch_stats"]["stem_bn"]["mean"] / upd_default["batch_stats"]["stem_bn"]["mean"]
-    np.testing.assert_allclose(ratio, 5.0, rtol=1e-5)
+    seen = flatten_dict(state["intermediates"])
+    conv_of = {"stem_bn": "stem_conv", "proj_bn": "proj_conv", "bn1": "conv1", "bn2": "conv2"}
+    conv_of["bn3"] = "conv3"
+    io = {
+        bn: (seen[(*bn[:-1], conv_of[bn[-1]], "__call__")][0], seen[(*bn, "__call__")][0])
+        for bn in bn_paths
+    }
+    return flatten_dict(state["batch_stats"]), io
+
+
+@pytest.mark.parametrize("net", sorted(BN_MODELS))
+def test_bn_options_reach_every_batchnorm(net):
+    m, eps = 0.5, 0.25  # far from the defaults (0.9, 1e-5) so that each one shows
+    model = BN_MODELS[net](bn_momentum=m, bn_epsilon=eps)
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+    v = model.init(jax.random.key(1), x)
+    # Non-trivial running statistics, so that the update's old term counts too.
+    rng = np.random.default_rng(0)
+    stats = jax.tree.map(
+        lambda a: jnp.asarray(rng.uniform(0.5, 1.5, a.shape), a.dtype), v["batch_stats"]
+    )
+    new, io = _train_step_seen_by_batchnorms(
+        model, {"params": v["params"], "batch_stats": stats}, x
+    )
+    old, params = flatten_dict(stats), flatten_dict(v["params"])
+    # Every BatchNorm that ran is checked, and every one has running statistics.
+    assert set(io) == {k[:-1] for k in new} and len(io) >= 4
+    for bn, (z, y) in io.items():
+        z = np.asarray(z, np.float64)
+        mean, var = z.mean(axis=(0, 1, 2)), z.var(axis=(0, 1, 2))
+        # Momentum: ra = m * ra + (1 - m) * batch statistic.
+        for stat, batch in (("mean", mean), ("var", var)):
+            expected = m * old[(*bn, stat)] + (1 - m) * batch
+            np.testing.assert_allclose(new[(*bn, stat)], expected, rtol=1e-4, atol=1e-5)
+        # Epsilon: y = (z - mean) / sqrt(var + eps) * scale + bias.
+        scale, bias = params[(*bn, "scale")], params[(*bn, "bias")]
+        normalised = (z - mean) / np.sqrt(var + eps) * scale + bias
+        np.testing.assert_allclose(y, normalised, rtol=1e-4, atol=1e-4)
+        with_default_eps = (z - mean) / np.sqrt(var + 1e-5) * scale + bias
+        assert not np.allclose(y, with_default_eps, rtol=1e-2, atol=1e-3), bn
 
 
 def test_custom_network_from_exported_modules():
@@ -376,6 +456,67 @@ def test_custom_network_from_exported_modules():
 def test_bad_options_raise_clear_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def _resnet(**fields):
+    return rj.ResNet(
+        **{"stage_sizes": (1, 1), "block_cls": rj.BasicBlock, "widths": (8, 16), **fields}
+    )
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: _resnet(shortcut="D"), "Unknown shortcut 'D'.*'A'.*'B'.*'C'"),
+        (lambda: _resnet(variant="v2"), "Unknown variant 'v2'.*'v1'.*'v1.5'"),
+        (lambda: _resnet(stem="tiny"), "Unknown stem 'tiny'.*'imagenet'.*'cifar'"),
+        (lambda: _resnet(num_classes=-1), "num_classes must be an int >= 0"),
+        (lambda: _resnet(widths=(8, 16, 32)), "same length"),
+        (lambda: _resnet(stage_sizes=(1, 0)), "stage_sizes"),
+        (lambda: rj.ResNet50(shortcut="D"), "Unknown shortcut 'D'"),
+        (lambda: rj.BasicBlock(8, conv=None, norm=None, shortcut="D"), "Unknown shortcut 'D'"),
+        (lambda: rj.BottleneckBlock(8, conv=None, norm=None, variant="v2"), "Unknown variant"),
+        (lambda: rj.Shortcut(8, 1, None, conv=None, norm=None), "valid: 'A', 'B' or 'C'"),
+    ],
+)
+def test_modules_validate_their_own_fields_at_construction(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_model_spec_is_the_one_table_behind_names_and_aliases():
+    spec = rj.model_spec("resnet50")
+    assert isinstance(spec, rj.ModelSpec)
+    assert (spec.family, spec.block_cls, spec.stage_sizes) == (
+        "imagenet",
+        rj.BottleneckBlock,
+        (3, 4, 6, 3),
+    )
+    assert (spec.widths, spec.stem, spec.stem_width, spec.residual) == (
+        (64, 128, 256, 512),
+        "imagenet",
+        64,
+        True,
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.stage_sizes = (1,)
+    cifar = rj.model_spec("plain56")
+    assert (cifar.family, cifar.stage_sizes, cifar.widths, cifar.stem_width, cifar.residual) == (
+        "cifar",
+        (9, 9, 9),
+        (16, 32, 64),
+        16,
+        False,
+    )
+    aliases = {
+        "resnet18": rj.ResNet18,
+        "resnet34": rj.ResNet34,
+        "resnet50": rj.ResNet50,
+        "resnet101": rj.ResNet101,
+        "resnet152": rj.ResNet152,
+    }
+    for name, alias in aliases.items():
+        assert alias(num_classes=10) == rj.create_model(name, num_classes=10)
 
 
 def test_bad_inputs_raise_clear_errors():
