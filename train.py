@@ -7,6 +7,10 @@ Running the same command again in the same --workdir resumes from its newest
 checkpoint. Multi-host: launch one process per host with
 ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` (GPU), or
 ``--distributed`` where JAX detects the cluster itself (Cloud TPU, SLURM).
+
+A mistake in the command (config, options, data, workdir) is reported as one
+line on stderr with exit status 2; anything else is a bug and keeps its
+traceback.
 """
 
 import logging
@@ -31,6 +35,7 @@ flags.DEFINE_string(
     "Persistent XLA compilation cache ('' disables it).",
 )
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_bool("verbose", False, "Show the libraries' own log messages (JAX, TF, orbax).")
 flags.DEFINE_integer(
     "cpu_devices",
     0,
@@ -42,15 +47,47 @@ flags.DEFINE_enum(
     "eigen",
     ["eigen", "ynn"],
     "Convolution kernels of XLA:CPU: 'eigen' (measured faster for ResNet training) or "
-    "'ynn' (YNNPACK, XLA's default). No effect on GPU/TPU.",
+    "'ynn' (YNNPACK, XLA's default). Set only when the CPU is the platform.",
 )
 
+log = logging.getLogger("resnet_jax")
 
-def main(argv):
-    del argv
+
+class _Format(logging.Formatter):
+    def format(self, record):
+        text = record.getMessage()
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+def _quiet_start(verbose: bool) -> None:
+    """Before TensorFlow or JAX start: keep their start-up notices off the screen."""
+    if not verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        # TF prints its oneDNN notice whatever the log level; TF only runs the
+        # input pipeline's image operations here.
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
+def _setup_logging(verbose: bool) -> None:
+    """Our messages plain on stderr; other libraries' only with --verbose."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Format())
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    # orbax logs every save through absl, and its errors again when they are raised.
+    quiet = logging.DEBUG if verbose else logging.CRITICAL
+    logging.getLogger("absl").setLevel(logging.INFO if verbose else quiet)
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("tensorflow").setLevel(logging.INFO if verbose else logging.ERROR)
+
+
+def _start_jax():
+    """XLA flags for the platform, then JAX (and the cluster, if any)."""
     from resnet_jax import xla_cpu
 
-    xla_cpu.configure(FLAGS.cpu_devices, FLAGS.cpu_conv)
+    if xla_cpu.cpu_is_the_platform():
+        xla_cpu.configure(FLAGS.cpu_devices, FLAGS.cpu_conv)
     import jax
 
     if FLAGS.coordinator_address:
@@ -60,27 +97,78 @@ def main(argv):
     if FLAGS.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    from resnet_jax import train_lib
+    return jax
 
-    logging.getLogger().setLevel(logging.INFO)
-    # orbax logs every step of every save at INFO through absl; keep warnings.
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    config = FLAGS.config
-    logging.info(
-        "JAX %s: process %d of %d, %d local / %d global devices (%s).",
+
+def main(argv):
+    del argv
+    _quiet_start(FLAGS.verbose)
+    _setup_logging(FLAGS.verbose)
+    jax = _start_jax()
+    if jax.process_index() != 0:
+        log.setLevel(logging.WARNING)
+    from resnet_jax import train_lib
+    from resnet_jax.errors import CheckpointSaveError, UserError, one_line
+
+    devices = jax.devices()
+    kind = devices[0].device_kind
+    log.info(
+        "JAX %s: %d %s device%s%s, %d process%s.",
         jax.__version__,
-        jax.process_index(),
+        len(devices),
+        devices[0].platform.upper(),
+        "s" if len(devices) > 1 else "",
+        f" ({kind})" if kind.lower() != devices[0].platform else "",
         jax.process_count(),
-        jax.local_device_count(),
-        jax.device_count(),
-        jax.devices()[0].platform,
+        "es" if jax.process_count() > 1 else "",
     )
-    summary = train_lib.train_and_evaluate(config, FLAGS.workdir, progress=FLAGS.progress)
+    try:
+        summary = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
+    except UserError as e:
+        print(f"train.py: error: {one_line(e)}", file=sys.stderr, flush=True)
+        if isinstance(e, CheckpointSaveError):
+            # orbax's writer threads are mid-failure; leave without their noise.
+            sys.stdout.flush()
+            os._exit(2)
+        sys.exit(2)
     if jax.process_index() == 0:
         print(train_lib.summary_line(summary), flush=True)
-    if summary.get("preempted"):
-        sys.exit(0)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing and the config file's loading, with a mistake in
+    either reported as one line (exit status 2)."""
+    try:
+        rest = FLAGS(argv)
+        FLAGS.config.to_dict()  # ml_collections loads the file lazily: load it now
+        return rest
+    except (
+        flags.Error,
+        LookupError,
+        AttributeError,
+        TypeError,
+        ValueError,
+        OSError,
+        SyntaxError,
+    ) as e:
+        print(f"train.py: error: {_flag_error_message(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _flag_error_message(e: BaseException) -> str:
+    while e.args and isinstance(e.args[0], BaseException):  # ml_collections wraps its errors
+        e = e.args[0]
+    message = str(e.args[0]) if e.args and isinstance(e, KeyError) else str(e)
+    if isinstance(e, LookupError | AttributeError):
+        message = (
+            f"unknown config key {message} Every key a recipe accepts is set in configs/common.py."
+        )
+    elif isinstance(e, OSError) and "config file" in message:
+        message = f"cannot load the config file of --config: {message.splitlines()[-1].strip()}."
+    elif isinstance(e, SyntaxError):
+        message = f"the config file of --config does not parse: {e}."
+    return " ".join(message.split())
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -15,6 +15,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.bn_momentum = 0.9  # PyTorch momentum 0.1
     c.bn_epsilon = 1e-5
     c.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16'
+    # Store each activation in training through rj.materialize (an identity XLA
+    # does not fuse across). None: the trainer turns it on for CPU devices,
+    # where it is faster (BENCHMARKS.md), and off elsewhere.
+    c.materialize = config_dict.placeholder(bool)
     # Data
     c.dataset = "cifar10"
     c.data_dir = config_dict.placeholder(str)  # tfds data_dir (None: ~/tensorflow_datasets)
@@ -23,6 +27,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch_size = 128  # global, over all devices and processes
     c.eval_batch_size = 200
     c.augment = True
+    c.validation_split = 0  # >0: hold out the end of the training split for evaluation
+    c.crop_padding = 4  # in-memory datasets: pad, random crop back
+    c.random_flip = True
+    # ImageNet-style file datasets
+    c.image_size = 224  # the random (train) and centre (eval) crop
+    c.train_scale_range = (256, 480)  # shorter side before the training crop
+    c.eval_resize = 256  # shorter side before the eval crop
+    c.ten_crop = False  # the paper's 10-crop testing
+    c.shuffle_buffer = 16_384
     # The fast path for in-memory datasets: training set and augmentation on the
     # devices, steps_per_call train steps per host call (lax.scan).
     c.device_data = False

@@ -9,6 +9,8 @@ an exact resume.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -16,6 +18,8 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from resnet_jax.errors import CheckpointSaveError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +39,22 @@ def fingerprint(config: Any) -> dict[str, Any]:
     return {k: config.get(k) for k in FINGERPRINT_KEYS}
 
 
-class IncompatibleCheckpointError(ValueError):
-    pass
+class IncompatibleCheckpointError(UserError):
+    """The workdir holds a checkpoint of another experiment."""
+
+
+def _is_out_of_space(error: BaseException) -> bool:
+    """True when ``error`` (or one it was raised from) says the disk or quota is full."""
+    seen = 0
+    while error is not None and seen < 20:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(error)
+        # tensorstore reports a full disk as RESOURCE_EXHAUSTED ("Failed writing").
+        if "No space left" in text or "RESOURCE_EXHAUSTED" in text or "Disk quota" in text:
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
 
 
 class Checkpointer:
@@ -53,6 +71,8 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         self.max_to_keep = max_to_keep
         self.async_save = async_save
+        self._in_flight: int | None = None  # the step being saved in the background
+        self._failed = False
         self._open()
 
     def _open(self) -> None:
@@ -74,17 +94,53 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
-        )
+        """Starts saving ``step`` (asynchronously); first finishes the save before it.
+
+        Raises:
+          CheckpointSaveError: a save failed for lack of space (this one or the
+            one before it, which may only report its failure now).
+        """
+        self._finish()
+        self._in_flight = step
+        with self._translating_errors(step):
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
+
+    def _finish(self) -> None:
+        step, self._in_flight = self._in_flight, None
+        if step is not None:
+            with self._translating_errors(step):
+                self.manager.wait_until_finished()
+
+    @contextlib.contextmanager
+    def _translating_errors(self, step: int):
+        try:
+            yield
+        except Exception as e:
+            if not _is_out_of_space(e):
+                raise
+            good = [s for s in self.all_steps() if s != step]
+            last = f"step {good[-1]} in {self.directory}" if good else "none"
+            self._failed = True
+            raise CheckpointSaveError(
+                f"Could not save the checkpoint of step {step}: no space left on the device "
+                f"of {self.directory}. The last good checkpoint is {last}; free space (or lower "
+                "--config.keep_checkpoints), then run the same command to resume from it."
+            ) from None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for the last save and closes the manager."""
+        try:
+            if not self._failed:
+                self._finish()
+        finally:
+            if not self._failed:
+                self.manager.close()
 
     def read_meta(self, step: int) -> dict[str, Any]:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[

@@ -1,7 +1,10 @@
 """Input pipelines: tfds + tf.data for CIFAR and ImageNet, scikit-learn digits offline.
 
-This is the only module of ``resnet_jax`` that imports TensorFlow, and it hides
-every GPU from it so TensorFlow never takes accelerator memory.
+This is the only module of ``resnet_jax`` that uses TensorFlow. Importing it
+imports neither TensorFlow nor tfds and configures nothing:
+:func:`configure_tensorflow` (quiet C++ logs, every GPU hidden from TensorFlow
+so that it never takes accelerator memory) runs before their first use here,
+and a program calls it where it starts.
 
 Every training stream is a pure function of ``(seed, step)``: the example order
 of each epoch and every augmentation draw derive from the seed, the epoch and
@@ -9,24 +12,30 @@ the example's position, never from hidden iterator state. A run resumed at step
 ``s`` therefore sees exactly the batches an uninterrupted run sees from step
 ``s`` on, and a checkpoint needs to store only the step.
 
-Batches are dicts of host-local numpy arrays: ``image`` (N, H, W, C) float32,
-``label`` (N,) int32 and, for evaluation, ``mask`` (N,) float32 that is 0 on
-padding examples.
+Batches are dicts of host-local numpy arrays: ``image`` (N, H, W, C) float32
+(0..1 scale minus the mean; (N, 10, H, W, C) for ImageNet's 10-crop
+evaluation), ``label`` (N,) int32 and, for evaluation, ``mask`` (N,) float32
+that is 0 on padding examples.
 
-Two kinds of source:
+:class:`InputPipeline` does what every dataset shares (this process's share of
+each batch, the checks, batching, padding the evaluation) and delegates the
+rest to a source picked once by dataset name (``_SOURCES``):
 
-* In memory (``digits``, ``cifar10``, ``cifar100``): the split is held as one
-  uint8 array; each epoch is a seeded global permutation; global batch ``k`` is
-  ``perm[k*B:(k+1)*B]`` and process ``p`` takes its contiguous slice. The data
-  order is the same for any number of processes.
-* Files (``imagenet2012``): tfds shards split across processes with
-  ``tfds.split_for_jax_process``, files and examples shuffled with seeds derived
-  from the epoch, decoded and augmented with a parallel ``map``.
+* :class:`InMemorySource` (``digits``, ``cifar10``, ``cifar100``): the split is
+  held as one uint8 array; each epoch is a seeded global permutation; global
+  batch ``k`` is ``perm[k*B:(k+1)*B]`` and process ``p`` takes its contiguous
+  slice. The data order is the same for any number of processes.
+* :class:`ImageNetSource` (``imagenet2012``): tfds shards split across
+  processes with ``tfds.split_for_jax_process``, files and examples shuffled
+  with seeds derived from the epoch, decoded and augmented with a parallel
+  ``map``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
 import os
 from collections.abc import Iterator
@@ -34,10 +43,9 @@ from typing import Any
 
 import numpy as np
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import tensorflow as tf  # noqa: E402
+from resnet_jax.errors import DataNotFoundError, UserError
 
-tf.config.set_visible_devices([], "GPU")
+log = logging.getLogger(__name__)
 
 # ImageNet RGB mean on the 0..1 scale (the per-pixel mean of the paper averages
 # to this under random-size crops; computing it needs a pass over 1.28M images).
@@ -45,6 +53,11 @@ IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
 
 IN_MEMORY = ("digits", "cifar10", "cifar100")
 DATASETS = (*IN_MEMORY, "imagenet2012")
+_NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet2012": 1000}
+
+# An in-memory source builds one tf.data pipeline per whole epochs covering
+# about this many steps: one per epoch costs time and host memory.
+_STEPS_PER_PIPELINE = 10_000
 
 
 @dataclasses.dataclass
@@ -57,6 +70,8 @@ class Split:
 
 @dataclasses.dataclass
 class DatasetInfo:
+    """A dataset's classes, the model's input shape and the splits' sizes (examples)."""
+
     name: str
     num_classes: int
     image_shape: tuple[int, int, int]  # the model's input (H, W, C)
@@ -65,9 +80,57 @@ class DatasetInfo:
 
 
 def check_dataset(name: str) -> None:
-    """Raises a ValueError naming the valid datasets."""
+    """Raises a :class:`UserError` naming the valid datasets."""
     if name not in DATASETS:
-        raise ValueError(f"Unknown dataset {name!r}; valid: {', '.join(DATASETS)}.")
+        raise UserError(f"Unknown dataset {name!r}; valid: {', '.join(DATASETS)}.")
+
+
+# --------------------------------------------------------------------------- #
+# TensorFlow set-up
+# --------------------------------------------------------------------------- #
+
+_tf_configured = False
+
+
+def configure_tensorflow() -> None:
+    """Sets TensorFlow up to feed JAX: quiet C++ logs and no GPUs.
+
+    Sets ``TF_CPP_MIN_LOG_LEVEL=2`` unless it is set (it acts only before
+    TensorFlow's first import) and hides every GPU from TensorFlow so that it
+    never takes accelerator memory. Idempotent. Call it where a program starts;
+    :class:`InputPipeline` and the tfds helpers here call it before they import
+    TensorFlow. If TensorFlow has already initialised its GPUs they can no
+    longer be hidden, and this logs a warning.
+    """
+    global _tf_configured
+    if _tf_configured:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # raised only when GPUs are visible and already initialised
+        log.warning(
+            "TensorFlow initialised its GPUs before configure_tensorflow(); "
+            "it may hold accelerator memory that JAX needs."
+        )
+    _tf_configured = True
+
+
+def _tfds():
+    """The ``tensorflow_datasets`` module, imported after :func:`configure_tensorflow`."""
+    configure_tensorflow()
+    import tensorflow_datasets as tfds
+
+    return tfds
+
+
+def _mock_data_scope(config: Any):
+    """``tfds.testing.mock_data`` when ``config.mock_data``, else a scope that does nothing."""
+    if config.mock_data:
+        return _tfds().testing.mock_data(num_examples=int(config.mock_num_examples))
+    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- #
@@ -92,20 +155,9 @@ def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> tuple[Split,
     return Split(xtr, ytr), Split(xte, yte)
 
 
-def _tfds_source(config: Any):
-    """``tfds.testing.mock_data`` when ``config.mock_data``, else nothing to enter."""
-    import contextlib
-
-    import tensorflow_datasets as tfds
-
-    if config.mock_data:
-        return tfds.testing.mock_data(num_examples=int(config.get("mock_num_examples", 64)))
-    return contextlib.nullcontext()
-
-
 def _tfds_in_memory(name: str, split: str, data_dir: str | None) -> Split:
-    import tensorflow_datasets as tfds
-
+    """One tfds split read whole into memory."""
+    tfds = _tfds()
     # Batches of 10k rather than batch_size=-1, which aborts under tfds' mock_data.
     ds = tfds.load(name, split=split, data_dir=data_dir, as_supervised=True).batch(10_000)
     parts = list(tfds.as_numpy(ds))
@@ -119,25 +171,25 @@ def load_in_memory(config: Any) -> tuple[Split, Split]:
     if config.dataset == "digits":
         return load_digits()
     train_split, eval_split = "train", "test"
-    if config.get("validation_split", 0):
+    if config.validation_split:
         # The paper's CIFAR analysis split: 45k train / 5k validation.
         n_val = int(config.validation_split)
         train_split, eval_split = f"train[:-{n_val}]", f"train[-{n_val}:]"
-    train = _tfds_in_memory(config.dataset, train_split, config.get("data_dir"))
-    test = _tfds_in_memory(config.dataset, eval_split, config.get("data_dir"))
+    train = _tfds_in_memory(config.dataset, train_split, config.data_dir)
+    test = _tfds_in_memory(config.dataset, eval_split, config.data_dir)
     return train, test
 
 
 def imagenet_preflight(data_dir: str | None) -> None:
     """Checks that ImageNet is prepared for tfds, or says where the archives go.
 
+    Prepares it when the archives are in place (hours, about 150 GB).
+
     Raises:
-      FileNotFoundError: naming the directory where ``ILSVRC2012_img_train.tar``
+      DataNotFoundError: naming the directory where ``ILSVRC2012_img_train.tar``
         and ``ILSVRC2012_img_val.tar`` must be placed.
     """
-    import tensorflow_datasets as tfds
-
-    builder = tfds.builder("imagenet2012", data_dir=data_dir)
+    builder = _tfds().builder("imagenet2012", data_dir=data_dir)
     try:
         prepared = bool(builder.info.splits) and builder.info.splits["train"].num_examples > 0
     except Exception:  # noqa: BLE001 - any failure to read metadata means "not prepared"
@@ -148,7 +200,7 @@ def imagenet_preflight(data_dir: str | None) -> None:
     needed = ["ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"]
     missing = [f for f in needed if not os.path.exists(os.path.join(manual_dir, f))]
     if missing:
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             "ImageNet (imagenet2012) is not prepared for tfds and cannot be downloaded "
             f"automatically. Download {', '.join(missing)} from https://image-net.org/ "
             f"and place them in {manual_dir} (set --config.data_dir to use another tfds "
@@ -159,36 +211,47 @@ def imagenet_preflight(data_dir: str | None) -> None:
 
 
 def dataset_info(config: Any, train: Split | None = None, test: Split | None = None) -> DatasetInfo:
-    """Sizes and shapes of the configured dataset."""
+    """Sizes and shapes of the configured dataset: of ``train`` and ``test``
+    for an in-memory dataset (both required), from tfds' metadata for ImageNet."""
     check_dataset(config.dataset)
+    num_classes = _NUM_CLASSES[config.dataset]
     if config.dataset in IN_MEMORY:
-        assert train is not None and test is not None
-        return DatasetInfo(
-            config.dataset,
-            {"digits": 10, "cifar10": 10, "cifar100": 100}[config.dataset],
-            tuple(train.images.shape[1:]),
-            len(train.labels),
-            len(test.labels),
-        )
-    import tensorflow_datasets as tfds
-
+        if train is None or test is None:
+            raise TypeError(f"dataset_info of {config.dataset} needs its train and test splits.")
+        shape = tuple(train.images.shape[1:])
+        return DatasetInfo(config.dataset, num_classes, shape, len(train.labels), len(test.labels))
     if config.mock_data:
-        n_train = n_eval = int(config.get("mock_num_examples", 64))
+        n_train = n_eval = int(config.mock_num_examples)
     else:
-        info = tfds.builder("imagenet2012", data_dir=config.get("data_dir")).info
+        info = _tfds().builder("imagenet2012", data_dir=config.data_dir).info
         n_train = info.splits["train"].num_examples
         n_eval = info.splits["validation"].num_examples
     s = int(config.image_size)
-    return DatasetInfo("imagenet2012", 1000, (s, s, 3), n_train, n_eval)
+    return DatasetInfo(config.dataset, num_classes, (s, s, 3), n_train, n_eval)
 
 
 # --------------------------------------------------------------------------- #
-# Augmentation (TensorFlow, stateless: seeds are tensors derived from the step)
+# Preprocessing (TensorFlow, stateless: seeds are tensors derived from the step)
 # --------------------------------------------------------------------------- #
+
+
+def _normalize(image, mean):
+    """The one mean subtraction of every path.
+
+    ``image``: (..., H, W, C) uint8 or float32 pixels on the 0..255 scale;
+    ``mean``: (H, W, C) or (C,) on the 0..1 scale. Returns float32 on the 0..1
+    scale minus ``mean``.
+    """
+    import tensorflow as tf
+
+    return tf.cast(image, tf.float32) / 255.0 - mean
 
 
 def _pad_crop_flip(image, seed, pad: int, flip: bool):
-    """The paper's CIFAR augmentation: pad by ``pad``, random crop back, random flip."""
+    """The paper's CIFAR augmentation: pad by ``pad`` pixels, random crop back
+    to (H, W, C), random horizontal flip. ``seed``: (2,) int64; dtype kept."""
+    import tensorflow as tf
+
     h, w, c = image.shape
     s1, s2 = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     if pad:
@@ -200,6 +263,9 @@ def _pad_crop_flip(image, seed, pad: int, flip: bool):
 
 
 def _resize_shorter(image, size):
+    """(H, W, C) float32 resized (bilinear, antialiased) to shorter side ``size`` pixels."""
+    import tensorflow as tf
+
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
     scale = tf.cast(size, tf.float32) / tf.reduce_min(shape)
     new = tf.cast(tf.math.round(shape * scale), tf.int32)
@@ -207,7 +273,11 @@ def _resize_shorter(image, size):
 
 
 def _imagenet_train(image, seed, config):
-    """Scale augmentation (shorter side uniform in [lo, hi]), random crop, flip."""
+    """Scale augmentation (shorter side uniform in ``train_scale_range`` pixels),
+    random ``image_size`` square crop, random flip: (H, W, 3) uint8 ->
+    (S, S, 3) float32 on the 0..255 scale. ``seed``: (2,) int64."""
+    import tensorflow as tf
+
     lo, hi = config.train_scale_range
     s1, s2, s3 = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
     size = tf.random.stateless_uniform([], s1, minval=lo, maxval=hi + 1, dtype=tf.int32)
@@ -219,14 +289,17 @@ def _imagenet_train(image, seed, config):
 
 
 def _imagenet_eval(image, config):
-    """Resize the shorter side to ``eval_resize``; the center crop, or the
-    paper's 10 crops (4 corners + center, and their flips) as (10, H, W, 3)."""
+    """Resize the shorter side to ``eval_resize`` pixels; the center crop
+    (S, S, 3), or the paper's 10 crops (4 corners + center, and their flips)
+    as (10, S, S, 3); float32 on the 0..255 scale, S = ``image_size``."""
+    import tensorflow as tf
+
     image = _resize_shorter(tf.cast(image, tf.float32), int(config.eval_resize))
     crop = int(config.image_size)
     h, w = tf.shape(image)[0], tf.shape(image)[1]
     top, left = (h - crop) // 2, (w - crop) // 2
     center = image[top : top + crop, left : left + crop]
-    if not config.get("ten_crop", False):
+    if not config.ten_crop:
         return tf.ensure_shape(center, (crop, crop, 3))
     crops = [
         image[:crop, :crop],
@@ -239,8 +312,205 @@ def _imagenet_eval(image, config):
     return tf.ensure_shape(tf.stack(crops), (10, crop, crop, 3))
 
 
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's order and augmentation, a uint32 derived from the run's seed."""
+    return int(np.random.SeedSequence([int(seed), 7, epoch]).generate_state(1)[0])
+
+
 # --------------------------------------------------------------------------- #
-# Pipelines
+# Sources: what differs between datasets
+# --------------------------------------------------------------------------- #
+
+
+class _Source:
+    """The config and this process's share of every batch.
+
+    A source also provides ``info`` (:class:`DatasetInfo`), ``mean`` (float32
+    on the 0..1 scale, (H, W, C) or (C,)), ``max_label``,
+    ``epochs_per_pipeline``, ``train_epochs(epoch, count, offset)`` and
+    ``eval_examples()``, the last two as ``tf.data`` datasets of this host's
+    examples (``image`` normalised float32, ``label`` int32), unbatched.
+    """
+
+    info: DatasetInfo
+    mean: np.ndarray
+    max_label: int
+    epochs_per_pipeline = 1
+
+    def __init__(self, config: Any, process_index: int, process_count: int):
+        self.config = config
+        self.process_index = process_index
+        self.process_count = process_count
+        self.host_batch = config.batch_size // process_count
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.info.train_size // self.config.batch_size
+
+
+class InMemorySource(_Source):
+    """digits, CIFAR-10, CIFAR-100: both splits held in memory as uint8 arrays.
+
+    Each epoch is a seeded permutation of the whole training split, cut into
+    global batches of which this process takes its contiguous slice; an
+    example's augmentation seed is (epoch seed, its position in the epoch).
+    """
+
+    def __init__(self, config: Any, process_index: int = 0, process_count: int = 1):
+        super().__init__(config, process_index, process_count)
+        with _mock_data_scope(config):
+            self.train, self.test = load_in_memory(config)
+        self.info = dataset_info(config, self.train, self.test)
+        # Per-pixel mean over the training set (Sec. 4.2), on the 0..1 scale.
+        self.mean = (self.train.images.astype(np.float64).mean(axis=0) / 255.0).astype(np.float32)
+        self.max_label = int(max(self.train.labels.max(initial=0), self.test.labels.max(initial=0)))
+        self._tf_train = None
+
+    @property
+    def epochs_per_pipeline(self) -> int:
+        return max(1, math.ceil(_STEPS_PER_PIPELINE / self.steps_per_epoch))
+
+    def _order(self, epoch: int, count: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
+        """This host's examples of epochs ``epoch .. epoch + count - 1`` from
+        ``offset`` steps into the first: indices into the training split,
+        (T,) int, and their augmentation seeds, (T, 2) int64."""
+        B, b, p = self.config.batch_size, self.host_batch, self.process_index
+        spe, n = self.steps_per_epoch, self.info.train_size
+        epoch_seeds = [_epoch_seed(self.config.seed, e) for e in range(epoch, epoch + count)]
+        idx = []
+        for seed in epoch_seeds:
+            perm = np.random.default_rng(seed).permutation(n)[: spe * B]
+            # Global batch k is perm[k*B:(k+1)*B]; this host takes slice p of it.
+            idx.append(perm.reshape(spe, B)[:, p * b : (p + 1) * b])
+        idx = np.concatenate(idx)[offset:].reshape(-1)
+        steps = np.arange(epoch * spe + offset, (epoch + count) * spe)
+        epoch_seeds = np.array(epoch_seeds, np.int64) % (2**31)
+        pos = (steps % spe)[:, None] * B + p * b + np.arange(b)[None, :]
+        seeds = np.stack([np.repeat(epoch_seeds[steps // spe - epoch], b), pos.reshape(-1)], axis=1)
+        return idx, seeds
+
+    def train_epochs(self, epoch: int, count: int, offset: int):
+        """This host's training examples of epochs ``epoch .. epoch + count - 1``,
+        from ``offset`` steps into the first, augmented and normalised."""
+        import tensorflow as tf
+
+        cfg = self.config
+        pad, flip = int(cfg.crop_padding), bool(cfg.random_flip)
+        augment, mean = bool(cfg.augment), self.mean
+        if self._tf_train is None:  # made once, not per pipeline
+            self._tf_train = (tf.constant(self.train.images), tf.constant(self.train.labels))
+        images, labels = self._tf_train
+
+        def example(i, seed):
+            image = tf.gather(images, i)
+            if augment:
+                image = _pad_crop_flip(image, seed, pad, flip)
+            return {"image": _normalize(image, mean), "label": tf.gather(labels, i)}
+
+        ds = tf.data.Dataset.from_tensor_slices(self._order(epoch, count, offset))
+        return ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    def eval_examples(self):
+        """This host's contiguous share of the eval split, normalised."""
+        import tensorflow as tf
+
+        n, P, p = self.info.eval_size, self.process_count, self.process_index
+        lo, hi = (n * p) // P, (n * (p + 1)) // P
+        mean = self.mean
+
+        def example(image, label):
+            return {"image": _normalize(image, mean), "label": label}
+
+        ds = tf.data.Dataset.from_tensor_slices((self.test.images[lo:hi], self.test.labels[lo:hi]))
+        return ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+class ImageNetSource(_Source):
+    """ImageNet (imagenet2012) read from tfds' TFRecords, one pipeline per epoch.
+
+    Raises :class:`DataNotFoundError` when it is not prepared (see
+    :func:`imagenet_preflight`). Augmentation seeds are (epoch seed, the
+    example's position in this host's epoch).
+    """
+
+    def __init__(self, config: Any, process_index: int = 0, process_count: int = 1):
+        super().__init__(config, process_index, process_count)
+        if not config.mock_data:
+            imagenet_preflight(config.data_dir)
+        self.info = dataset_info(config)
+        self.mean = np.asarray(IMAGENET_MEAN_RGB, np.float32)
+        self.max_label = self.info.num_classes - 1
+
+    def train_epochs(self, epoch: int, count: int, offset: int):
+        """This host's training examples of epochs ``epoch .. epoch + count - 1``,
+        from ``offset`` steps into the first, augmented and normalised."""
+        ds = self._train_epoch(epoch, offset)
+        for e in range(epoch + 1, epoch + count):
+            ds = ds.concatenate(self._train_epoch(e, 0))
+        return ds
+
+    def _train_epoch(self, epoch: int, offset: int):
+        import tensorflow as tf
+
+        cfg, b, mean = self.config, self.host_batch, self.mean
+        seed = _epoch_seed(cfg.seed, epoch)
+        ds = self._load("train", seed).enumerate().skip(offset * b)
+
+        def example(pos, ex):
+            image = _imagenet_train(ex["image"], tf.stack([seed % (2**31), pos]), cfg)
+            return {"image": _normalize(image, mean), "label": tf.cast(ex["label"], tf.int32)}
+
+        ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.take((self.steps_per_epoch - offset) * b)
+
+    def eval_examples(self):
+        """This host's share of the validation split (center or 10 crops), normalised."""
+        import tensorflow as tf
+
+        cfg, mean = self.config, self.mean
+
+        def example(ex):
+            image = _normalize(_imagenet_eval(ex["image"], cfg), mean)
+            return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
+
+        ds = self._load("eval", None)
+        return ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    def _load(self, split: str, seed: int | None):
+        """This host's shards of ``split`` ('train' or 'eval'), shuffled when ``seed`` is set."""
+        import tensorflow as tf
+
+        tfds, cfg = _tfds(), self.config
+        name = "train" if split == "train" else "validation"
+        read_config = tfds.ReadConfig(
+            shuffle_seed=seed, interleave_cycle_length=16, interleave_block_length=1
+        )
+        host_split = tfds.split_for_jax_process(
+            name,
+            process_index=self.process_index,
+            process_count=self.process_count,
+            drop_remainder=split == "train",
+        )
+        with _mock_data_scope(cfg):
+            ds = tfds.load(
+                "imagenet2012",
+                split=host_split,
+                data_dir=cfg.data_dir,
+                shuffle_files=seed is not None,
+                read_config=read_config,
+            )
+        if seed is not None:
+            opts = tf.data.Options()
+            opts.deterministic = True
+            ds = ds.with_options(opts).shuffle(int(cfg.shuffle_buffer), seed=seed)
+        return ds
+
+
+_SOURCES = {**dict.fromkeys(IN_MEMORY, InMemorySource), "imagenet2012": ImageNetSource}
+
+
+# --------------------------------------------------------------------------- #
+# The pipeline: what every dataset shares
 # --------------------------------------------------------------------------- #
 
 
@@ -249,199 +519,114 @@ class InputPipeline:
 
     Args:
       config: the run's ``ml_collections.ConfigDict`` (``dataset``,
-        ``batch_size`` (global), ``eval_batch_size``, ``seed``, ``mock_data``,
-        augmentation keys).
+        ``batch_size`` (global), ``eval_batch_size`` (global), ``seed``,
+        ``mock_data``, ``num_classes``, augmentation keys).
       process_index, process_count: this host's place among all hosts.
+
+    Raises:
+      UserError: an unknown dataset, a batch size that does not divide by the
+        number of processes, a training split smaller than one batch, or
+        labels that do not fit ``config.num_classes``.
+      DataNotFoundError: ImageNet is not prepared.
     """
 
     def __init__(self, config: Any, process_index: int = 0, process_count: int = 1):
+        configure_tensorflow()
         check_dataset(config.dataset)
+        _check_batch_sizes(config, process_count)
         self.config = config
         self.process_index = process_index
         self.process_count = process_count
-        for key in ("batch_size", "eval_batch_size"):
-            if config[key] % process_count:
-                raise ValueError(
-                    f"{key}={config[key]} must divide by the number of processes ({process_count})."
-                )
         self.host_batch = config.batch_size // process_count
         self.host_eval_batch = config.eval_batch_size // process_count
-        if config.dataset in IN_MEMORY:
-            with _tfds_source(config):
-                self.train, self.test = load_in_memory(config)
-            self.info = dataset_info(config, self.train, self.test)
-            # Per-pixel mean over the training set (Sec. 4.2), on the 0..1 scale.
-            self.mean = (self.train.images.astype(np.float64).mean(axis=0) / 255.0).astype(
-                np.float32
-            )
-        else:
-            if not config.mock_data:
-                imagenet_preflight(config.get("data_dir"))
-            self.info = dataset_info(config)
-            self.mean = np.asarray(IMAGENET_MEAN_RGB, np.float32)
-        if self.info.train_size < config.batch_size:
-            raise ValueError(
-                f"The training split has {self.info.train_size} examples, fewer than one "
-                f"global batch ({config.batch_size}); lower --config.batch_size."
-            )
+        self.source = _SOURCES[config.dataset](config, process_index, process_count)
+        self.info: DatasetInfo = self.source.info
+        self.mean: np.ndarray = self.source.mean
+        _check_train_size(self.info, config.batch_size)
+        _check_labels(config, self.info, self.source.max_label)
+        self._eval_dataset = None
 
-    # ---- training ---------------------------------------------------------- #
+    @property
+    def train(self) -> Split:
+        """The in-memory training split (digits, CIFAR); ImageNet has none."""
+        return self.source.train
+
+    @property
+    def test(self) -> Split:
+        """The in-memory eval split (digits, CIFAR); ImageNet has none."""
+        return self.source.test
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.info.train_size // self.config.batch_size
+        """Whole global batches per epoch; the rest of each epoch's order is dropped."""
+        return self.source.steps_per_epoch
 
     def train_batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """An endless stream of this host's training batches from ``start_step`` on."""
-        epoch = start_step // self.steps_per_epoch
-        offset = start_step % self.steps_per_epoch
-        # In-memory datasets build one tf.data pipeline per chunk of epochs
-        # (about 10k steps): building one per epoch costs time and host memory.
-        chunk = 1
-        if self.config.dataset in IN_MEMORY:
-            chunk = max(1, math.ceil(10_000 / self.steps_per_epoch))
+        """An endless stream of this host's training batches from ``start_step`` on:
+        ``image`` (b, H, W, C) float32, ``label`` (b,) int32, b = batch_size / processes."""
+        import tensorflow as tf
+
+        epoch, offset = divmod(start_step, self.steps_per_epoch)
+        count = self.source.epochs_per_pipeline
         while True:
-            ds = self._train_epochs(epoch, chunk, offset)
+            ds = self.source.train_epochs(epoch, count, offset)
+            ds = ds.batch(self.host_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
             yield from ds.as_numpy_iterator()
-            epoch, offset = epoch + chunk, 0
-
-    def _epoch_seed(self, epoch: int) -> int:
-        return int(np.random.SeedSequence([int(self.config.seed), 7, epoch]).generate_state(1)[0])
-
-    def _train_epochs(self, epoch: int, count: int, offset: int) -> tf.data.Dataset:
-        """Epochs ``epoch .. epoch + count - 1``, starting ``offset`` steps into the first."""
-        cfg = self.config
-        B, b, p = cfg.batch_size, self.host_batch, self.process_index
-        spe = self.steps_per_epoch
-        if cfg.dataset in IN_MEMORY:
-            n = self.info.train_size
-            epoch_seeds = [self._epoch_seed(e) for e in range(epoch, epoch + count)]
-            idx = []
-            for seed in epoch_seeds:
-                perm = np.random.default_rng(seed).permutation(n)[: spe * B]
-                # Global batch k is perm[k*B:(k+1)*B]; this host takes slice p of it.
-                idx.append(perm.reshape(spe, B)[:, p * b : (p + 1) * b])
-            idx = np.concatenate(idx)[offset:].reshape(-1)
-            # Augmentation seed of an example: (epoch seed, position in the epoch).
-            steps = np.arange(epoch * spe + offset, (epoch + count) * spe)
-            epoch_seeds = np.array(epoch_seeds, np.int64) % (2**31)
-            pos = (steps % spe)[:, None] * B + p * b + np.arange(b)[None, :]
-            seeds = np.stack(
-                [np.repeat(epoch_seeds[steps // spe - epoch], b), pos.reshape(-1)], axis=1
-            )
-            images, labels, mean = self._tf_arrays()
-            pad = int(cfg.get("crop_padding", 4))
-            flip = bool(cfg.get("random_flip", True))
-            augment = bool(cfg.get("augment", True))
-
-            def fn(i, seed):
-                image = tf.gather(images, i)
-                if augment:
-                    image = _pad_crop_flip(image, seed, pad, flip)
-                image = tf.cast(image, tf.float32) / 255.0 - mean
-                return {"image": image, "label": tf.gather(labels, i)}
-
-            ds = tf.data.Dataset.from_tensor_slices((idx, seeds))
-            ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        else:
-            seed = self._epoch_seed(epoch)
-            ds = self._imagenet_source("train", seed)
-            ds = ds.enumerate().skip(offset * b)
-            mean = tf.constant(self.mean)
-
-            def fn(pos, ex):
-                image = _imagenet_train(ex["image"], tf.stack([seed % (2**31), pos]), cfg)
-                return {"image": image / 255.0 - mean, "label": tf.cast(ex["label"], tf.int32)}
-
-            ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-            ds = ds.take((self.steps_per_epoch - offset) * b)
-        return ds.batch(b, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-
-    def _tf_arrays(self):
-        """The training split as TensorFlow tensors, made once (not per pipeline)."""
-        if not hasattr(self, "_tf_cache"):
-            self._tf_cache = (
-                tf.constant(self.train.images),
-                tf.constant(self.train.labels),
-                tf.constant(self.mean),
-            )
-        return self._tf_cache
-
-    def _imagenet_source(self, split: str, seed: int | None):
-        import tensorflow_datasets as tfds
-
-        cfg = self.config
-        name = "train" if split == "train" else "validation"
-        read_config = tfds.ReadConfig(
-            shuffle_seed=seed, interleave_cycle_length=16, interleave_block_length=1
-        )
-        kw = dict(
-            split=tfds.split_for_jax_process(
-                name,
-                process_index=self.process_index,
-                process_count=self.process_count,
-                drop_remainder=split == "train",
-            ),
-            data_dir=cfg.get("data_dir"),
-            shuffle_files=seed is not None,
-            read_config=read_config,
-        )
-        with _tfds_source(cfg):
-            ds = tfds.load("imagenet2012", **kw)
-        if seed is not None:
-            opts = tf.data.Options()
-            opts.deterministic = True
-            ds = ds.with_options(opts).shuffle(int(cfg.get("shuffle_buffer", 16_384)), seed=seed)
-        return ds
-
-    # ---- evaluation -------------------------------------------------------- #
+            epoch, offset = epoch + count, 0
 
     def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
         """One pass over the eval split: every example exactly once, padded to
-        whole batches with ``mask == 0`` examples, the same number of batches on
-        every host."""
-        cfg = self.config
-        n, P, b = self.info.eval_size, self.process_count, self.host_eval_batch
-        per_host_max = math.ceil(n / P)
-        num_batches = math.ceil(per_host_max / b)
-        total = num_batches * b
-        if cfg.dataset in IN_MEMORY:
-            lo = (n * self.process_index) // P
-            hi = (n * (self.process_index + 1)) // P
-            images = self.test.images[lo:hi]
-            labels = self.test.labels[lo:hi]
-            count = hi - lo
-            for k in range(num_batches):
-                sl = slice(k * b, min((k + 1) * b, count))
-                img = images[sl].astype(np.float32) / 255.0 - self.mean
-                lab = labels[sl]
-                m = len(lab)
-                yield _pad_batch(img, lab, m, b)
-            return
-        mean = tf.constant(self.mean)
-        ds = self._imagenet_source("eval", None)
-
-        def fn(ex):
-            image = _imagenet_eval(ex["image"], cfg) / 255.0 - mean
-            return {"image": image, "label": tf.cast(ex["label"], tf.int32), "mask": 1.0}
-
-        ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        spec = ds.element_spec
-        pad = tf.data.Dataset.from_tensors(
-            {
-                "image": tf.zeros(spec["image"].shape, tf.float32),
-                "label": tf.constant(0, tf.int32),
-                "mask": tf.constant(0.0),
-            }
-        ).repeat()
-        ds = ds.concatenate(pad).take(total).batch(b).prefetch(tf.data.AUTOTUNE)
-        yield from ds.as_numpy_iterator()
+        whole batches of ``eval_batch_size / processes`` with ``mask == 0``
+        examples (zero images, label 0), the same number of batches on every host."""
+        if self._eval_dataset is None:  # built once; each pass re-reads it from the start
+            per_host_max = math.ceil(self.info.eval_size / self.process_count)
+            num_batches = math.ceil(per_host_max / self.host_eval_batch)
+            self._eval_dataset = _padded_batches(
+                self.source.eval_examples(), num_batches, self.host_eval_batch
+            )
+        yield from self._eval_dataset.as_numpy_iterator()
 
 
-def _pad_batch(img: np.ndarray, lab: np.ndarray, m: int, b: int) -> dict[str, np.ndarray]:
-    mask = np.zeros((b,), np.float32)
-    mask[:m] = 1.0
-    if m < b:
-        img = np.concatenate([img, np.zeros((b - m, *img.shape[1:]), img.dtype)])
-        lab = np.concatenate([lab, np.zeros((b - m,), lab.dtype)])
-    return {"image": img, "label": lab.astype(np.int32), "mask": mask}
+def _padded_batches(examples, num_batches: int, batch: int):
+    """``examples`` with ``mask`` 1, then mask-0 zero examples, as exactly
+    ``num_batches`` batches of ``batch``."""
+    import tensorflow as tf
+
+    ds = examples.map(lambda ex: {**ex, "mask": tf.constant(1.0)})
+    spec = ds.element_spec
+    pad = tf.data.Dataset.from_tensors(
+        {
+            "image": tf.zeros(spec["image"].shape, tf.float32),
+            "label": tf.constant(0, tf.int32),
+            "mask": tf.constant(0.0),
+        }
+    ).repeat()
+    ds = ds.concatenate(pad).take(num_batches * batch)
+    return ds.batch(batch).prefetch(tf.data.AUTOTUNE)
+
+
+def _check_batch_sizes(config: Any, process_count: int) -> None:
+    for key in ("batch_size", "eval_batch_size"):
+        if config[key] <= 0 or config[key] % process_count:
+            raise UserError(
+                f"{key}={config[key]} must be positive and divide by the number of "
+                f"processes ({process_count})."
+            )
+
+
+def _check_train_size(info: DatasetInfo, batch_size: int) -> None:
+    if info.train_size < batch_size:
+        raise UserError(
+            f"The training split has {info.train_size} examples, fewer than one "
+            f"global batch ({batch_size}); lower --config.batch_size."
+        )
+
+
+def _check_labels(config: Any, info: DatasetInfo, max_label: int) -> None:
+    """Labels 0..max_label must index the model's ``config.num_classes`` logits (0: the dataset's)."""
+    k = int(config.num_classes)
+    if 0 < k <= max_label:
+        raise UserError(
+            f"num_classes={k} but {info.name} has labels 0..{max_label}; set "
+            f"--config.num_classes=0 (the dataset's {info.num_classes}) or >= {max_label + 1}."
+        )

@@ -93,18 +93,15 @@ def make_multi_step(
     batch_fn: Callable[[DeviceData, jax.Array], dict],
     steps_per_call: int,
     data_sharding: NamedSharding,
-    unroll: bool | None = None,
+    unroll: bool = False,
 ) -> Callable[[Any, DeviceData, jax.Array], tuple[Any, dict]]:
     """``fn(state, data, start_step) -> (state, metrics)`` running ``steps_per_call``
     train steps in one ``lax.scan``; metrics are stacked along a leading axis.
 
-    ``unroll`` (default: on CPU only) unrolls the scan. XLA:CPU runs a ResNet
-    step inside a while loop about 8x slower than the same step outside one
-    (measured: 3.8 vs 32 steps/s for ResNet-20 on digits, jax 0.10.2), so on
-    CPU the loop is unrolled; GPUs and TPUs run the rolled loop at full speed.
+    ``unroll=True`` unrolls the scan: the caller asks for it on CPU devices,
+    where XLA:CPU runs a ResNet step inside a while loop several times slower
+    than outside one (BENCHMARKS.md); GPUs and TPUs run the rolled loop.
     """
-    if unroll is None:
-        unroll = data_sharding.mesh.devices.flat[0].platform == "cpu"
 
     def multi(state, data, start_step):
         def body(state, i):

@@ -16,3 +16,22 @@ class UserError(ValueError):
 
 class DataNotFoundError(UserError, FileNotFoundError):
     """A dataset that is not prepared (or cannot be found) where the config points."""
+
+
+class NonFiniteError(UserError, FloatingPointError):
+    """A non-finite loss or gradient: the message names the step and the last
+    good checkpoint (nothing is saved after a bad step)."""
+
+
+class CheckpointSaveError(UserError, OSError):
+    """A checkpoint that could not be written (e.g. the disk is full): the
+    message names the step, the last good checkpoint and what to do."""
+
+
+class WorkdirInUseError(UserError):
+    """Another live process is training in the same workdir."""
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line (train.py prints a UserError as one line)."""
+    return " ".join(str(message).split())

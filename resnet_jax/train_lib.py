@@ -1,26 +1,30 @@
-"""Training: TrainState, the pure train/eval steps, and the training loop.
+"""Training: TrainState, the pure train/eval steps, and the loop as small parts.
 
 The steps are jitted once over a 1-D device ``Mesh`` (axis ``'data'``): the
 batch is sharded along it, the state replicated, so BatchNorm statistics and
 gradients are global by construction. The same code runs on one CPU, every
 GPU of a host, or every chip of a multi-host TPU slice.
 
-This module imports TensorFlow only inside :func:`train_and_evaluate` (through
+The loop (:func:`train_and_evaluate`) is built from parts that each hold one
+idea: :func:`build_experiment` (mesh, model, optimizer, pipeline, jitted steps,
+built once), :func:`restore_or_init`, a step runner (:class:`HostStepRunner`
+for host batches, :class:`DeviceStepRunner` for the on-device scan), a
+:class:`MetricWindow`, and periodic actions (:class:`LogAction`,
+:class:`EvalAction`, :class:`CheckpointAction`).
+
+This module imports TensorFlow only inside :func:`build_experiment` (through
 the input pipeline and the TensorBoard writer), so the steps can be reused
 where TensorFlow is absent.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import json
 import logging
 import os
-import resource
-import signal
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -32,10 +36,12 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import resnet_jax as rj
+from resnet_jax import runtime
+from resnet_jax.errors import NonFiniteError, UserError
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class TrainState(train_state.TrainState):
@@ -49,26 +55,50 @@ class TrainState(train_state.TrainState):
 # --------------------------------------------------------------------------- #
 
 
-def create_model(config: Any, num_classes: int) -> rj.ResNet:
-    """The configured network (``config.model`` and its options)."""
+def model_from_config(config: Any, num_classes: int, *, materialize: bool = False) -> rj.ResNet:
+    """The configured network (``config.model`` and its options).
+
+    ``materialize`` is the trainer's choice for the platform (see
+    :func:`resolve_materialize`), not a property of the network.
+    """
     if config.dtype not in DTYPES:
-        raise ValueError(f"Unknown dtype {config.dtype!r}; valid: {', '.join(DTYPES)}.")
+        hint = (
+            " float16 needs loss scaling, which this trainer does not do;"
+            if config.dtype == "float16"
+            else ""
+        )
+        raise UserError(
+            f"Unknown dtype {config.dtype!r};{hint} valid: {', '.join(DTYPES)} "
+            "(use --config.dtype=bfloat16 for reduced precision)."
+        )
     options = dict(
         num_classes=num_classes,
         dtype=DTYPES[config.dtype],
-        variant=config.get("variant", "v1"),
-        zero_init_residual=config.get("zero_init_residual", False),
-        bn_momentum=config.get("bn_momentum", 0.9),
-        bn_epsilon=config.get("bn_epsilon", 1e-5),
+        variant=config.variant,
+        zero_init_residual=config.zero_init_residual,
+        bn_momentum=config.bn_momentum,
+        bn_epsilon=config.bn_epsilon,
+        materialize=materialize,
     )
-    if config.get("shortcut"):
+    if config.shortcut:
         options["shortcut"] = config.shortcut
-    return rj.create_model(config.model, **options)
+    try:
+        return rj.create_model(config.model, **options)
+    except UserError:
+        raise
+    except ValueError as e:  # the library's checks of names and options
+        raise UserError(f"{e} (from --config.model and its options)") from e
+
+
+def resolve_materialize(config: Any, platform: str) -> bool:
+    """``config.materialize``, or when unset (None): on for CPU devices only,
+    where storing activations made training faster (BENCHMARKS.md)."""
+    return platform == "cpu" if config.materialize is None else bool(config.materialize)
 
 
 def effective_learning_rate(config: Any) -> float:
     """``learning_rate``, scaled by ``batch_size / lr_batch_base`` when that is set."""
-    base = config.get("lr_batch_base", 0)
+    base = config.lr_batch_base
     return config.learning_rate * (config.batch_size / base if base else 1.0)
 
 
@@ -82,7 +112,7 @@ def create_learning_rate_fn(config: Any) -> optax.Schedule:
     then cosine decay to 0 at ``num_train_steps``.
     """
     lr = effective_learning_rate(config)
-    warmup = int(config.get("warmup_steps", 0))
+    warmup = int(config.warmup_steps)
     if config.lr_schedule == "step":
         main = optax.piecewise_constant_schedule(
             lr, {int(b): float(config.lr_decay_factor) for b in config.lr_boundaries}
@@ -97,7 +127,7 @@ def create_learning_rate_fn(config: Any) -> optax.Schedule:
         return optax.warmup_cosine_decay_schedule(
             0.0, lr, max(warmup, 1), int(config.num_train_steps), end_value=0.0
         )
-    raise ValueError(f"Unknown lr_schedule {config.lr_schedule!r}; valid: 'step', 'cosine'.")
+    raise UserError(f"Unknown lr_schedule {config.lr_schedule!r}; valid: 'step', 'cosine'.")
 
 
 def _decay_mask(params: Any) -> Any:
@@ -109,12 +139,10 @@ def _decay_mask(params: Any) -> Any:
 
 def create_optimizer(config: Any, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
     """SGD with momentum and L2 weight decay added to the gradient (as in the paper)."""
-    mask = _decay_mask if config.get("weight_decay_exclude_bn_bias", False) else None
+    mask = _decay_mask if config.weight_decay_exclude_bn_bias else None
     return optax.chain(
         optax.add_decayed_weights(config.weight_decay, mask=mask),
-        optax.sgd(
-            learning_rate_fn, momentum=config.momentum, nesterov=config.get("nesterov", False)
-        ),
+        optax.sgd(learning_rate_fn, momentum=config.momentum, nesterov=config.nesterov),
     )
 
 
@@ -235,120 +263,8 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, num_classes: in
     }
 
 
-# --------------------------------------------------------------------------- #
-# The loop
-# --------------------------------------------------------------------------- #
-
-
-class PreemptionFlag:
-    """Tells the loop when to save and stop.
-
-    One process: set by SIGTERM (a preemption notice) or SIGINT (Ctrl-C; a
-    second Ctrl-C interrupts at once). Several processes: JAX's preemption
-    service (started by ``jax.distributed.initialize``) catches SIGTERM on any
-    host and ``reached_preemption_sync_point`` turns true at the same step on
-    every host, so all of them save the same step.
-    """
-
-    def __init__(self):
-        self._event = threading.Event()
-        self._old = {}
-        self._multi = jax.process_count() > 1
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        signals = (signal.SIGINT,) if self._multi else (signal.SIGTERM, signal.SIGINT)
-        for sig in signals:
-            self._old[sig] = signal.signal(sig, self._handle)
-
-    def uninstall(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old = {}
-
-    def _handle(self, signum, frame):
-        if self._event.is_set() and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        log.warning(
-            "Received signal %d: saving a checkpoint at the next step, then stopping.", signum
-        )
-        self._event.set()
-
-    def reached(self, step: int) -> bool:
-        if self._multi:
-            from jax.experimental import multihost_utils
-
-            try:
-                return bool(multihost_utils.reached_preemption_sync_point(step))
-            except RuntimeError:  # no preemption service (not started by jax.distributed)
-                return False
-        return self._event.is_set()
-
-
-class MetricWriter:
-    """Writes ``WORKDIR/metrics.jsonl`` and TensorBoard events (process 0 only)."""
-
-    def __init__(self, workdir: str, resume_step: int | None, enabled: bool = True):
-        self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self._tb = None
-        if not enabled:
-            return
-        if resume_step is not None and os.path.exists(self.path):
-            # Lines past the restored step are replayed identically by this run.
-            with open(self.path) as f:
-                keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(keep)
-            os.replace(tmp, self.path)
-        elif resume_step is None and os.path.exists(self.path):
-            os.replace(self.path, self.path + f".{int(time.time())}.bak")
-        from clu import metric_writers
-
-        self._tb = metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
-        self._file = open(self.path, "a")
-
-    def write(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        self._tb.write_scalars(step, metrics)
-
-    def flush(self) -> None:
-        if self.enabled:
-            self._file.flush()
-            self._tb.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self._file.close()
-            self._tb.close()
-
-
-def _host_rss_mb() -> float:
-    """Current resident memory of this process (peak where /proc is absent)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _fetch(pending: list[tuple[int, dict]]) -> list[tuple[int, dict[str, float]]]:
-    """Per-step host metrics; an entry of k stacked steps ends at its step."""
-    out = []
-    for end, m in jax.device_get(pending):
-        k = int(np.size(m["loss"]))
-        for i in range(k):
-            out.append((end - k + 1 + i, {n: float(np.reshape(v, -1)[i]) for n, v in m.items()}))
-    return out
-
-
-def _host_batch_to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict:
+def host_batch_to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict:
+    """This process's part of a global batch -> global arrays sharded over ``'data'``."""
     return {
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
     }
@@ -356,16 +272,16 @@ def _host_batch_to_global(batch: dict[str, np.ndarray], sharding: NamedSharding)
 
 def evaluate(
     state: TrainState,
-    pipeline: Any,
-    p_eval_step: Callable,
+    batches: Iterator[dict[str, np.ndarray]],
+    eval_fn: Callable,
     sharding: NamedSharding,
     top5: bool = False,
 ) -> dict[str, float]:
     """One exact pass over the eval split: ``eval_loss``, ``eval_accuracy``,
     ``eval_count`` and, with ``top5``, ``eval_top5_accuracy``."""
     totals = None
-    for batch in pipeline.eval_batches():
-        sums = p_eval_step(state, _host_batch_to_global(batch, sharding))
+    for batch in batches:
+        sums = eval_fn(state, host_batch_to_global(batch, sharding))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     n = float(totals["count"])
@@ -379,265 +295,642 @@ def evaluate(
     return metrics
 
 
-def validate_config(config: Any, num_devices: int) -> None:
-    """Refuses a bad config before any work is done, saying what to change."""
+# --------------------------------------------------------------------------- #
+# Validation: everything a user can get wrong, before any work
+# --------------------------------------------------------------------------- #
+
+_INTERVALS = ("num_train_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def _check_optimisation(config: Any) -> None:
+    _require(
+        config.learning_rate > 0,
+        f"learning_rate={config.learning_rate} must be positive (a negative rate ascends "
+        "the loss); use e.g. --config.learning_rate=0.1.",
+    )
+    _require(
+        config.weight_decay >= 0,
+        f"weight_decay={config.weight_decay} must be >= 0; use e.g. --config.weight_decay=1e-4.",
+    )
+    _require(
+        0 <= config.momentum < 1,
+        f"momentum={config.momentum} must be in [0, 1); use e.g. --config.momentum=0.9.",
+    )
+    _require(
+        0 < config.lr_decay_factor <= 1,
+        f"lr_decay_factor={config.lr_decay_factor} must be in (0, 1]; use e.g. 0.1.",
+    )
+    _require(
+        0 <= config.label_smoothing < 1,
+        f"label_smoothing={config.label_smoothing} must be in [0, 1).",
+    )
+    _require(config.lr_batch_base >= 0, f"lr_batch_base={config.lr_batch_base} must be >= 0.")
+    _require(config.warmup_steps >= 0, f"warmup_steps={config.warmup_steps} must be >= 0.")
+    _require(
+        config.warmup_learning_rate > 0 or not config.warmup_steps,
+        f"warmup_learning_rate={config.warmup_learning_rate} must be positive.",
+    )
+    _check_boundaries(config)
+    create_learning_rate_fn(config)  # an unknown schedule raises here
+
+
+def _check_boundaries(config: Any) -> None:
+    try:
+        bounds = [int(b) for b in config.lr_boundaries]
+        if any(b != float(x) for b, x in zip(bounds, config.lr_boundaries)):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise UserError(
+            f"lr_boundaries={config.lr_boundaries!r} must be a tuple of step numbers, e.g. "
+            "--config.lr_boundaries='(32000, 48000)'."
+        ) from None
+    _require(
+        all(b > 0 for b in bounds),
+        f"lr_boundaries={tuple(bounds)} must be positive steps.",
+    )
+    _require(
+        all(a < b for a, b in zip(bounds, bounds[1:])),
+        f"lr_boundaries={tuple(bounds)} must be strictly increasing, e.g. "
+        f"--config.lr_boundaries='{tuple(sorted(set(bounds)))}'.",
+    )
+    late = [b for b in bounds if b >= config.num_train_steps]
+    if late and config.lr_schedule == "step":
+        log.warning(
+            "lr_boundaries %s are at or after num_train_steps=%d: the run ends before them.",
+            late,
+            config.num_train_steps,
+        )
+
+
+def _check_model_and_data(config: Any) -> None:
     from resnet_jax import data as data_lib
 
     data_lib.check_dataset(config.dataset)
-    create_model(config, 10)  # unknown model names and options raise here
-    create_learning_rate_fn(config)
+    _require(
+        config.num_classes >= 0,
+        f"num_classes={config.num_classes} must be >= 0 (0: the dataset's classes).",
+    )
+    _require(
+        0 <= config.bn_momentum < 1,
+        f"bn_momentum={config.bn_momentum} must be in [0, 1) (PyTorch's 0.1 is 0.9 here).",
+    )
+    _require(config.bn_epsilon > 0, f"bn_epsilon={config.bn_epsilon} must be positive.")
+    model_from_config(config, 10)  # unknown model names and options raise here
+    _require(config.crop_padding >= 0, f"crop_padding={config.crop_padding} must be >= 0.")
+    _require(config.validation_split >= 0, "validation_split must be >= 0.")
+    lo, hi = config.train_scale_range
+    _require(
+        config.image_size > 0
+        and config.image_size <= lo <= hi
+        and config.eval_resize >= config.image_size,
+        f"image sizes must satisfy 0 < image_size ({config.image_size}) <= train_scale_range "
+        f"({lo}, {hi}) in increasing order, and eval_resize ({config.eval_resize}) >= image_size.",
+    )
+    _require(
+        config.keep_checkpoints >= 1,
+        f"keep_checkpoints={config.keep_checkpoints} must be >= 1.",
+    )
+
+
+def _check_batches(config: Any, num_devices: int) -> None:
     for key in ("batch_size", "eval_batch_size"):
-        if config[key] <= 0 or config[key] % num_devices:
-            raise ValueError(
-                f"{key}={config[key]} must be positive and divisible by the number of "
-                f"devices ({num_devices}) so that every device gets an equal share; use e.g. "
-                f"--config.{key}={num_devices * max(1, config[key] // num_devices)}."
-            )
-    for key in ("num_train_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
-        if int(config[key]) <= 0:
-            raise ValueError(f"{key} must be positive, got {config[key]}.")
-    k = int(config.get("steps_per_call", 1))
-    if config.get("device_data", False):
-        if config.dataset not in data_lib.IN_MEMORY:
-            raise ValueError(
-                f"device_data=True holds the training set on the devices; it supports "
-                f"{', '.join(data_lib.IN_MEMORY)}, not {config.dataset}."
-            )
-        for key in (
-            "num_train_steps",
-            "log_every_steps",
-            "eval_every_steps",
-            "checkpoint_every_steps",
-        ):
-            if int(config[key]) % k:
-                raise ValueError(
-                    f"{key}={config[key]} must be a multiple of steps_per_call={k} (the loop "
-                    "logs, evaluates and saves between calls)."
-                )
-    elif k != 1:
-        raise ValueError("steps_per_call > 1 needs --config.device_data=True.")
+        _require(
+            config[key] > 0 and config[key] % num_devices == 0,
+            f"{key}={config[key]} must be positive and divisible by the number of devices "
+            f"({num_devices}) so that every device gets an equal share; use e.g. "
+            f"--config.{key}={num_devices * max(1, config[key] // num_devices)}.",
+        )
+    for key in _INTERVALS:
+        _require(int(config[key]) > 0, f"{key} must be positive, got {config[key]}.")
 
 
-def train_and_evaluate(config: Any, workdir: str, progress: bool = True) -> dict[str, float]:
-    """Trains ``config`` in ``workdir``, resuming from its newest checkpoint.
-
-    Writes ``metrics.jsonl``, TensorBoard events and ``checkpoints/``.
-    Returns the final summary (eval metrics, wall time, images/s).
-    """
-    from resnet_jax import checkpoints
+def _check_fast_path(config: Any) -> None:
     from resnet_jax import data as data_lib
 
-    t_start = time.time()
-    workdir = os.path.abspath(workdir)
-    mesh = create_mesh()
-    validate_config(config, mesh.devices.size)
-    os.makedirs(workdir, exist_ok=True)
-    replicated = NamedSharding(mesh, P())
-    data_sharding = NamedSharding(mesh, P("data"))
+    k = int(config.steps_per_call)
+    _require(k >= 1, f"steps_per_call={k} must be >= 1.")
+    if not config.device_data:
+        _require(k == 1, "steps_per_call > 1 needs --config.device_data=True.")
+        return
+    _require(
+        config.dataset in data_lib.IN_MEMORY,
+        f"device_data=True holds the training set on the devices; it supports "
+        f"{', '.join(data_lib.IN_MEMORY)}, not {config.dataset}.",
+    )
+    for key in _INTERVALS:
+        _require(
+            int(config[key]) % k == 0,
+            f"{key}={config[key]} must be a multiple of steps_per_call={k} (the loop "
+            "logs, evaluates and saves between calls).",
+        )
 
-    pipeline = data_lib.InputPipeline(config, jax.process_index(), jax.process_count())
-    info = pipeline.info
-    num_classes = int(config.get("num_classes") or info.num_classes)
-    model = create_model(config, num_classes)
-    lr_fn = create_learning_rate_fn(config)
-    tx = create_optimizer(config, lr_fn)
-    rng = jax.random.key(config.seed)
 
-    ckpt = checkpoints.Checkpointer(
-        os.path.join(workdir, "checkpoints"), max_to_keep=int(config.get("keep_checkpoints", 3))
-    )
-    fp = checkpoints.fingerprint(config) | {"num_classes": num_classes}
-    abstract = jax.eval_shape(
-        lambda r: create_train_state(model, tx, info.image_shape, r, replicated), rng
-    )
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract
-    )
-    restored = ckpt.restore_latest(abstract, fp)
-    if restored is None:
-        state = create_train_state(model, tx, info.image_shape, rng, replicated)
-        meta = {}
-        start_step = 0
-    else:
-        state, meta = restored
-        start_step = int(jax.device_get(state.step))
-        log.info("Resumed from the checkpoint at step %d.", start_step)
+def validate_config(config: Any, num_devices: int) -> None:
+    """Refuses a bad config before any work is done, saying what to change.
 
-    step_fn = functools.partial(
-        train_step,
-        learning_rate_fn=lr_fn,
-        num_classes=num_classes,
-        label_smoothing=float(config.get("label_smoothing", 0.0)),
-        skip_nonfinite=bool(config.get("skip_nonfinite_steps", False)),
+    Raises:
+      UserError: naming the key, its value and a valid setting.
+    """
+    _check_model_and_data(config)
+    _check_batches(config, num_devices)
+    _check_optimisation(config)
+    _check_fast_path(config)
+
+
+def check_num_classes(config: Any, dataset_classes: int) -> int:
+    """The classifier's width: ``config.num_classes`` or the dataset's.
+
+    A classifier narrower than the dataset's labels would train on labels it
+    cannot represent (silently all-zero targets).
+    """
+    n = int(config.num_classes) or dataset_classes
+    _require(
+        n >= dataset_classes,
+        f"num_classes={n} but {config.dataset} has {dataset_classes} classes (labels 0.."
+        f"{dataset_classes - 1}); set --config.num_classes=0 (the dataset's) or >= "
+        f"{dataset_classes}.",
     )
-    steps_per_call = 1
-    on_device = bool(config.get("device_data", False))
-    if on_device:
+    return n
+
+
+# --------------------------------------------------------------------------- #
+# The experiment, built once
+# --------------------------------------------------------------------------- #
+
+
+def _replicated(sharding: NamedSharding) -> NamedSharding:
+    return NamedSharding(sharding.mesh, P())
+
+
+class HostStepRunner:
+    """One train step per call on a batch from the host input pipeline."""
+
+    def __init__(self, step_fn: Callable, pipeline: Any, data_sharding: NamedSharding):
+        self.steps_per_call = 1
+        self._pipeline = pipeline
+        self._sharding = data_sharding
+        self._jitted = jax.jit(
+            step_fn,
+            in_shardings=(_replicated(data_sharding), data_sharding),
+            out_shardings=(_replicated(data_sharding), _replicated(data_sharding)),
+            donate_argnums=0,
+        )
+        self._batches = None
+        self.data_wait = 0.0  # seconds spent waiting for the host pipeline
+
+    def start(self, step: int) -> None:
+        self._batches = self._pipeline.train_batches(step)
+
+    def __call__(self, state: TrainState, step: int) -> tuple[TrainState, dict]:
+        t0 = time.perf_counter()
+        batch = next(self._batches)
+        self.data_wait += time.perf_counter() - t0
+        return self._jitted(state, host_batch_to_global(batch, self._sharding))
+
+
+class DeviceStepRunner:
+    """``steps_per_call`` train steps per call in one ``lax.scan``, with the
+    training set and its augmentation on the devices (the CIFAR fast path)."""
+
+    def __init__(self, step_fn: Callable, config: Any, pipeline: Any, mesh: Mesh, unroll: bool):
         from resnet_jax import device_data
 
-        steps_per_call = int(config.get("steps_per_call", 1))
-        data_on_device = device_data.put_on_devices(
+        replicated = NamedSharding(mesh, P())
+        self.steps_per_call = int(config.steps_per_call)
+        self._data = device_data.put_on_devices(
             pipeline.train.images, pipeline.train.labels, pipeline.mean, replicated
         )
         batch_fn = functools.partial(
             device_data.batch_at,
             seed=int(config.seed),
             batch_size=int(config.batch_size),
-            augment=bool(config.get("augment", True)),
-            pad=int(config.get("crop_padding", 4)),
-            flip=bool(config.get("random_flip", True)),
+            augment=bool(config.augment),
+            pad=int(config.crop_padding),
+            flip=bool(config.random_flip),
         )
-        multi_fn = jax.jit(
-            device_data.make_multi_step(step_fn, batch_fn, steps_per_call, data_sharding),
+        multi = device_data.make_multi_step(
+            step_fn, batch_fn, self.steps_per_call, NamedSharding(mesh, P("data")), unroll=unroll
+        )
+        self._jitted = jax.jit(
+            multi,
             in_shardings=(replicated, replicated, None),
             out_shardings=(replicated, replicated),
             donate_argnums=0,
         )
-    else:
-        train_fn = jax.jit(
-            step_fn,
-            in_shardings=(replicated, data_sharding),
-            out_shardings=(replicated, replicated),
-            donate_argnums=0,
+        self.data_wait = 0.0  # the data is already there
+
+    def start(self, step: int) -> None:
+        del step
+
+    def __call__(self, state: TrainState, step: int) -> tuple[TrainState, dict]:
+        return self._jitted(state, self._data, jnp.int32(step))
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything a run builds once from its config, before the first step."""
+
+    config: Any
+    workdir: str
+    mesh: Mesh
+    pipeline: Any
+    model: rj.ResNet
+    num_classes: int
+    learning_rate_fn: optax.Schedule
+    tx: optax.GradientTransformation
+    runner: HostStepRunner | DeviceStepRunner
+    eval_fn: Callable
+    fingerprint: dict[str, Any]  # what a checkpoint of this run must match
+
+    @property
+    def data_sharding(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P("data"))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    def evaluate(self, state: TrainState) -> dict[str, float]:
+        top5 = self.config.dataset == "imagenet2012"
+        return evaluate(
+            state, self.pipeline.eval_batches(), self.eval_fn, self.data_sharding, top5=top5
         )
+
+
+def build_experiment(config: Any, workdir: str, mesh: Mesh | None = None) -> Experiment:
+    """Validates ``config`` and builds the run's parts (no training state yet).
+
+    Writes nothing: the workdir is neither created nor read.
+
+    Raises:
+      UserError: a bad config or dataset.
+    """
+    from resnet_jax import checkpoints
+    from resnet_jax import data as data_lib
+
+    mesh = create_mesh() if mesh is None else mesh
+    validate_config(config, mesh.devices.size)
+    pipeline = data_lib.InputPipeline(config, jax.process_index(), jax.process_count())
+    num_classes = check_num_classes(config, pipeline.info.num_classes)
+    platform = mesh.devices.flat[0].platform
+    model = model_from_config(
+        config, num_classes, materialize=resolve_materialize(config, platform)
+    )
+    lr_fn = create_learning_rate_fn(config)
+    step_fn = functools.partial(
+        train_step,
+        learning_rate_fn=lr_fn,
+        num_classes=num_classes,
+        label_smoothing=float(config.label_smoothing),
+        skip_nonfinite=bool(config.skip_nonfinite_steps),
+    )
+    data_sharding = NamedSharding(mesh, P("data"))
+    if config.device_data:
+        # XLA:CPU runs a step inside a while loop far slower than outside one
+        # (BENCHMARKS.md): unroll the scan there; GPUs and TPUs keep it rolled.
+        runner = DeviceStepRunner(step_fn, config, pipeline, mesh, unroll=platform == "cpu")
+    else:
+        runner = HostStepRunner(step_fn, pipeline, data_sharding)
     eval_fn = jax.jit(
         functools.partial(eval_step, num_classes=num_classes),
-        in_shardings=(replicated, data_sharding),
-        out_shardings=replicated,
+        in_shardings=(_replicated(data_sharding), data_sharding),
+        out_shardings=_replicated(data_sharding),
+    )
+    return Experiment(
+        config=config,
+        workdir=workdir,
+        mesh=mesh,
+        pipeline=pipeline,
+        model=model,
+        num_classes=num_classes,
+        learning_rate_fn=lr_fn,
+        tx=create_optimizer(config, lr_fn),
+        runner=runner,
+        eval_fn=eval_fn,
+        fingerprint=checkpoints.fingerprint(config) | {"num_classes": num_classes},
     )
 
-    is_main = jax.process_index() == 0
-    writer = MetricWriter(workdir, start_step if restored else None, enabled=is_main)
-    total_steps = int(config.num_train_steps)
-    log_every = int(config.log_every_steps)
-    # The running window of training metrics (sums since the last log line);
-    # restored from the checkpoint so that log lines do not depend on restarts.
-    window = meta.get("window", {"loss": 0.0, "accuracy": 0.0, "steps": 0, "skipped": 0})
-    pending: list[tuple[int, Any]] = []
-    preempt = PreemptionFlag()
-    preempt.install()
-    bar = None
-    if progress and is_main:
-        from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+def open_checkpointer(exp: Experiment) -> Any:
+    """The workdir's ``checkpoints/`` directory (created if missing)."""
+    from resnet_jax import checkpoints
 
-    last_good = ckpt.latest_step()
-    t_window = time.time()
-    waited = 0.0
-    images_seen = 0
-    t_train = 0.0
-    eval_metrics: dict[str, float] = {}
-    step = start_step
+    return checkpoints.Checkpointer(
+        os.path.join(exp.workdir, "checkpoints"), max_to_keep=int(exp.config.keep_checkpoints)
+    )
 
-    def drain() -> None:
-        """Moves fetched per-step metrics into the window; stops on a bad step."""
-        nonlocal pending
-        for s, m in _fetch(pending):
+
+def restore_or_init(exp: Experiment, ckpt: Any) -> tuple[TrainState, dict[str, Any] | None]:
+    """The newest readable checkpoint of ``ckpt``, or a fresh state.
+
+    Returns ``(state, meta)``; ``meta`` is None for a fresh start.
+    """
+    rng = jax.random.key(exp.config.seed)
+    shape = exp.pipeline.info.image_shape
+
+    def init(r):
+        return create_train_state(exp.model, exp.tx, shape, r, exp.replicated)
+
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=exp.replicated),
+        jax.eval_shape(init, rng),
+    )
+    restored = ckpt.restore_latest(abstract, exp.fingerprint)
+    if restored is None:
+        return init(rng), None
+    return restored
+
+
+# --------------------------------------------------------------------------- #
+# The loop's parts: a metric window and periodic actions
+# --------------------------------------------------------------------------- #
+
+
+class MetricWindow:
+    """Training metrics since the last log line.
+
+    Step metrics stay on the devices until :meth:`drain` fetches them, so the
+    loop never waits for a step to finish between logs. The sums are part of
+    the checkpoint's meta, so log lines do not depend on restarts.
+    """
+
+    def __init__(self, sums: dict[str, float] | None = None, skip_nonfinite: bool = False):
+        self.sums = dict(sums or self._empty())
+        self.skip_nonfinite = skip_nonfinite
+        self._pending: list[tuple[int, Any]] = []
+        self.restart_clock()
+
+    @staticmethod
+    def _empty() -> dict[str, float]:
+        return {"loss": 0.0, "accuracy": 0.0, "steps": 0, "skipped": 0}
+
+    def restart_clock(self) -> None:
+        self.t0 = time.perf_counter()
+        self.images = 0
+        self.data_wait = 0.0
+
+    def add(self, end_step: int, metrics: Any, images: int) -> None:
+        """Queues the device metrics of the call that ended at ``end_step``."""
+        self._pending.append((end_step, metrics))
+        self.images += images
+
+    def drain(self) -> int | None:
+        """Fetches queued metrics into the sums. Returns the first non-finite
+        step (None if all were finite, or they are skipped and counted)."""
+        pending, self._pending = self._pending, []
+        for step, m in _per_step(pending):
             if m["finite"] < 1.0:
-                if config.get("skip_nonfinite_steps", False):
-                    window["skipped"] += 1
-                    continue
-                raise FloatingPointError(
-                    f"Non-finite loss or gradient at step {s}. The last good checkpoint is "
-                    + (f"step {last_good} in {ckpt.directory}" if last_good is not None else "none")
-                    + "; nothing was saved after it. Lower --config.learning_rate, or set "
-                    "--config.skip_nonfinite_steps=True to skip such steps."
-                )
-            window["loss"] += m["loss"]
-            window["accuracy"] += m["accuracy"]
-            window["steps"] += 1
-        pending = []
+                if not self.skip_nonfinite:
+                    return step
+                self.sums["skipped"] += 1
+                continue
+            self.sums["loss"] += m["loss"]
+            self.sums["accuracy"] += m["accuracy"]
+            self.sums["steps"] += 1
+        return None
 
-    def run_eval() -> dict[str, float]:
-        return evaluate(
-            state, pipeline, eval_fn, data_sharding, top5=config.dataset == "imagenet2012"
+    def line(self) -> dict[str, float]:
+        """The log line of the window (call after :meth:`drain`); resets the sums."""
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        n, out = self.sums["steps"], {}
+        if n:  # all steps of the window may have been skipped
+            out = {"train_loss": self.sums["loss"] / n, "train_accuracy": self.sums["accuracy"] / n}
+        out |= {"images_per_sec": self.images / dt, "data_wait_fraction": self.data_wait / dt}
+        if self.sums["skipped"]:
+            out["skipped_steps"] = self.sums["skipped"]
+        self.sums = self._empty()
+        self.seconds = dt
+        self.restart_clock()
+        return out
+
+
+def _per_step(pending: list[tuple[int, Any]]) -> list[tuple[int, dict[str, float]]]:
+    """Per-step host metrics; an entry of k stacked steps ends at its step."""
+    out = []
+    for end, m in jax.device_get(pending):
+        k = int(np.size(m["loss"]))
+        for i in range(k):
+            out.append((end - k + 1 + i, {n: float(np.reshape(v, -1)[i]) for n, v in m.items()}))
+    return out
+
+
+class PeriodicAction:
+    """Runs at every multiple of ``every`` steps and at the last step (in the
+    style of ``clu.periodic_actions``, for a loop whose step may advance by
+    ``steps_per_call`` at a time)."""
+
+    def __init__(self, every: int, last: int):
+        self.every, self.last = int(every), int(last)
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.last
+
+
+class LogAction(PeriodicAction):
+    """Writes the window's line (loss, accuracy, learning rate, images/s, host memory)."""
+
+    def __init__(self, every, last, window, writer, lr_fn, bar, on_nonfinite):
+        super().__init__(every, last)
+        self.window, self.writer, self.lr_fn, self.bar = window, writer, lr_fn, bar
+        self.on_nonfinite = on_nonfinite
+        self.train_seconds = 0.0
+
+    def __call__(self, step: int) -> None:
+        bad = self.window.drain()
+        if bad is not None:
+            self.on_nonfinite(bad)
+        line = self.window.line()
+        self.train_seconds += self.window.seconds
+        line |= {"learning_rate": float(self.lr_fn(step - 1)), "host_rss_mb": runtime.host_rss_mb()}
+        self.writer.write(step, line)
+        if self.bar is not None:
+            loss = line.get("train_loss", float("nan"))
+            self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{line['images_per_sec']:.0f}")
+
+
+class EvalAction(PeriodicAction):
+    """One exact pass over the eval split; keeps the latest metrics."""
+
+    def __init__(self, every, last, exp: Experiment, writer):
+        super().__init__(every, last)
+        self.exp, self.writer = exp, writer
+        self.latest: dict[str, float] = {}
+
+    def __call__(self, step: int, state: TrainState) -> None:
+        self.latest = self.exp.evaluate(state)
+        self.writer.write(step, self.latest)
+
+
+class CheckpointAction(PeriodicAction):
+    """Saves the state and the window (never a state after a non-finite step)."""
+
+    def __init__(self, every, last, exp: Experiment, ckpt, window: MetricWindow, on_nonfinite):
+        super().__init__(every, last)
+        self.exp, self.checkpointer = exp, ckpt
+        self.window, self.on_nonfinite = window, on_nonfinite
+        self.last_good = ckpt.latest_step()
+        self.saved_step: int | None = None
+
+    def __call__(self, step: int, state: TrainState) -> None:
+        bad = self.window.drain()
+        if bad is not None:
+            self.on_nonfinite(bad)
+        meta = {"fingerprint": self.exp.fingerprint, "window": dict(self.window.sums)}
+        self.checkpointer.save(step, state, meta)
+        self.last_good = self.saved_step = step
+
+
+# --------------------------------------------------------------------------- #
+# The loop
+# --------------------------------------------------------------------------- #
+
+
+def describe_plan(exp: Experiment, start_step: int) -> str:
+    """One line: model, data, schedule, workdir, fresh or resumed."""
+    c, info = exp.config, exp.pipeline.info
+    fresh = "fresh start" if start_step == 0 else f"resuming from step {start_step}"
+    if start_step >= c.num_train_steps:
+        fresh = f"already finished at step {start_step}: evaluating only"
+    return (
+        f"{c.model} ({c.dtype}) on {c.dataset}: {info.train_size:,} train / {info.eval_size:,} "
+        f"eval examples, {c.num_train_steps:,} steps of batch {c.batch_size} "
+        f"(~{c.num_train_steps * c.batch_size / info.train_size:.1f} epochs); workdir "
+        f"{exp.workdir} ({fresh})."
+    )
+
+
+def train_and_evaluate(config: Any, workdir: str, progress: bool = True) -> dict[str, Any]:
+    """Trains ``config`` in ``workdir``, resuming from its newest checkpoint.
+
+    Writes ``metrics.jsonl``, TensorBoard events and ``checkpoints/``.
+    Returns the final summary (eval metrics, wall time, images/s).
+
+    Raises:
+      UserError: a bad config, dataset or workdir (before anything is
+        written), a workdir in use by another run, a checkpoint of another
+        experiment, or a checkpoint that could not be saved.
+      NonFiniteError: a non-finite loss or gradient (nothing is saved after it).
+    """
+    t_start = time.time()
+    exp = build_experiment(config, workdir)  # a bad config or dataset stops here
+    with runtime.WorkdirLock(workdir, enabled=jax.process_index() == 0):
+        ckpt = open_checkpointer(exp)
+        try:
+            state, meta = restore_or_init(exp, ckpt)
+            start_step = int(jax.device_get(state.step))
+            log.info("Plan: %s", describe_plan(exp, start_step))
+            loop = _Loop(exp, ckpt, meta, start_step, progress)
+            try:
+                loop.run(state)
+            finally:
+                loop.close()
+        finally:
+            ckpt.close()
+    return loop.summary(time.time() - t_start)
+
+
+class _Loop:
+    """The training loop of :func:`train_and_evaluate` and its bookkeeping."""
+
+    def __init__(self, exp, ckpt, meta: dict | None, start_step: int, progress: bool):
+        c = exp.config
+        is_main = jax.process_index() == 0
+        self.exp, self.start_step, self.step = exp, start_step, start_step
+        self.writer = runtime.MetricWriter(
+            exp.workdir, start_step if meta is not None else None, enabled=is_main
+        )
+        self.window = MetricWindow((meta or {}).get("window"), bool(c.skip_nonfinite_steps))
+        self.bar = (
+            runtime.progress_bar(c.num_train_steps, start_step) if progress and is_main else None
+        )
+        last = int(c.num_train_steps)
+        self.log = LogAction(
+            c.log_every_steps,
+            last,
+            self.window,
+            self.writer,
+            exp.learning_rate_fn,
+            self.bar,
+            self._nonfinite,
+        )
+        self.eval = EvalAction(c.eval_every_steps, last, exp, self.writer)
+        self.ckpt = CheckpointAction(
+            c.checkpoint_every_steps, last, exp, ckpt, self.window, self._nonfinite
+        )
+        self.preempt = runtime.PreemptionFlag()
+        self.stopped_by_signal = False
+
+    def _nonfinite(self, step: int) -> None:
+        good = self.ckpt.last_good
+        where = f"step {good} in {self.ckpt.checkpointer.directory}" if good is not None else "none"
+        raise NonFiniteError(
+            f"Non-finite loss or gradient at step {step}. The last good checkpoint is {where}; "
+            "nothing was saved after it. Lower --config.learning_rate, or set "
+            "--config.skip_nonfinite_steps=True to skip such steps."
         )
 
-    def save(at_step: int) -> None:
-        nonlocal last_good
-        drain()  # never write a non-finite state
-        ckpt.save(at_step, state, {"fingerprint": fp, "window": dict(window)})
-        last_good = at_step
-
-    batches = None if on_device else pipeline.train_batches(start_step)
-    stopped_by_signal = False
-    try:
-        while step < total_steps:
-            if on_device:
-                state, metrics = multi_fn(state, data_on_device, jnp.int32(step))
-            else:
-                t0 = time.time()
-                batch = next(batches)
-                waited += time.time() - t0
-                state, metrics = train_fn(state, _host_batch_to_global(batch, data_sharding))
-            step += steps_per_call
-            pending.append((step, metrics))
-            images_seen += config.batch_size * steps_per_call
-            if step % log_every == 0 or step == total_steps:
-                drain()
-                dt = time.time() - t_window
-                t_train += dt
-                n = window["steps"]
-                line = {}
-                if n:  # all steps of the window may have been skipped
-                    line["train_loss"] = window["loss"] / n
-                    line["train_accuracy"] = window["accuracy"] / n
-                line |= {
-                    "learning_rate": float(lr_fn(step - 1)),
-                    "images_per_sec": images_seen / dt,
-                    "data_wait_fraction": waited / dt,
-                    "host_rss_mb": _host_rss_mb(),
-                }
-                if window["skipped"]:
-                    line["skipped_steps"] = window["skipped"]
-                writer.write(step, line)
-                if bar is not None:
-                    bar.set_postfix(
-                        loss=f"{line.get('train_loss', float('nan')):.4f}",
-                        img_s=f"{line['images_per_sec']:.0f}",
-                    )
-                window = {"loss": 0.0, "accuracy": 0.0, "steps": 0, "skipped": 0}
-                t_window, waited, images_seen = time.time(), 0.0, 0
-            if bar is not None:
-                bar.update(steps_per_call)
-            if step % int(config.eval_every_steps) == 0 or step == total_steps:
-                eval_metrics = run_eval()
-                writer.write(step, eval_metrics)
-            saved = step % int(config.checkpoint_every_steps) == 0 or step == total_steps
-            if saved:
-                save(step)
-            if preempt.reached(step):
-                if not saved:
-                    save(step)
-                stopped_by_signal = True
-                break
-        if not eval_metrics and not stopped_by_signal:
+    def run(self, state: TrainState) -> TrainState:
+        """Trains from ``self.step`` to ``num_train_steps`` (or a signal)."""
+        runner, batch = self.exp.runner, self.exp.config.batch_size
+        runner.start(self.step)
+        self.preempt.install()
+        while self.step < self.exp.config.num_train_steps:
+            wait0 = runner.data_wait
+            state, metrics = runner(state, self.step)
+            self.step += runner.steps_per_call
+            self.window.add(self.step, metrics, batch * runner.steps_per_call)
+            self.window.data_wait += runner.data_wait - wait0
+            self._periodic(state)
+            if self.preempt.reached(self.step):
+                if self.ckpt.saved_step != self.step:
+                    self.ckpt(self.step, state)
+                self.stopped_by_signal = True
+                return state
+        if not self.eval.latest:
             # Already finished when started (the same command run again):
             # evaluate so that the summary still reports the accuracy.
-            eval_metrics = run_eval()
-    finally:
-        preempt.uninstall()
-        if bar is not None:
-            bar.close()
-        ckpt.close()
-        writer.flush()
-        writer.close()
+            self.eval.latest = self.exp.evaluate(state)
+        return state
 
-    wall = time.time() - t_start
-    summary = {
-        "step": step,
-        "wall_seconds": wall,
-        "train_images_per_sec": (step - start_step) * config.batch_size / max(t_train, 1e-9),
-        **eval_metrics,
-    }
-    if stopped_by_signal:
-        summary["preempted"] = True
-        log.warning(
-            "Stopped by a signal at step %d; checkpoint saved. Run the same command to resume.",
-            step,
-        )
-    return summary
+    def _periodic(self, state: TrainState) -> None:
+        step = self.step
+        if self.log.due(step):
+            self.log(step)
+        if self.bar is not None:
+            self.bar.update(self.exp.runner.steps_per_call)
+        if self.eval.due(step):
+            self.eval(step, state)
+        if self.ckpt.due(step):
+            self.ckpt(step, state)
+
+    def close(self) -> None:
+        self.preempt.uninstall()
+        if self.bar is not None:
+            self.bar.close()
+        self.writer.close()
+
+    def summary(self, wall: float) -> dict[str, Any]:
+        trained = self.step - self.start_step
+        out = {
+            "step": self.step,
+            "wall_seconds": wall,
+            "train_images_per_sec": trained
+            * self.exp.config.batch_size
+            / max(self.log.train_seconds, 1e-9),
+            **self.eval.latest,
+        }
+        if self.stopped_by_signal:
+            out["preempted"] = True
+            log.warning(
+                "Stopped by a signal at step %d; checkpoint saved. Run the same command to resume.",
+                self.step,
+            )
+        return out
 
 
 def summary_line(summary: dict[str, Any]) -> str:
@@ -656,14 +949,18 @@ def summary_line(summary: dict[str, Any]) -> str:
 
 
 __all__ = [
+    "Experiment",
     "TrainState",
+    "build_experiment",
     "create_learning_rate_fn",
     "create_mesh",
-    "create_model",
     "create_optimizer",
     "create_train_state",
     "eval_step",
     "evaluate",
+    "model_from_config",
+    "restore_or_init",
     "train_and_evaluate",
     "train_step",
+    "validate_config",
 ]

@@ -8,11 +8,9 @@ machine (BENCHMARKS.md):
   otherwise runs a convolution's kernel gradient on about one core.
 * ``conv="eigen"`` (default): XLA:CPU's Eigen convolutions instead of YNNPACK's
   (XLA's default in jax 0.10); YNNPACK keeps the dots and elementwise work.
-  ResNet-20, 1 device: 646 -> 464 ms per step; ResNet-50, batch 32, 2
-  devices: 10.6 -> 7.9 s.
 
-Neither changes anything on a GPU or TPU: the flags apply to the CPU backend
-only. The YNNPACK flag is an experimental XLA option (present in jax 0.10.2,
+The trainer sets them only when the CPU is the platform
+(:func:`cpu_is_the_platform`); they would change nothing on a GPU or TPU. The YNNPACK flag is an experimental XLA option (present in jax 0.10.2,
 pinned in requirements.txt); if another JAX version rejects it ("Unknown flags
 in XLA_FLAGS"), ``conv="ynn"`` (``train.py --cpu_conv=ynn``) leaves it out.
 This module imports nothing from JAX.
@@ -24,6 +22,29 @@ import os
 
 CONV_BACKENDS = ("eigen", "ynn")
 _YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+# Modules whose presence means JAX will pick an accelerator over the CPU.
+_ACCELERATOR_PLUGINS = (
+    "jax_cuda12_plugin",
+    "jax_cuda13_plugin",
+    "jax_rocm60_plugin",
+    "jax_rocm7_plugin",
+    "libtpu",
+)
+
+
+def cpu_is_the_platform() -> bool:
+    """Whether JAX will run on the CPU, judged before it starts.
+
+    ``JAX_PLATFORMS`` decides when set (its first entry); otherwise the CPU is
+    the platform when no GPU or TPU plugin is installed. The trainer applies
+    :func:`configure` only then, so a GPU or TPU host never gets CPU flags.
+    """
+    import importlib.util
+
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    return not any(importlib.util.find_spec(m) is not None for m in _ACCELERATOR_PLUGINS)
 
 
 def configure(devices: int = 0, conv: str = "eigen") -> str:

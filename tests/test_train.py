@@ -13,9 +13,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from configs import cifar10, digits, imagenet, imagenet_modern
+from configs import cifar10, imagenet, imagenet_modern
 from resnet_jax import checkpoints, train_lib
-from resnet_jax import data as data_lib
 from tests.helpers import read_metrics, tiny_config
 
 
@@ -66,85 +65,11 @@ def test_imagenet_mock_run_reports_top5(tmp_path):
     assert len([m for m in read_metrics(tmp_path) if "train_loss" in m]) == 2
 
 
-def test_imagenet_ten_crop_eval_pipeline():
-    c = imagenet.get_config()
-    c.update(
-        mock_data=True,
-        mock_num_examples=5,
-        image_size=16,
-        eval_resize=20,
-        eval_batch_size=4,
-        batch_size=4,
-        ten_crop=True,
-    )
-    pipe = data_lib.InputPipeline(c)
-    batches = list(pipe.eval_batches())
-    assert batches[0]["image"].shape == (4, 10, 16, 16, 3)
-    assert sum(b["mask"].sum() for b in batches) == 5
-    # Crop 5 and crop 10 are mirror images of each other (center crop and its flip).
-    img = batches[0]["image"][0]
-    np.testing.assert_allclose(img[9], img[4][:, ::-1], atol=1e-6)
-
-
-def test_imagenet_train_augmentation_shapes_and_determinism():
-    c = imagenet.get_config()
-    c.update(
-        mock_data=True,
-        mock_num_examples=12,
-        image_size=24,
-        train_scale_range=(28, 40),
-        batch_size=4,
-        eval_batch_size=4,
-        shuffle_buffer=8,
-    )
-    pipe = data_lib.InputPipeline(c)
-    a = [b["image"] for _, b in zip(range(4), pipe.train_batches(0))]
-    b = [b["image"] for _, b in zip(range(2), pipe.train_batches(2))]
-    assert a[0].shape == (4, 24, 24, 3)
-    np.testing.assert_array_equal(a[2], b[0])
-    np.testing.assert_array_equal(a[3], b[1])
-
-
-def test_in_memory_stream_is_a_function_of_the_step_and_independent_of_processes():
-    c = digits.get_config()
-    c.batch_size = 64
-    one = data_lib.InputPipeline(c)
-    stream = [b for _, b in zip(range(30), one.train_batches(0))]  # crosses an epoch (22 steps)
-    resumed = [b for _, b in zip(range(10), one.train_batches(20))]
-    for x, y in zip(stream[20:], resumed):
-        np.testing.assert_array_equal(x["image"], y["image"])
-        np.testing.assert_array_equal(x["label"], y["label"])
-    # Two processes each get half of the same global batch.
-    halves = [data_lib.InputPipeline(c, p, 2) for p in (0, 1)]
-    parts = [next(h.train_batches(5)) for h in halves]
-    np.testing.assert_array_equal(np.concatenate([p["image"] for p in parts]), stream[5]["image"])
-    # An epoch is a permutation: no example twice within an epoch.
-    labels_seen = np.concatenate([b["label"] for b in stream[:22]])
-    assert len(labels_seen) == 22 * 64
-    # Augmentation really changes images between epochs.
-    assert not np.array_equal(stream[0]["image"], stream[22]["image"])
-
-
-@pytest.mark.parametrize("processes", [1, 2, 3])
-def test_eval_sees_every_example_exactly_once(processes):
-    c = digits.get_config()
-    c.eval_batch_size = 48 * processes  # 360 test examples: not divisible
-    c.batch_size = 48 * processes
-    pipes = [data_lib.InputPipeline(c, p, processes) for p in range(processes)]
-    batches = [list(p.eval_batches()) for p in pipes]
-    assert len({len(b) for b in batches}) == 1  # same number of batches on every host
-    seen = np.concatenate([b["image"][b["mask"] > 0].reshape(-1, 64) for bs in batches for b in bs])
-    expected = pipes[0].test.images.astype(np.float32).reshape(-1, 64) / 255.0
-    expected = expected - pipes[0].mean.reshape(-1)
-    assert seen.shape == expected.shape
-    np.testing.assert_allclose(np.sort(seen, axis=0), np.sort(expected, axis=0), atol=1e-6)
-
-
 def test_overfitting_one_batch_drives_the_loss_down():
     c = tiny_cifar(weight_decay=0.0, learning_rate=0.05)
     mesh = train_lib.create_mesh()
     repl, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    model = train_lib.create_model(c, 10)
+    model = train_lib.model_from_config(c, 10)
     lr_fn = train_lib.create_learning_rate_fn(c)
     state = train_lib.create_train_state(
         model, train_lib.create_optimizer(c, lr_fn), (32, 32, 3), jax.random.key(0), repl
@@ -185,7 +110,7 @@ def test_modern_recipe_schedule_and_scaling():
     assert float(lr(0)) == 0.0
     assert float(lr(c.warmup_steps)) == pytest.approx(peak, rel=1e-5)
     assert float(lr(c.num_train_steps)) == pytest.approx(0.0, abs=1e-7)
-    model = train_lib.create_model(c, 1000)
+    model = train_lib.model_from_config(c, 1000)
     assert model.dtype == jnp.bfloat16 and model.variant == "v1.5" and model.zero_init_residual
 
 
@@ -245,18 +170,11 @@ def test_resume_continues_and_refuses_another_experiment(tmp_path):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == before
 
 
-def test_digits_config_is_the_offline_default():
-    c = digits.get_config()
-    pipe = data_lib.InputPipeline(c)
-    assert pipe.info.train_size == 1437 and pipe.info.eval_size == 360
-    assert pipe.info.image_shape == (8, 8, 1)
-
-
 def test_ten_crop_eval_step_averages_softmax_over_crops():
     c = tiny_cifar()
     mesh = train_lib.create_mesh()
     repl = NamedSharding(mesh, P())
-    model = train_lib.create_model(c, 10)
+    model = train_lib.model_from_config(c, 10)
     lr_fn = train_lib.create_learning_rate_fn(c)
     state = train_lib.create_train_state(
         model, train_lib.create_optimizer(c, lr_fn), (16, 16, 3), jax.random.key(0), repl
@@ -276,26 +194,3 @@ def test_ten_crop_eval_step_averages_softmax_over_crops():
     assert float(out["count"]) == 6
     assert float(out["loss"]) == pytest.approx(float((expected_loss * mask).sum()), rel=1e-4)
     assert float(out["correct"]) == float(((probs.argmax(-1) == labels) * mask).sum())
-
-
-def test_cifar100_by_config():
-    c = tiny_cifar(dataset="cifar100")
-    pipe = data_lib.InputPipeline(c)
-    assert pipe.info.num_classes == 100 and pipe.info.image_shape == (32, 32, 3)
-    batch = next(pipe.train_batches(0))
-    assert batch["image"].shape == (16, 32, 32, 3) and batch["label"].max() < 100
-
-
-def test_paper_validation_split_holds_out_the_end_of_train(monkeypatch):
-    calls = []
-
-    def fake(name, split, data_dir):
-        calls.append((name, split))
-        return data_lib.Split(np.zeros((4, 32, 32, 3), np.uint8), np.zeros((4,), np.int32))
-
-    monkeypatch.setattr(data_lib, "_tfds_in_memory", fake)
-    data_lib.load_in_memory(tiny_cifar(validation_split=5000))
-    assert calls == [("cifar10", "train[:-5000]"), ("cifar10", "train[-5000:]")]
-    calls.clear()
-    data_lib.load_in_memory(tiny_cifar())
-    assert calls == [("cifar10", "train"), ("cifar10", "test")]

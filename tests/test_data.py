@@ -1,0 +1,314 @@
+"""The input pipelines: stream order and augmentation, evaluation, errors, TF set-up.
+
+In-memory datasets run on scikit-learn's digits and on CIFAR under
+``tfds.testing.mock_data`` (random images: no two examples alike, so a batch
+row identifies its example); ImageNet on tfds' mock data.
+"""
+
+import itertools
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import digits, imagenet
+from resnet_jax import data as data_lib
+from resnet_jax.errors import DataNotFoundError, UserError
+from tests.helpers import ROOT, tiny_config
+
+
+def take(stream, n):
+    return list(itertools.islice(stream, n))
+
+
+def pixels(pipe, image):
+    """A normalised batch image back to uint8 pixels."""
+    return np.rint((image + pipe.mean) * 255.0).astype(np.uint8)
+
+
+def train_indices(pipe, batch):
+    """The index into ``pipe.train`` of every row of an unaugmented batch."""
+    rows = {img.tobytes(): i for i, img in enumerate(pipe.train.images)}
+    assert len(rows) == len(pipe.train.images)  # every example distinct
+    idx = np.array([rows[img.tobytes()] for img in pixels(pipe, batch["image"])])
+    np.testing.assert_array_equal(pipe.train.labels[idx], batch["label"])
+    return idx
+
+
+def augmentation_of(augmented, image, pad):
+    """(dy, dx, flipped) such that ``augmented`` is that crop of ``image``
+    zero-padded by ``pad`` pixels, flipped or not; None if there is none."""
+    h, w = image.shape[:2]
+    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+    for dy, dx, flip in itertools.product(range(2 * pad + 1), range(2 * pad + 1), (False, True)):
+        crop = padded[dy : dy + h, dx : dx + w]
+        if np.array_equal(augmented, crop[:, ::-1] if flip else crop):
+            return dy, dx, flip
+    return None
+
+
+def assert_same_batches(xs, ys):
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def tiny_imagenet(**overrides):
+    c = imagenet.get_config()
+    c.update(
+        mock_data=True,
+        mock_num_examples=12,
+        image_size=24,
+        train_scale_range=(28, 40),
+        eval_resize=28,
+        batch_size=4,
+        eval_batch_size=4,
+        shuffle_buffer=8,
+    )
+    c.update(overrides)
+    return c
+
+
+# --------------------------------------------------------------------------- #
+# In-memory training stream
+# --------------------------------------------------------------------------- #
+
+
+def test_an_epoch_visits_every_training_example_exactly_once():
+    pipe = data_lib.InputPipeline(tiny_config(augment=False))  # 64 examples, batch 16
+    assert pipe.steps_per_epoch == 4
+    batches = take(pipe.train_batches(0), 8)
+    epochs = [
+        np.concatenate([train_indices(pipe, b) for b in batches[e * 4 : e * 4 + 4]]) for e in (0, 1)
+    ]
+    for idx in epochs:
+        np.testing.assert_array_equal(np.sort(idx), np.arange(64))
+    assert not np.array_equal(epochs[0], epochs[1])  # each epoch its own order
+    # Without augmentation an image is exactly its example, normalised.
+    expected = pipe.train.images[epochs[0][:16]].astype(np.float32) / 255.0 - pipe.mean
+    np.testing.assert_allclose(batches[0]["image"], expected, atol=1e-6)
+
+
+def test_an_epoch_drops_a_different_remainder_each_time():
+    pipe = data_lib.InputPipeline(tiny_config(augment=False, mock_num_examples=37))
+    assert pipe.steps_per_epoch == 2  # 32 of 37 examples per epoch
+    batches = take(pipe.train_batches(0), 4)
+    seen = [
+        np.concatenate([train_indices(pipe, b) for b in batches[e * 2 : e * 2 + 2]]) for e in (0, 1)
+    ]
+    for idx in seen:
+        assert len(set(idx.tolist())) == 32
+    assert set(seen[0].tolist()) != set(seen[1].tolist())
+
+
+def test_augmentation_differs_between_epochs_and_is_reproduced_on_resume():
+    plain = data_lib.InputPipeline(tiny_config(augment=False))
+    pipe = data_lib.InputPipeline(tiny_config())  # pad 4, random flip
+    stream = take(pipe.train_batches(0), 8)  # two epochs
+    forms = {}
+    for step, (p, b) in enumerate(zip(take(plain.train_batches(0), 8), stream)):
+        idx = train_indices(plain, p)  # augmentation does not change the order
+        np.testing.assert_array_equal(b["label"], p["label"])
+        for i, image in zip(idx, pixels(pipe, b["image"])):
+            forms[step // 4, i] = augmentation_of(image, pipe.train.images[i], pad=4)
+    assert None not in forms.values()  # every image is a pad-crop-flip of its example
+    changed = sum(forms[0, i] != forms[1, i] for i in range(64))
+    assert changed >= 58  # 162 forms: the same one twice is rare
+    assert {f[2] for f in forms.values()} == {False, True}
+    # The same (epoch, position) gets the same form after a resume, in a fresh pipeline too.
+    assert_same_batches(take(pipe.train_batches(5), 3), stream[5:8])
+    fresh = data_lib.InputPipeline(tiny_config())
+    assert_same_batches(take(fresh.train_batches(3), 5), stream[3:8])
+
+
+def test_stream_does_not_depend_on_how_epochs_are_grouped_into_pipelines(monkeypatch):
+    c = tiny_config(mock_num_examples=37)  # 2 steps per epoch
+    stream = take(data_lib.InputPipeline(c).train_batches(1), 7)
+    monkeypatch.setattr(data_lib, "_STEPS_PER_PIPELINE", 1)  # one pipeline per epoch
+    pipe = data_lib.InputPipeline(c)
+    assert pipe.source.epochs_per_pipeline == 1
+    assert_same_batches(take(pipe.train_batches(1), 7), stream)
+
+
+def test_in_memory_stream_is_a_function_of_the_step_and_independent_of_processes():
+    c = digits.get_config()
+    c.batch_size = 64
+    one = data_lib.InputPipeline(c)
+    stream = take(one.train_batches(0), 30)  # crosses an epoch (22 steps)
+    assert_same_batches(take(one.train_batches(20), 10), stream[20:])
+    # Two processes each get half of the same global batch.
+    halves = [data_lib.InputPipeline(c, p, 2) for p in (0, 1)]
+    parts = [next(h.train_batches(5)) for h in halves]
+    for k in ("image", "label"):
+        np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), stream[5][k])
+
+
+def test_digits_config_is_the_offline_default():
+    pipe = data_lib.InputPipeline(digits.get_config())
+    assert pipe.info.train_size == 1437 and pipe.info.eval_size == 360
+    assert pipe.info.image_shape == (8, 8, 1) and pipe.info.num_classes == 10
+    assert pipe.mean.shape == (8, 8, 1) and pipe.mean.dtype == np.float32
+
+
+def test_cifar100_by_config():
+    pipe = data_lib.InputPipeline(tiny_config(dataset="cifar100"))
+    assert pipe.info.num_classes == 100 and pipe.info.image_shape == (32, 32, 3)
+    batch = next(pipe.train_batches(0))
+    assert batch["image"].shape == (16, 32, 32, 3) and batch["image"].dtype == np.float32
+    assert batch["label"].dtype == np.int32 and batch["label"].max() < 100
+
+
+def test_paper_validation_split_holds_out_the_end_of_train(monkeypatch):
+    calls = []
+
+    def fake(name, split, data_dir):
+        calls.append((name, split))
+        return data_lib.Split(np.zeros((4, 32, 32, 3), np.uint8), np.zeros((4,), np.int32))
+
+    monkeypatch.setattr(data_lib, "_tfds_in_memory", fake)
+    data_lib.load_in_memory(tiny_config(validation_split=5000))
+    assert calls == [("cifar10", "train[:-5000]"), ("cifar10", "train[-5000:]")]
+    calls.clear()
+    data_lib.load_in_memory(tiny_config())
+    assert calls == [("cifar10", "train"), ("cifar10", "test")]
+
+
+# --------------------------------------------------------------------------- #
+# Evaluation
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_eval_sees_every_example_exactly_once(processes):
+    c = digits.get_config()
+    c.eval_batch_size = 48 * processes  # 360 test examples: not divisible
+    c.batch_size = 48 * processes
+    pipes = [data_lib.InputPipeline(c, p, processes) for p in range(processes)]
+    batches = [list(p.eval_batches()) for p in pipes]
+    assert len({len(b) for b in batches}) == 1  # same number of batches on every host
+    for b in batches[0]:
+        assert b["image"].shape == (48, 8, 8, 1) and b["mask"].dtype == np.float32
+        assert not b["image"][b["mask"] == 0].any() and not b["label"][b["mask"] == 0].any()
+    seen = np.concatenate([b["image"][b["mask"] > 0] for bs in batches for b in bs])
+    expected = pipes[0].test.images.astype(np.float32) / 255.0 - pipes[0].mean
+    np.testing.assert_allclose(seen, expected, atol=1e-6)  # in order, contiguous shares
+    assert_same_batches(list(pipes[0].eval_batches()), batches[0])  # a second pass
+
+
+def test_imagenet_ten_crop_eval_pipeline():
+    pipe = data_lib.InputPipeline(tiny_imagenet(mock_num_examples=5, image_size=16, ten_crop=True))
+    batches = list(pipe.eval_batches())
+    assert batches[0]["image"].shape == (4, 10, 16, 16, 3)
+    assert sum(b["mask"].sum() for b in batches) == 5
+    # Crop 5 and crop 10 are mirror images of each other (center crop and its flip).
+    img = batches[0]["image"][0]
+    np.testing.assert_allclose(img[9], img[4][:, ::-1], atol=1e-6)
+
+
+def test_imagenet_train_augmentation_shapes_and_determinism():
+    pipe = data_lib.InputPipeline(tiny_imagenet())
+    assert not hasattr(pipe, "train")  # streamed from files, nothing in memory
+    np.testing.assert_allclose(pipe.mean, data_lib.IMAGENET_MEAN_RGB, rtol=1e-7)
+    a = take(pipe.train_batches(0), 4)
+    assert a[0]["image"].shape == (4, 24, 24, 3) and a[0]["label"].dtype == np.int32
+    assert_same_batches(take(pipe.train_batches(2), 2), a[2:])
+
+
+# --------------------------------------------------------------------------- #
+# Errors
+# --------------------------------------------------------------------------- #
+
+
+def test_unknown_dataset_is_a_user_error():
+    with pytest.raises(UserError, match="Unknown dataset 'mnist'; valid: digits, cifar10"):
+        data_lib.InputPipeline(tiny_config(dataset="mnist"))
+
+
+def test_batch_not_dividing_by_processes_is_a_user_error():
+    with pytest.raises(UserError, match=r"batch_size=16 .* number of processes \(3\)"):
+        data_lib.InputPipeline(tiny_config(), 0, 3)
+
+
+def test_training_split_smaller_than_a_batch_is_a_user_error():
+    with pytest.raises(UserError, match="has 64 examples, fewer than one global batch"):
+        data_lib.InputPipeline(tiny_config(batch_size=128))
+
+
+def test_labels_must_fit_num_classes():
+    c = digits.get_config()
+    c.num_classes = 5
+    msg = (
+        "num_classes=5 but digits has labels 0..9; "
+        "set --config.num_classes=0 (the dataset's 10) or >= 10"
+    )
+    with pytest.raises(UserError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        data_lib.InputPipeline(c)
+    c.num_classes = 12  # more logits than classes is allowed
+    assert data_lib.InputPipeline(c).info.num_classes == 10
+
+
+def test_imagenet_not_prepared_is_data_not_found(tmp_path):
+    c = imagenet.get_config()
+    c.data_dir = str(tmp_path / "tfds")
+    with pytest.raises(DataNotFoundError, match="ILSVRC2012_img_train.tar") as e:
+        data_lib.InputPipeline(c)
+    assert isinstance(e.value, UserError) and isinstance(e.value, FileNotFoundError)
+
+
+# --------------------------------------------------------------------------- #
+# TensorFlow set-up
+# --------------------------------------------------------------------------- #
+
+_IMPORT_THEN_CONFIGURE = """
+import os, sys
+import resnet_jax  # jax: it sets TF_CPP_MIN_LOG_LEVEL itself
+env = dict(os.environ)
+import resnet_jax.data as data_lib
+assert dict(os.environ) == env, "importing resnet_jax.data changed the environment"
+assert "tensorflow" not in sys.modules, "importing resnet_jax.data imported TensorFlow"
+os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
+data_lib.configure_tensorflow()
+data_lib.configure_tensorflow()
+import tensorflow as tf
+assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "2"
+assert tf.config.get_visible_devices("GPU") == []
+print("ok")
+"""
+
+
+def test_importing_data_configures_nothing_and_configure_tensorflow_does():
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    out = subprocess.run(
+        [sys.executable, "-c", _IMPORT_THEN_CONFIGURE],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_configure_tensorflow_hides_gpus_once_and_warns_when_too_late(monkeypatch, caplog):
+    import tensorflow as tf
+
+    calls = []
+    monkeypatch.setattr(tf.config, "set_visible_devices", lambda *a: calls.append(a))
+    monkeypatch.setattr(data_lib, "_tf_configured", False)
+    data_lib.configure_tensorflow()
+    data_lib.configure_tensorflow()
+    assert calls == [([], "GPU")]
+
+    def too_late(*args):
+        raise RuntimeError("Visible devices cannot be modified after being initialized")
+
+    monkeypatch.setattr(tf.config, "set_visible_devices", too_late)
+    monkeypatch.setattr(data_lib, "_tf_configured", False)
+    with caplog.at_level(logging.WARNING, logger="resnet_jax.data"):
+        data_lib.configure_tensorflow()
+    assert "initialised its GPUs before configure_tensorflow" in caplog.text
