@@ -16,6 +16,7 @@ traceback.
 import logging
 import os
 import sys
+import threading
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -68,6 +69,32 @@ def _quiet_start(verbose: bool) -> None:
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
+def _drop_closed_loop_noise() -> None:
+    """After a checkpoint write fails (a full disk), tensorstore's threads still
+    call back into orbax's closed event loop, and Python prints each of those
+    errors (``sys.unraisablehook``, ``sys.excepthook``). They say nothing the one-line error does
+    not; keep them for --verbose. Any other error prints as before."""
+
+    def noise(kind, value) -> bool:
+        return (
+            kind is RuntimeError
+            and str(value) == "Event loop is closed"
+            and threading.current_thread() is not threading.main_thread()
+        )
+
+    previous_hook, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+    def hook(kind, value, tb):
+        if not noise(kind, value):
+            previous_hook(kind, value, tb)
+
+    def unraisable(args):
+        if not noise(args.exc_type, args.exc_value):
+            previous_unraisable(args)
+
+    sys.excepthook, sys.unraisablehook = hook, unraisable
+
+
 def _setup_logging(verbose: bool) -> None:
     """Our messages plain on stderr; other libraries' only with --verbose."""
     handler = logging.StreamHandler(sys.stderr)
@@ -104,6 +131,8 @@ def main(argv):
     del argv
     _quiet_start(FLAGS.verbose)
     _setup_logging(FLAGS.verbose)
+    if not FLAGS.verbose:
+        _drop_closed_loop_noise()
     jax = _start_jax()
     if jax.process_index() != 0:
         log.setLevel(logging.WARNING)
@@ -127,8 +156,11 @@ def main(argv):
     except UserError as e:
         print(f"train.py: error: {one_line(e)}", file=sys.stderr, flush=True)
         if isinstance(e, CheckpointSaveError):
-            # orbax's writer threads are mid-failure; leave without their noise.
+            # orbax's writer threads are failing too, and print as they die:
+            # leave at once, with nothing more on the screen.
             sys.stdout.flush()
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
             os._exit(2)
         sys.exit(2)
     if jax.process_index() == 0:

@@ -11,3 +11,24 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One compilation cache for the whole session, shared by the train.py
+# subprocesses (tests/helpers.py) and this process: a program compiles once.
+_CACHE = os.path.join(
+    os.environ.get("PYTEST_CACHE_ROOT", "/tmp"), f"resnet_jax_test_cache_{os.getpid()}"
+)
+os.environ.setdefault("RESNET_JAX_TEST_COMPILE_CACHE", _CACHE)
+
+
+def pytest_configure(config):
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.environ["RESNET_JAX_TEST_COMPILE_CACHE"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    if os.environ["RESNET_JAX_TEST_COMPILE_CACHE"] == _CACHE:
+        shutil.rmtree(_CACHE, ignore_errors=True)

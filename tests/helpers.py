@@ -1,11 +1,30 @@
-"""Shared test fixtures: a tiny CIFAR-10 mock-data config and metrics readers."""
+"""Shared test fixtures: a tiny CIFAR-10 mock-data config, metrics readers, and
+the one helper that launches train.py in a subprocess."""
 
 import json
 import os
+import subprocess
+import sys
 
 from configs import cifar10
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# One persistent compilation cache for every train.py subprocess of a test
+# session (set by tests/conftest.py): the same tiny programs compile once.
+COMPILE_CACHE_ENV = "RESNET_JAX_TEST_COMPILE_CACHE"
+
+# The tiny run of tiny_config, as command-line overrides of configs/cifar10.py.
+CLI_TINY = (
+    "--config.model=resnet8",
+    "--config.mock_data=True",
+    "--config.mock_num_examples=64",
+    "--config.batch_size=16",
+    "--config.eval_batch_size=16",
+    "--config.log_every_steps=1",
+    "--config.eval_every_steps=1000",
+    "--config.checkpoint_every_steps=1000",
+)
 
 
 def tiny_config(**overrides):
@@ -24,6 +43,43 @@ def tiny_config(**overrides):
     )
     c.update(overrides)
     return c
+
+
+def train_command(workdir, *args, config="configs/cifar10.py", devices=8, extra_env=None):
+    """``(argv, env)`` of ``python train.py`` on ``devices`` simulated CPU devices."""
+    cmd = [
+        sys.executable,
+        "train.py",
+        f"--config={config}",
+        f"--workdir={workdir}",
+        "--noprogress",
+        f"--compilation_cache_dir={os.environ.get(COMPILE_CACHE_ENV, '')}",
+        *args,
+    ]
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        **(extra_env or {}),
+    )
+    return cmd, env
+
+
+def run_train(workdir, *args, check=True, timeout=600, **kw):
+    """Runs train.py to its end; returns the CompletedProcess (text output)."""
+    cmd, env = train_command(workdir, *args, **kw)
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"train.py exited {out.returncode}:\n{out.stderr[-3000:]}")
+    return out
+
+
+def start_train(workdir, *args, **kw):
+    """Starts train.py in the background; returns the Popen (text pipes)."""
+    cmd, env = train_command(workdir, *args, **kw)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def read_metrics(workdir):

@@ -548,7 +548,7 @@ def test_train_steps_and_fast_path_import_without_tensorflow():
     import sys
 
     code = (
-        "import sys, resnet_jax.train_lib, resnet_jax.device_data, benchmarks.throughput; "
+        "import sys, resnet_jax.train_lib, resnet_jax.device_data, resnet_jax.runtime; "
         "assert 'tensorflow' not in sys.modules, 'tensorflow imported'"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
