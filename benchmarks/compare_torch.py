@@ -1,16 +1,19 @@
 """The same training step in JAX (resnet_jax) and PyTorch, measured in one run.
 
-    python -m benchmarks.compare_torch --model resnet20 --batch-size 128
+    python -m benchmarks.compare_torch --model resnet20 --batch-size 128 --repeats 5
     python -m benchmarks.compare_torch --model resnet50 --batch-size 128 --dtype bfloat16
 
 PyTorch side: torchvision's ResNet for ImageNet nets (a CIFAR ResNet with
 option-A shortcuts, written below to match resnet_jax, for resnetN), in
 channels-last memory format, SGD momentum 0.9 + weight decay 1e-4,
 cross-entropy, ``torch.autocast`` for bfloat16, ``torch.compile`` unless
-``--no-compile`` or it fails (then eager, and the output says so). Both sides
-run a synthetic batch resident on the device; JAX is measured first, by
-``benchmarks.throughput`` in a child process, then PyTorch in this one.
-Prints a table, the ratio JAX / PyTorch, and, last, one JSON object.
+``--no-compile`` or it fails (then eager, and the result says so). Both sides
+run a synthetic batch resident on the device. JAX is measured first, by
+``benchmarks.throughput`` in a child process that has exited before PyTorch
+starts in this one (so neither runtime's thread pools compete with the other's
+measurement); each side runs ``--repeats`` timed runs of ``--steps`` steps.
+Records both sides' repeats, medians and spreads, and the ratio of the medians
+JAX / PyTorch.
 
 PyTorch is an optional dependency of the benchmarks only:
 ``pip install torch`` (and ``torchvision`` for the ImageNet nets).
@@ -18,20 +21,24 @@ PyTorch is an optional dependency of the benchmarks only:
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import time
 
-from benchmarks import throughput
+from benchmarks import common
 
 TORCH_MISSING = (
     "PyTorch is not installed: pip install torch torchvision (an optional dependency "
     "of the benchmarks only)."
 )
+
+
+def require_torch() -> None:
+    """Exits with an install hint when PyTorch is missing."""
+    if importlib.util.find_spec("torch") is None:
+        raise SystemExit(TORCH_MISSING)
 
 
 def torch_cifar_resnet(depth: int, num_classes: int = 10):
@@ -73,40 +80,26 @@ def torch_cifar_resnet(depth: int, num_classes: int = 10):
     )
 
 
-def measure_torch(
-    model: str,
-    batch_size: int,
-    dtype: str,
-    steps: int,
-    warmup: int,
-    compile_: bool,
-    image_size: int | None,
-) -> dict:
-    try:
-        import torch
-    except ImportError as e:
-        raise SystemExit(TORCH_MISSING) from e
+def torch_model(model: str, image_size: int | None):
+    """``(torch module, image size, classes)``: the PyTorch counterpart of ``model``."""
     import resnet_jax as rj
 
     spec = rj.model_spec(model)
-    if spec["family"] == "cifar":
-        net = torch_cifar_resnet(int(model.replace("cifar_", "").replace("resnet", "")))
-        size, classes = image_size or 32, 10
-    else:
-        try:
-            import torchvision
-        except ImportError as e:
-            raise SystemExit(
-                "torchvision is needed for ImageNet nets: pip install torchvision"
-            ) from e
-        net = getattr(torchvision.models, model)()
-        size, classes = image_size or 224, 1000
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    net = net.to(device).to(memory_format=torch.channels_last).train()
-    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    x = torch.randn(batch_size, 3, size, size, device=device).to(memory_format=torch.channels_last)
-    y = torch.randint(0, classes, (batch_size,), device=device)
-    amp = dtype == "bfloat16"
+    if spec.family == "cifar":
+        if not spec.residual:
+            raise SystemExit(f"{model}: no PyTorch counterpart of the plain CIFAR nets here.")
+        return torch_cifar_resnet(6 * spec.stage_sizes[0] + 2), image_size or 32, 10
+    try:
+        import torchvision
+    except ImportError as e:
+        raise SystemExit("torchvision is needed for ImageNet nets: pip install torchvision") from e
+    return getattr(torchvision.models, model)(), image_size or 224, 1000
+
+
+def _compiled_step(net, opt, device: str, amp: bool, compile_: bool, x, y):
+    """The train step, compiled with ``torch.compile`` where it works:
+    ``(step, compiled?, note, seconds to the first result)``."""
+    import torch
 
     def step(x, y):
         opt.zero_grad(set_to_none=True)
@@ -116,8 +109,7 @@ def measure_torch(
         opt.step()
         return loss
 
-    compiled, note = False, ""
-    fn = step
+    fn, compiled, note = step, False, ""
     t0 = time.perf_counter()
     if compile_:
         try:
@@ -125,94 +117,94 @@ def measure_torch(
             fn(x, y)
             compiled = True
         except Exception as e:  # noqa: BLE001 - report and fall back to eager
-            note = f"torch.compile failed ({type(e).__name__}); eager"
-            fn = step
+            fn, note = step, f"torch.compile failed ({type(e).__name__}); eager"
     fn(x, y)
-    compile_s = time.perf_counter() - t0
+    return fn, compiled, note, time.perf_counter() - t0
 
-    def sync():
+
+def measure_torch(a) -> dict:
+    """PyTorch's side for the parsed flags ``a``: settings, repeats and figures."""
+    require_torch()
+    import torch
+
+    net, size, classes = torch_model(a.model, a.image_size)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net = net.to(device).to(memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    x = torch.randn(a.batch_size, 3, size, size, device=device)
+    x = x.to(memory_format=torch.channels_last)
+    y = torch.randint(0, classes, (a.batch_size,), device=device)
+    fn, compiled, note, compile_s = _compiled_step(
+        net, opt, device, a.dtype == "bfloat16", not a.no_compile, x, y
+    )
+
+    def run(n):
+        for _ in range(n):
+            fn(x, y)
         if device == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(warmup):
-        fn(x, y)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn(x, y)
-    sync()
-    dt = time.perf_counter() - t0
+    run(a.warmup)
+    seconds = []
+    for _ in range(a.repeats):
+        t0 = time.perf_counter()
+        run(a.steps)
+        seconds.append(time.perf_counter() - t0)
     return {
-        "torch": torch.__version__,
-        "torch_device": device,
-        "torch_compile": compiled,
-        "torch_note": note,
-        "torch_threads": torch.get_num_threads(),
-        "torch_images_per_sec": batch_size * steps / dt,
-        "torch_step_ms": 1000 * dt / steps,
-        "torch_compile_seconds": compile_s,
+        "device": device,
+        "device_kind": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "compile": compiled,
+        "note": note,
+        "threads": torch.get_num_threads(),
+        "compile_seconds": compile_s,
+        **common.repeat_figures(a.batch_size, a.steps, seconds),
     }
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="resnet20")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--no-compile", action="store_true", help="PyTorch eager only")
-    throughput.add_materialize_flag(p)
-    p.add_argument(
-        "--compilation-cache-dir",
-        default=os.path.expanduser("~/.cache/resnet_jax/jax_compilation_cache"),
-    )
-    throughput.add_cpu_flags(p)
-    a = p.parse_args(argv)
-    if importlib.util.find_spec("torch") is None:
-        raise SystemExit(TORCH_MISSING)
-    jax_argv = [
-        sys.executable,
-        "-m",
-        "benchmarks.throughput",
-        f"--model={a.model}",
-        f"--batch-size={a.batch_size}",
-        f"--dtype={a.dtype}",
-        f"--steps={a.steps}",
-        f"--warmup={a.warmup}",
-        f"--materialize={a.materialize}",
-        f"--compilation-cache-dir={a.compilation_cache_dir}",
-        f"--cpu-devices={a.cpu_devices}",
-        f"--cpu-conv={a.cpu_conv}",
-    ]
+def measure_jax(a) -> dict:
+    """JAX's side: ``benchmarks.throughput`` in a child process; its result."""
+    names = ("model", "batch_size", "dtype", "steps", "warmup", "repeats", "materialize")
+    names += ("compilation_cache_dir", "cpu_devices", "cpu_conv")
+    argv = [f"--{n.replace('_', '-')}={getattr(a, n)}" for n in names]
     if a.image_size:
-        jax_argv.append(f"--image-size={a.image_size}")
-    # JAX runs in a child process that has exited before PyTorch starts, so
-    # neither side's thread pools compete with the other's measurement.
-    child = subprocess.run(jax_argv, capture_output=True, text=True)
+        argv.append(f"--image-size={a.image_size}")
+    child = subprocess.run(
+        [sys.executable, "-m", "benchmarks.throughput", *argv, "--results="],
+        capture_output=True,
+        text=True,
+        cwd=common.REPO,
+    )
     if child.returncode:
         raise SystemExit(f"The JAX measurement failed:\n{child.stdout}{child.stderr}")
-    jx = json.loads(child.stdout.strip().splitlines()[-1])
-    pt = measure_torch(
-        a.model, a.batch_size, a.dtype, a.steps, a.warmup, not a.no_compile, a.image_size
+    return json.loads(child.stdout.strip().splitlines()[-1])["result"]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = common.parser(
+        __doc__, model="resnet20", batch_size=128, dtype="float32", steps=20, warmup=3, repeats=3
     )
-    r = {**jx, **pt, "ratio_jax_over_torch": jx["images_per_sec"] / pt["torch_images_per_sec"]}
-    kind = "torch.compile" if pt["torch_compile"] else "eager"
+    p.add_argument("--image-size", type=int, default=None, help="default: 224 ImageNet, 32 CIFAR")
+    p.add_argument("--no-compile", action="store_true", help="PyTorch eager only")
+    a = p.parse_args(argv)
+    require_torch()
+    from resnet_jax import xla_cpu
+
+    # The child inherits these flags (and the record shows them); no JAX starts here.
+    xla_cpu.configure(a.cpu_devices, a.cpu_conv)
+    jx = measure_jax(a)
+    pt = measure_torch(a)
+    jax_ips, torch_ips = jx["images_per_sec"]["median"], pt["images_per_sec"]["median"]
+    r = {**jx, "torch": pt, "ratio_jax_over_torch": jax_ips / torch_ips}
+    kind = "torch.compile" if pt["compile"] else "eager"
     print(
-        f"{a.model} train step, batch {a.batch_size}, {a.dtype}, {jx['device_kind']}, "
-        f"{jx['devices']} JAX device(s)"
+        f"{a.model} train step, batch {a.batch_size}, {a.dtype}, {jx['devices']} x "
+        f"{jx['device_kind']}, medians of {a.repeats} x {a.steps} steps:\n"
+        f"  JAX (resnet_jax)   {jax_ips:9.1f} images/s  ({jx['step_ms']['median']:.1f} ms/step)\n"
+        f"  PyTorch ({kind:13}) {torch_ips:9.1f} images/s  "
+        f"({pt['step_ms']['median']:.1f} ms/step) {pt['note']}\n"
+        f"  ratio JAX/PyTorch  {r['ratio_jax_over_torch']:.2f}"
     )
-    print(
-        f"  JAX (resnet_jax)   {jx['images_per_sec']:9.1f} images/s  ({jx['step_ms']:.1f} ms/step)"
-    )
-    print(
-        f"  PyTorch ({kind:13}) {pt['torch_images_per_sec']:9.1f} images/s  "
-        f"({pt['torch_step_ms']:.1f} ms/step) {pt['torch_note']}"
-    )
-    print(f"  ratio JAX/PyTorch  {r['ratio_jax_over_torch']:.2f}")
-    print(json.dumps(r))
-    return r
+    return common.record(r, a.results, benchmark="compare_torch", argv=argv)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,13 @@
 #   bash benchmarks/gpu_checks.sh OUT_DIR [resnet50|cifar|all]
 #
 # Run from the repository root on a GPU host with jax[cuda], flax, optax, torch
-# and torchvision installed (no TensorFlow needed). Each benchmark's JSON line is
-# appended to OUT_DIR/gpu.jsonl and its whole output to OUT_DIR/gpu.log; the
-# ResNet-50 profile's Perfetto trace goes to OUT_DIR/trace. "resnet50" takes
-# about 5 minutes on one H100 (compiles included), "cifar" about 3.
+# and torchvision installed (no TensorFlow needed). Each benchmark appends its
+# own line, provenance included, to OUT_DIR/gpu.jsonl (benchmarks.common.record)
+# and its whole output goes to OUT_DIR/gpu.log; the ResNet-50 profile's
+# Perfetto trace goes to OUT_DIR/trace. Copy gpu.jsonl into benchmarks/results/
+# (e.g. as benchmarks/results/gpu-h100.jsonl) and run python -m benchmarks.report
+# to put the figures into BENCHMARKS.md. "resnet50" takes about 5 minutes on one
+# H100 (compiles included), "cifar" about 3 (estimates: not yet run).
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_checks.sh OUT_DIR [resnet50|cifar|all]}
 which=${2:-all}
@@ -18,28 +21,24 @@ status=0
 
 run() {
   echo "=== $(date -u +%FT%TZ) $*" | tee -a "$out/gpu.log"
-  if "$py" -m "$@" 2>&1 | tee -a "$out/gpu.log" | tail -n 1 >>"$out/gpu.jsonl.tmp"; then
-    tail -n 1 "$out/gpu.jsonl.tmp" | grep '^{' >>"$out/gpu.jsonl" || status=1
-  else
-    status=1
-  fi
-  rm -f "$out/gpu.jsonl.tmp"
+  "$py" -m "$@" --results "$out/gpu.jsonl" 2>&1 | tee -a "$out/gpu.log" || status=1
 }
 
 "$py" -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee -a "$out/gpu.log"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee -a "$out/gpu.log"
 
 if [[ $which == resnet50 || $which == all ]]; then
-  run benchmarks.compare_torch --model resnet50 --batch-size 128 --dtype bfloat16
-  run benchmarks.throughput --model resnet50 --batch-size 256 --dtype bfloat16
-  run benchmarks.throughput --model resnet50 --batch-size 128 --dtype bfloat16 --variant v1.5
+  run benchmarks.compare_torch --model resnet50 --batch-size 128 --dtype bfloat16 --repeats 5
+  run benchmarks.throughput --model resnet50 --batch-size 256 --dtype bfloat16 --repeats 5
+  run benchmarks.throughput --model resnet50 --batch-size 128 --dtype bfloat16 --variant v1.5 \
+    --repeats 5
   run benchmarks.profile_step --model resnet50 --batch-size 128 --dtype bfloat16 \
     --trace-dir "$out/trace"
 fi
 if [[ $which == cifar || $which == all ]]; then
-  run benchmarks.compare_torch --model resnet56 --batch-size 128 --dtype bfloat16
-  run benchmarks.cifar_fast --model resnet56 --batch-size 128 --steps-per-call 200 --calls 5
-  run benchmarks.cifar_fast --model resnet56 --batch-size 128 --steps-per-call 200 --calls 5 \
+  run benchmarks.compare_torch --model resnet56 --batch-size 128 --dtype bfloat16 --repeats 5
+  run benchmarks.cifar_fast --model resnet56 --batch-size 128 --steps-per-call 200 --repeats 5
+  run benchmarks.cifar_fast --model resnet56 --batch-size 128 --steps-per-call 200 --repeats 5 \
     --dtype bfloat16
 fi
 exit $status

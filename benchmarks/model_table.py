@@ -1,15 +1,15 @@
-"""Prints the model table of README.md: parameters and multiply-adds per network.
+"""Parameters and multiply-adds per network (the model table of README.md).
 
-    python -m benchmarks.model_table
+    python -m benchmarks.model_table [--models resnet20,resnet50]
 
 Counts come from jax.eval_shape (parameters) and rj.count_macs (the traced
-forward pass); nothing is allocated, so ResNet-1202 is cheap.
+forward pass, one image); nothing is allocated, so ResNet-1202 is cheap.
+Prints a markdown table and records every row in one line.
 """
 
-import jax
-import jax.numpy as jnp
+from __future__ import annotations
 
-import resnet_jax as rj
+from benchmarks import common
 
 ROWS = [
     ("resnet18", {}),
@@ -31,18 +31,44 @@ ROWS = [
 ]
 
 
-def main() -> None:
+def count(name: str, options: dict) -> dict:
+    """``{"model", "options", "input", "params", "macs"}`` of one network."""
+    import jax
+    import jax.numpy as jnp
+
+    import resnet_jax as rj
+
+    model = rj.create_model(name, **options)
+    shape = (1, 224, 224, 3) if model.stem == "imagenet" else (1, 32, 32, 3)
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    v = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+    opt = ", ".join(f"{k}={v}" for k, v in options.items()) or f"shortcut {model.shortcut or '-'}"
+    return {
+        "model": name,
+        "options": opt,
+        "input": f"{shape[1]}x{shape[2]}",
+        "params": sum(p.size for p in jax.tree.leaves(v["params"])),
+        "macs": rj.count_macs(model, shape, variables=v),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = common.parser(__doc__)
+    p.add_argument("--models", default=None, help="comma-separated names (default: the table)")
+    a = p.parse_args(argv)
+    common.configure(a)
+    rows = [(m, {}) for m in a.models.split(",")] if a.models else ROWS
+    counted = [count(name, opts) for name, opts in rows]
     print("| model | options | input | params | multiply-adds |")
     print("|---|---|---|---:|---:|")
-    for name, opts in ROWS:
-        model = rj.create_model(name, **opts)
-        shape = (1, 224, 224, 3) if model.stem == "imagenet" else (1, 32, 32, 3)
-        x = jax.ShapeDtypeStruct(shape, jnp.float32)
-        v = jax.eval_shape(lambda x, m=model: m.init(jax.random.key(0), x), x)
-        params = sum(p.size for p in jax.tree.leaves(v["params"]))
-        macs = rj.count_macs(model, shape, variables=v)
-        opt = ", ".join(f"{k}={v}" for k, v in opts.items()) or f"shortcut {model.shortcut or '-'}"
-        print(f"| {name} | {opt} | {shape[1]}x{shape[2]} | {params:,} | {macs / 1e9:.3g} G |")
+    for r in counted:
+        print(
+            f"| {r['model']} | {r['options']} | {r['input']} | {r['params']:,} | "
+            f"{r['macs'] / 1e9:.3g} G |"
+        )
+    result = {"models": ",".join(r["model"] for r in counted), "rows": counted}
+    result.update(common.device_info())
+    return common.record(result, a.results, benchmark="model_table", argv=argv)
 
 
 if __name__ == "__main__":

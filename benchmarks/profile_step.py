@@ -7,10 +7,11 @@
 Compiles the same train step as ``benchmarks.throughput``, runs ``--warmup``
 steps, then traces ``--steps`` steps with ``jax.profiler`` (a Perfetto trace
 is written next to the TensorBoard one, under ``--trace-dir``). Prints the
-operations grouped by kind (an XLA fusion's name without its ``.N`` suffix:
+operations grouped by kind (an XLA operation's name without its ``.N`` numbers:
 ``ynn_fusion``, ``transpose_copy_fusion``, ...; on a GPU the kernels), with
 milliseconds per step and their share of the summed operator time, the
-biggest single operations, and, last, one JSON object. Operator time can
+biggest single operations, and records them (``benchmarks.common.record``;
+no repeats: a trace is one measurement). Operator time can
 exceed the step's wall time where operations run in parallel, and fall short
 of it where work is not named in the trace (XLA:CPU's Eigen convolutions,
 ``--cpu-conv eigen``, the default; the script says so). With
@@ -21,7 +22,6 @@ and optax only.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import gzip
@@ -31,17 +31,20 @@ import re
 import tempfile
 import time
 
-from benchmarks import throughput
+from benchmarks import common
 
-# Runtime bookkeeping in the trace, not XLA operations.
+# Runtime bookkeeping in the trace, not XLA operations. A collective's
+# Rendezvous and Wait events lie inside its own event (all-reduce.N): counting
+# them too would count that time twice.
 _NOT_OPS = re.compile(
-    r"^(\$|end: |ThunkExecutor|PjitFunction|Pjit|ParseArguments|Handle |Wait |"
-    r"AllocateOutputBuffers|ThreadpoolListener|PythonRefManager)|::"
+    r"^(\$|end: |ThunkExecutor|PjitFunction|Pjit|ParseArguments|Handle |Wait[: ]|"
+    r"AllocateOutputBuffers|ThreadpoolListener|PythonRefManager|(Invoke)?Rendezvous)|::"
 )
 
 
 def _kind(name: str) -> str:
-    return re.sub(r"(\.\d+)+$", "", name)
+    """``fusion.12`` -> ``fusion``, ``cond.14.clone`` -> ``cond.clone``."""
+    return re.sub(r"\.\d+", "", name)
 
 
 def summarize(trace_file: str, steps: int) -> dict:
@@ -96,47 +99,23 @@ def summarize(trace_file: str, steps: int) -> dict:
     }
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="resnet20")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--dtype", default="float32", choices=throughput.DTYPES)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--variant", default="v1", choices=["v1", "v1.5"])
-    throughput.add_materialize_flag(p)
-    throughput.add_cpu_flags(p)
-    p.add_argument("--trace-dir", default=None, help="default: a new temporary folder")
-    p.add_argument("--dump-hlo", default=None, help="also write XLA's HLO dumps to this folder")
-    p.add_argument("--top", type=int, default=12, help="kinds to print")
-    p.add_argument(
-        "--compilation-cache-dir",
-        default=os.path.expanduser("~/.cache/resnet_jax/jax_compilation_cache"),
-    )
-    a = p.parse_args(argv)
-    throughput.configure_cpu(a)
-    if a.dump_hlo:
-        flags = f"--xla_dump_to={a.dump_hlo} --xla_dump_hlo_as_text"
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
-        a.compilation_cache_dir = ""  # a cached executable would skip the dump
-    throughput.enable_compilation_cache(a.compilation_cache_dir)
+def _trace(a, trace_dir: str) -> tuple[float, str]:
+    """Traces ``--steps`` train steps after ``--warmup``: ``(wall seconds, trace file)``."""
     import jax
 
-    net, state, repl, data = throughput.setup(
+    net, state, repl, data = common.setup(
         a.model,
         a.batch_size,
         a.dtype,
-        a.image_size,
-        a.variant,
-        materialize=throughput.MATERIALIZE[a.materialize],
+        materialize=common.resolve_materialize(a.materialize),
+        image_size=a.image_size,
+        variant=a.variant,
     )
-    batch = throughput.synthetic_batch(net, a.batch_size, a.image_size, data)
-    step = throughput.jit_train_step(net.num_classes, repl, data).lower(state, batch).compile()
+    batch = common.synthetic_batch(net, a.batch_size, a.image_size, data)
+    step = common.jit_train_step(net.num_classes, repl, data).lower(state, batch).compile()
     for _ in range(a.warmup):
         state, m = step(state, batch)
     jax.block_until_ready(state)
-    trace_dir = a.trace_dir or tempfile.mkdtemp(prefix="resnet_jax_trace_")
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         t0 = time.perf_counter()
         for _ in range(a.steps):
@@ -146,23 +125,13 @@ def main(argv=None) -> dict:
     files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
     if not files:
         raise SystemExit(f"jax.profiler wrote no Perfetto trace under {trace_dir}.")
-    r = summarize(files[-1], a.steps)
-    dev = jax.devices()[0]
-    r.update(
-        model=a.model,
-        batch_size=a.batch_size,
-        dtype=a.dtype,
-        materialize=a.materialize,
-        devices=jax.device_count(),
-        device_kind=dev.device_kind,
-        jax=jax.__version__,
-        steps=a.steps,
-        wall_ms_per_step=1000 * wall / a.steps,
-        trace=files[-1],
-    )
+    return wall, files[-1]
+
+
+def _print(r: dict, a) -> None:
     print(
         f"{a.model} train step, batch {a.batch_size}, {a.dtype}, {r['devices']} x "
-        f"{r['device_kind']}, materialize={a.materialize}: {r['wall_ms_per_step']:.1f} ms/step "
+        f"{r['device_kind']}, materialize={r['materialize']}: {r['wall_ms_per_step']:.1f} ms/step "
         f"wall (traced), {r['op_ms_per_step']:.1f} ms/step summed over {r['source']} operations"
     )
     print(f"{'operation kind':<36} {'ms/step':>9} {'share':>7}")
@@ -177,9 +146,39 @@ def main(argv=None) -> dict:
             f"{r['wall_ms_per_step']:.0f} ms/step. XLA:CPU's Eigen convolutions do not "
             "appear in the trace under their own names; --cpu-conv ynn shows YNNPACK's."
         )
-    print(f"trace: {files[-1]}" + (f"; HLO: {a.dump_hlo}" if a.dump_hlo else ""))
-    print(json.dumps(r))
-    return r
+    print(f"trace: {r['trace']}" + (f"; HLO: {a.dump_hlo}" if a.dump_hlo else ""))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = common.parser(__doc__, model="resnet20", batch_size=128, dtype="float32", steps=5, warmup=2)
+    p.add_argument("--image-size", type=int, default=None, help="default: 224 ImageNet, 32 CIFAR")
+    p.add_argument("--variant", default="v1", choices=["v1", "v1.5"])
+    p.add_argument("--trace-dir", default=None, help="default: a new temporary folder")
+    p.add_argument("--dump-hlo", default=None, help="also write XLA's HLO dumps to this folder")
+    p.add_argument("--top", type=int, default=12, help="kinds to print")
+    a = p.parse_args(argv)
+    if a.dump_hlo:
+        flags = f"--xla_dump_to={a.dump_hlo} --xla_dump_hlo_as_text"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
+        a.compilation_cache_dir = ""  # a cached executable would skip the dump
+    common.configure(a)
+    trace_dir = a.trace_dir or tempfile.mkdtemp(prefix="resnet_jax_trace_")
+    wall, trace = _trace(a, trace_dir)
+    r = {
+        "model": a.model,
+        "variant": a.variant,
+        "batch_size": a.batch_size,
+        "dtype": a.dtype,
+        "materialize": common.resolve_materialize(a.materialize),
+        "cpu_conv": a.cpu_conv,
+        **common.device_info(),
+        "steps": a.steps,
+        "wall_ms_per_step": 1000 * wall / a.steps,
+        **summarize(trace, a.steps),
+        "trace": trace,
+    }
+    _print(r, a)
+    return common.record(r, a.results, benchmark="profile_step", argv=argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,379 @@
+"""Regenerates the tables of BENCHMARKS.md from the results files.
+
+    python -m benchmarks.report            # rewrite the tables in BENCHMARKS.md
+    python -m benchmarks.report --check    # exit 1 when BENCHMARKS.md is out of date
+
+A table is the text between ``<!-- table:NAME [KEY=VALUE ...] -->`` and
+``<!-- /table -->``, each at the start of a line; everything outside the
+markers is left as it is. NAME is
+a benchmark (``throughput``, ``compare_torch``, ``cifar_fast``,
+``profile_step``, ``input_pipeline``, ``host_memory``, ``model_table``);
+``KEY=VALUE`` keeps the lines whose result has that value (``platform=cpu``,
+``materialize=true``). Each row is the newest line of one setting (the
+table's key fields, the hardware and the devices), and cites its commit, UTC
+time and hardware; under the table, each row's command. Repeated figures show
+as ``median (min–max)``. Every number comes from a line of the results files
+(default: ``benchmarks/results/*.jsonl``, written by ``benchmarks.common.record``;
+``benchmarks/results/legacy/`` is not read).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import glob
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from benchmarks import common
+
+MARKDOWN = os.path.join(common.REPO, "BENCHMARKS.md")
+RESULTS_GLOB = os.path.join(common.REPO, "benchmarks", "results", "*.jsonl")
+NO_RUN = "_No run recorded yet._"
+_BLOCK = re.compile(
+    r"^(?P<open><!-- table:(?P<name>[\w-]+)(?P<filters>(?: [\w.]+=[^\s>]+)*) -->\n)"
+    r"(?P<body>.*?)^(?P<close><!-- /table -->)",
+    re.S | re.M,
+)
+
+
+# --------------------------------------------------------------------------- #
+# Reading the results
+# --------------------------------------------------------------------------- #
+
+
+def read_results(paths: Sequence[str]) -> list[dict[str, Any]]:
+    """Every line of the files, checked: ``benchmark``, ``result`` and every
+    provenance key (a hand-written line without them is an error)."""
+    lines = []
+    for path in paths:
+        with open(path) as f:
+            for i, text in enumerate(f, 1):
+                if not text.strip():
+                    continue
+                try:
+                    line = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"{path}:{i}: not JSON ({e}).") from e
+                missing = _missing(line)
+                if missing:
+                    raise SystemExit(
+                        f"{path}:{i}: not a line written by benchmarks.common.record "
+                        f"(missing {', '.join(missing)})."
+                    )
+                lines.append(line)
+    return lines
+
+
+def _missing(line: Any) -> list[str]:
+    """The keys a recorded line must have and ``line`` lacks."""
+    if not isinstance(line, dict):
+        return ["benchmark", "result", "provenance"]
+    missing = [k for k in ("benchmark", "result", "provenance") if k not in line]
+    prov = line.get("provenance")
+    return missing + [
+        k for k in common.PROVENANCE_KEYS if not isinstance(prov, dict) or k not in prov
+    ]
+
+
+def _text(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, bool) or value is None else str(value)
+
+
+def select(lines: list[dict], benchmark: str, filters: dict[str, str]) -> list[dict]:
+    """The lines of ``benchmark`` whose result matches every ``KEY=VALUE`` filter."""
+    return [
+        line
+        for line in lines
+        if line["benchmark"] == benchmark
+        and all(_text(line["result"].get(k)) == v for k, v in filters.items())
+    ]
+
+
+def newest_per_setting(lines: list[dict], key: Sequence[str]) -> list[dict]:
+    """The newest line of each setting, in the order of the settings."""
+    newest: dict[tuple, dict] = {}
+    for line in lines:
+        r = line["result"]
+        setting = (hardware(line), r.get("platform"), r.get("devices"), r.get("device_kind"))
+        setting += tuple(_text(r.get(k)) for k in key)
+        old = newest.get(setting)
+        if old is None or line["provenance"]["time_utc"] >= old["provenance"]["time_utc"]:
+            newest[setting] = line
+    return [newest[s] for s in sorted(newest, key=lambda s: tuple(map(str, s)))]
+
+
+# --------------------------------------------------------------------------- #
+# Cells
+# --------------------------------------------------------------------------- #
+
+
+def num(x: float) -> str:
+    """A figure with 3-4 significant digits."""
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    if abs(x) >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3g}"
+
+
+def spread(s: dict[str, float], scale: float = 1.0, unit: str = "") -> str:
+    """``median (min–max)`` of repeats; the median alone for one measurement."""
+    median = num(s["median"] * scale) + unit
+    if s["n"] < 2:
+        return median
+    return f"{median} ({num(s['min'] * scale)}–{num(s['max'] * scale)}{unit})"
+
+
+def hardware(line: dict) -> str:
+    p = line["provenance"]
+    return p["gpu"] or f"{p['cpu_model']}, {p['cpu_count']} CPUs"
+
+
+def devices(r: dict) -> str:
+    return f"{r['devices']} × {r['device_kind']}"
+
+
+def conv(r: dict) -> str:
+    """XLA:CPU's convolutions; '-' where they do not apply."""
+    if r.get("platform") != "cpu":
+        return "-"
+    return {"eigen": "Eigen", "ynn": "YNNPACK"}.get(r.get("cpu_conv"), "-")
+
+
+def on_off(value: bool | None) -> str:
+    return "-" if value is None else ("on" if value else "off")
+
+
+def model(r: dict) -> str:
+    v = r.get("variant", "v1")
+    return r["model"] if v == "v1" else f"{r['model']} {v}"
+
+
+# --------------------------------------------------------------------------- #
+# The tables
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """One kind of table: the result fields that name a setting, the header
+    cells (``>``: right-aligned) and the rows a line makes."""
+
+    key: tuple[str, ...]
+    headers: tuple[str, ...]
+    rows: Callable[[dict], list[list[str]]]
+
+
+def _throughput(r: dict) -> list[list[str]]:
+    compile_s = f"{num(r['compile_seconds'])} ({r['compile_cache']})"
+    return [
+        [model(r), r["mode"], str(r["batch_size"]), r["dtype"], devices(r)]
+        + [on_off(r["materialize"]), conv(r), spread(r["step_ms"])]
+        + [spread(r["images_per_sec"]), compile_s]
+    ]
+
+
+def _compare_torch(r: dict) -> list[list[str]]:
+    pt = r["torch"]
+    kind = ("torch.compile" if pt["compile"] else "eager") + f", {pt['threads']} threads"
+    return [
+        [model(r), str(r["batch_size"]), r["dtype"], devices(r), on_off(r["materialize"])]
+        + [conv(r), spread(r["step_ms"]), spread(r["images_per_sec"])]
+        + [spread(pt["step_ms"]), spread(pt["images_per_sec"]), kind]
+        + [f"**{r['ratio_jax_over_torch']:.2f}**"]
+    ]
+
+
+def _cifar_fast(r: dict) -> list[list[str]]:
+    return [
+        [model(r), str(r["batch_size"]), r["dtype"], devices(r), on_off(r["materialize"])]
+        + [
+            conv(r),
+            str(r["steps_per_call"]),
+            {True: "unrolled", False: "rolled"}.get(r.get("unroll"), "-"),
+        ]
+        + [spread(r["steps_per_sec"])]
+        + [spread(r["images_per_sec"]), num(r["paper_schedule_64k_hours"])]
+        + [f"{num(r['compile_seconds'])} ({r['compile_cache']})"]
+    ]
+
+
+def _profile_step(r: dict, top: int = 4) -> list[list[str]]:
+    setting = [model(r), str(r["batch_size"]), r["dtype"], devices(r)]
+    setting += [on_off(r["materialize"]), conv(r), num(r["wall_ms_per_step"])]
+    setting += [f"{num(r['op_ms_per_step'])} ({r['source']})"]
+    kinds, rest = r["kinds"][:top], r["kinds"][top:]
+    if rest:
+        other_ms = sum(k["ms_per_step"] for k in rest)
+        other_share = sum(k["share"] for k in rest)
+        kinds.append({"kind": "everything else", "ms_per_step": other_ms, "share": other_share})
+    rows = []
+    for i, k in enumerate(kinds):
+        name = k["kind"] if k["kind"] == "everything else" else f"`{k['kind']}`"
+        cells = [name, num(k["ms_per_step"]), f"{100 * k['share']:.1f}%"]
+        rows.append((setting if i == 0 else [""] * len(setting)) + cells)
+    return rows
+
+
+def _input_pipeline(r: dict) -> list[list[str]]:
+    data = r["dataset"] + (" (tfds mock data)" if r["mock_data"] else "")
+    return [
+        [data, r["model"], str(r["batch_size"]), devices(r), on_off(r["materialize"])]
+        + [spread(r["images_per_sec"]), spread(r["data_wait_fraction"], 100, "%")]
+    ]
+
+
+def _host_memory(r: dict) -> list[list[str]]:
+    first, last = r["rss_first"], r["rss_last"]
+    return [
+        [r["model"], str(r["batch_size"]), f"{r['steps']:,}", devices(r)]
+        + [f"{num(first['mb'])} (step {first['step']:,})"]
+        + [f"{num(last['mb'])} (step {last['step']:,})"]
+        + [f"{r['rss_growth_mb']:+.1f}", num(r["rss_max_mb"])]
+    ]
+
+
+def _model_table(r: dict) -> list[list[str]]:
+    return [
+        [m["model"], m["options"], m["input"], f"{m['params']:,}", f"{m['macs'] / 1e9:.3g} G"]
+        for m in r["rows"]
+    ]
+
+
+_SETTING = ("devices", "materialize", "conv")
+TABLES: dict[str, Table] = {
+    "throughput": Table(
+        ("model", "variant", "mode", "batch_size", "image_size", "dtype", "materialize")
+        + ("cpu_conv", "compile_cache"),
+        ("model", "mode", ">batch", "dtype", *_SETTING, ">ms/step", ">images/s")
+        + (">compile s (cache)",),
+        _throughput,
+    ),
+    "compare_torch": Table(
+        ("model", "batch_size", "dtype", "materialize", "cpu_conv"),
+        ("model", ">batch", "dtype", *_SETTING, ">JAX ms/step", ">JAX images/s")
+        + (">PyTorch ms/step", ">PyTorch images/s", "PyTorch", ">JAX / PyTorch"),
+        _compare_torch,
+    ),
+    "cifar_fast": Table(
+        ("model", "batch_size", "dtype", "materialize", "cpu_conv", "steps_per_call", "unroll"),
+        ("model", ">batch", "dtype", *_SETTING, ">k", "scan", ">steps/s", ">images/s")
+        + (">64k steps, h", ">compile s (cache)"),
+        _cifar_fast,
+    ),
+    "profile_step": Table(
+        ("model", "batch_size", "dtype", "materialize", "cpu_conv"),
+        ("model", ">batch", "dtype", *_SETTING, ">wall ms/step", ">summed op ms/step")
+        + ("operation kind", ">ms/step", ">share"),
+        _profile_step,
+    ),
+    "input_pipeline": Table(
+        ("dataset", "mock_data", "model", "batch_size", "materialize"),
+        ("data", "model", ">batch", "devices", "materialize", ">images/s", ">waiting for data"),
+        _input_pipeline,
+    ),
+    "host_memory": Table(
+        ("model", "batch_size", "steps"),
+        ("model", ">batch", ">steps", "devices", ">RSS MiB, first", ">RSS MiB, last")
+        + (">growth MiB", ">max MiB"),
+        _host_memory,
+    ),
+    "model_table": Table(
+        ("models",), ("model", "options", "input", ">params", ">multiply-adds"), _model_table
+    ),
+}
+
+
+# --------------------------------------------------------------------------- #
+# Rendering
+# --------------------------------------------------------------------------- #
+
+
+def _row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def render_table(name: str, filters: dict[str, str], lines: list[dict]) -> str:
+    """The markdown of one table (ending in a newline): the newest line per
+    setting, each row citing its commit, UTC time and hardware, then the
+    command of each row."""
+    if name not in TABLES:
+        raise SystemExit(f"Unknown table {name!r} in a marker; known: {', '.join(TABLES)}.")
+    table = TABLES[name]
+    chosen = newest_per_setting(select(lines, name, filters), table.key)
+    if not chosen:
+        return NO_RUN + "\n"
+    headers = ("#", *table.headers, "commit", "UTC", "hardware")
+    out = [
+        _row(h.lstrip(">") for h in headers),
+        _row("---:" if h.startswith(">") or h == "#" else "---" for h in headers),
+    ]
+    commands = []
+    for i, line in enumerate(chosen, 1):
+        p = line["provenance"]
+        commit = (p["commit"] or "unknown")[:7] + ("+dirty" if p["dirty"] else "")
+        when = p["time_utc"][:16].replace("T", " ")
+        for j, cells in enumerate(table.rows(line["result"])):
+            cite = [f"`{commit}`", when, hardware(line)] if j == 0 else ["", "", ""]
+            out.append(_row([str(i) if j == 0 else "", *cells, *cite]))
+        commands.append(f"{i}. `{p['command']}`")
+    return "\n".join([*out, "", "Commands:", "", *commands]) + "\n"
+
+
+def render(markdown: str, lines: list[dict]) -> str:
+    """``markdown`` with the body of every table marker regenerated."""
+
+    def replace(m: re.Match) -> str:
+        filters = dict(f.split("=", 1) for f in m.group("filters").split())
+        return m.group("open") + render_table(m.group("name"), filters, lines) + m.group("close")
+
+    new = _BLOCK.sub(replace, markdown)
+    opened = len(re.findall(r"^<!-- table:", markdown, re.M))
+    if opened != len(_BLOCK.findall(markdown)):
+        raise SystemExit("A <!-- table:NAME --> marker has no <!-- /table --> after it.")
+    return new
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--markdown", default=MARKDOWN, help="the file whose tables are regenerated")
+    p.add_argument(
+        "--results",
+        action="append",
+        default=None,
+        help="a results file (repeatable; default: benchmarks/results/*.jsonl)",
+    )
+    p.add_argument("--check", action="store_true", help="exit 1 if the file is out of date")
+    a = p.parse_args(argv)
+    paths = a.results if a.results is not None else sorted(glob.glob(RESULTS_GLOB))
+    with open(a.markdown) as f:
+        old = f.read()
+    new = render(old, read_results(paths))
+    if a.check:
+        if new == old:
+            return 0
+        diff = difflib.unified_diff(
+            old.splitlines(True), new.splitlines(True), a.markdown, "regenerated"
+        )
+        sys.stdout.writelines(diff)
+        print(f"{a.markdown} is out of date with the results: run python -m benchmarks.report")
+        return 1
+    if new != old:
+        with open(a.markdown, "w") as f:
+            f.write(new)
+    print(f"{a.markdown}: {len(_BLOCK.findall(new))} tables from {len(paths)} results file(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
