@@ -42,6 +42,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.steps_per_call = 1
     # Optimisation
     c.num_train_steps = 64_000
+    # Schedules in epochs, resolved into steps at run time from the actual
+    # batch size and training-set size; each is used only where its step key
+    # is 0 (so one --config.batch_size= override rescales the whole recipe).
+    c.num_epochs = 0.0  # with num_train_steps = 0
+    c.warmup_epochs = 0.0  # with warmup_steps = 0
+    c.eval_every_epochs = 0.0  # with eval_every_steps = 0
+    c.checkpoint_every_epochs = 0.0  # with checkpoint_every_steps = 0
     c.learning_rate = 0.1
     c.lr_batch_base = 0  # >0: learning rate scaled by batch_size / lr_batch_base
     c.lr_schedule = "step"  # 'step' or 'cosine'

@@ -336,7 +336,10 @@ def _check_optimisation(config: Any) -> None:
         f"warmup_learning_rate={config.warmup_learning_rate} must be positive.",
     )
     _check_boundaries(config)
-    create_learning_rate_fn(config)  # an unknown schedule raises here
+    _require(
+        config.lr_schedule in ("step", "cosine"),
+        f"Unknown lr_schedule {config.lr_schedule!r}; valid: 'step', 'cosine'.",
+    )
 
 
 def _check_boundaries(config: Any) -> None:
@@ -359,7 +362,7 @@ def _check_boundaries(config: Any) -> None:
         f"--config.lr_boundaries='{tuple(sorted(set(bounds)))}'.",
     )
     late = [b for b in bounds if b >= config.num_train_steps]
-    if late and config.lr_schedule == "step":
+    if late and config.lr_schedule == "step" and config.num_train_steps:
         log.warning(
             "lr_boundaries %s are at or after num_train_steps=%d: the run ends before them.",
             late,
@@ -397,16 +400,78 @@ def _check_model_and_data(config: Any) -> None:
     )
 
 
+# Each step count and the epoch count that stands in for it when it is 0.
+_EPOCH_KEYS = {
+    "num_train_steps": "num_epochs",
+    "warmup_steps": "warmup_epochs",
+    "eval_every_steps": "eval_every_epochs",
+    "checkpoint_every_steps": "checkpoint_every_epochs",
+}
+
+
 def _check_batches(config: Any, num_devices: int) -> None:
-    for key in ("batch_size", "eval_batch_size"):
-        _require(
-            config[key] > 0 and config[key] % num_devices == 0,
-            f"{key}={config[key]} must be positive and divisible by the number of devices "
-            f"({num_devices}) so that every device gets an equal share; use e.g. "
-            f"--config.{key}={num_devices * max(1, config[key] // num_devices)}.",
-        )
+    b = config.batch_size
+    _require(
+        b > 0 and b % num_devices == 0,
+        f"batch_size={b} must be positive and divisible by the number of devices "
+        f"({num_devices}) so that every device gets an equal share; use e.g. "
+        f"--config.batch_size={num_devices * max(1, b // num_devices)}.",
+    )
+    # Evaluation pads its batches up to a multiple of the devices (masked).
+    _require(
+        config.eval_batch_size > 0, f"eval_batch_size={config.eval_batch_size} must be positive."
+    )
     for key in _INTERVALS:
-        _require(int(config[key]) > 0, f"{key} must be positive, got {config[key]}.")
+        epochs = _EPOCH_KEYS.get(key)
+        by_epochs = epochs is not None and config[key] == 0 and config[epochs] > 0
+        _require(
+            int(config[key]) > 0 or by_epochs,
+            f"{key} must be positive, got {config[key]}"
+            + (f" (or 0 with {epochs} > 0)." if epochs else "."),
+        )
+    for epochs in _EPOCH_KEYS.values():
+        _require(config[epochs] >= 0, f"{epochs}={config[epochs]} must be >= 0.")
+
+
+def pad_eval_batch(config: Any, num_devices: int) -> Any:
+    """A copy of ``config`` whose ``eval_batch_size`` is a multiple of the
+    devices (evaluation masks the padding, so it stays exact)."""
+    c = config.copy_and_resolve_references()
+    padded = -(-c.eval_batch_size // num_devices) * num_devices
+    if padded != c.eval_batch_size:
+        log.info(
+            "eval_batch_size %d padded to %d (a multiple of the devices).",
+            c.eval_batch_size,
+            padded,
+        )
+        c.eval_batch_size = padded
+    return c
+
+
+def resolve_schedule(config: Any, train_size: int) -> Any:
+    """A copy of ``config`` with every schedule in steps for this run.
+
+    Epoch counts (``num_epochs``, ``warmup_epochs``, ``eval_every_epochs``,
+    ``checkpoint_every_epochs``) become steps where their step key is 0, from
+    the actual ``batch_size`` (an epoch is ``train_size // batch_size``
+    steps). A cosine warm-up that does not fit in the run is shortened to a
+    tenth of it, with a warning.
+    """
+    c = config.copy_and_resolve_references()
+    steps_per_epoch = max(1, train_size // c.batch_size)
+    for key, epochs in _EPOCH_KEYS.items():
+        if c[key] == 0 and c[epochs] > 0:
+            c[key] = max(1, round(c[epochs] * steps_per_epoch))
+    if c.lr_schedule == "cosine" and c.warmup_steps >= c.num_train_steps:
+        short = c.num_train_steps // 10
+        log.warning(
+            "warmup_steps=%d does not fit in num_train_steps=%d: warming up for %d steps.",
+            c.warmup_steps,
+            c.num_train_steps,
+            short,
+        )
+        c.warmup_steps = short
+    return c
 
 
 def _check_fast_path(config: Any) -> None:
@@ -439,7 +504,6 @@ def validate_config(config: Any, num_devices: int) -> None:
     _check_model_and_data(config)
     _check_batches(config, num_devices)
     _check_optimisation(config)
-    _check_fast_path(config)
 
 
 def check_num_classes(config: Any, dataset_classes: int) -> int:
@@ -575,7 +639,10 @@ def build_experiment(config: Any, workdir: str, mesh: Mesh | None = None) -> Exp
 
     mesh = create_mesh() if mesh is None else mesh
     validate_config(config, mesh.devices.size)
+    config = pad_eval_batch(config, mesh.devices.size)
     pipeline = data_lib.InputPipeline(config, jax.process_index(), jax.process_count())
+    config = resolve_schedule(config, pipeline.info.train_size)
+    _check_fast_path(config)
     num_classes = check_num_classes(config, pipeline.info.num_classes)
     platform = mesh.devices.flat[0].platform
     model = model_from_config(
