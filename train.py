@@ -43,6 +43,18 @@ flags.DEFINE_integer(
     "On a CPU-only host, split the CPU into this many XLA devices (e.g. one per core): "
     "XLA:CPU runs convolution gradients on about one core, so this trains faster.",
 )
+flags.DEFINE_bool(
+    "gpu_xla_defaults",
+    True,
+    "On NVIDIA GPUs, add the XLA flags NVIDIA's JAX containers set for data-parallel "
+    "training (the latency-hiding scheduler); flags already in XLA_FLAGS win.",
+)
+flags.DEFINE_bool(
+    "deterministic",
+    False,
+    "On NVIDIA GPUs, run XLA's deterministic ops (needed for bit-exact resume on a GPU; "
+    "slower). CPU runs are deterministic already.",
+)
 flags.DEFINE_enum(
     "cpu_conv",
     "eigen",
@@ -111,10 +123,12 @@ def _setup_logging(verbose: bool) -> None:
 
 def _start_jax():
     """XLA flags for the platform, then JAX (and the cluster, if any)."""
-    from resnet_jax import xla_cpu
+    from resnet_jax import xla_cpu, xla_gpu
 
     if xla_cpu.cpu_is_the_platform():
         xla_cpu.configure(FLAGS.cpu_devices, FLAGS.cpu_conv)
+    elif xla_gpu.gpu_is_the_platform():
+        xla_gpu.configure(FLAGS.gpu_xla_defaults, FLAGS.deterministic)
     import jax
 
     if FLAGS.coordinator_address:
@@ -140,6 +154,11 @@ def main(argv):
     from resnet_jax.errors import CheckpointSaveError, UserError, one_line
 
     devices = jax.devices()
+    from resnet_jax import xla_gpu
+
+    fallback = xla_gpu.cpu_fallback_warning(devices[0].platform)
+    if fallback and "cpu" not in os.environ.get("JAX_PLATFORMS", ""):
+        log.warning(fallback)
     kind = devices[0].device_kind
     log.info(
         "JAX %s: %d %s device%s%s, %d process%s.",
