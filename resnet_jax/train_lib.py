@@ -953,7 +953,7 @@ class _Loop:
             self.window.add(self.step, metrics, batch * runner.steps_per_call)
             self.window.data_wait += runner.data_wait - wait0
             self._periodic(state)
-            if self.preempt.reached(self.step):
+            if self.preempt.reached(self.step // runner.steps_per_call):
                 if self.ckpt.saved_step != self.step:
                     self.ckpt(self.step, state)
                 self.stopped_by_signal = True
