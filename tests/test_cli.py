@@ -11,7 +11,16 @@ import time
 import pytest
 
 from resnet_jax import errors, train_lib
-from tests.helpers import CLI_TINY, read_metrics, run_train, start_train, tiny_config, train_losses
+from tests.helpers import (
+    CLI_TINY,
+    ROOT,
+    read_metrics,
+    run_train,
+    start_train,
+    tiny_config,
+    train_command,
+    train_losses,
+)
 
 
 def assert_one_line_error(out, *fragments):
@@ -212,3 +221,34 @@ def test_metrics_lines_are_json(tmp_path):
     with open(tmp_path / "metrics.jsonl") as f:
         for line in f:
             assert isinstance(json.loads(line)["step"], int)
+
+
+@pytest.mark.parametrize(
+    "key, value", [("dataset", "cifar100"), ("shortcut", "B"), ("variant", "v1.5")]
+)
+def test_a_checkpoint_of_another_experiment_is_refused(tmp_path, key, value):
+    train_lib.train_and_evaluate(tiny_config(num_train_steps=1), str(tmp_path), progress=False)
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    with pytest.raises(errors.UserError, match=f"{key}: checkpoint .* vs config '{value}'"):
+        train_lib.train_and_evaluate(
+            tiny_config(num_train_steps=2, **{key: value}), str(tmp_path), progress=False
+        )
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+
+
+def test_progress_bar_and_the_default_compilation_cache(tmp_path):
+    """The bar is on by default (stderr); the compilation cache is on by default
+    and a run fills the directory it is given."""
+    import train
+
+    default = train.FLAGS["compilation_cache_dir"].default
+    assert default.endswith(os.path.join(".cache", "resnet_jax", "jax_compilation_cache"))
+    cache = tmp_path / "cache"
+    cmd, env = train_command(tmp_path / "w", *CLI_TINY, "--config.num_train_steps=3")
+    cmd = [a for a in cmd if a != "--noprogress" and not a.startswith("--compilation_cache_dir")]
+    cmd.append(f"--compilation_cache_dir={cache}")
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    bar = out.stderr.replace("\r", "\n")
+    assert "3/3" in bar and "step/s" in bar and "loss=" in bar, out.stderr[-2000:]
+    assert any(cache.iterdir())  # compiled programs were stored
