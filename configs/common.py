@@ -14,6 +14,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.zero_init_residual = False
     c.bn_momentum = 0.9  # PyTorch momentum 0.1
     c.bn_epsilon = 1e-5
+    # >1: training BatchNorm statistics over this many equal groups of the batch
+    # (ghost BatchNorm); a multiple of the device count keeps them on each device.
+    c.bn_groups = 1
     c.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16'
     # Store each activation in training through rj.materialize (an identity XLA
     # does not fuse across). None: the trainer turns it on for CPU devices,

@@ -102,6 +102,132 @@ def _check_resnet_fields(m: ResNet) -> None:
         raise ValueError(
             f"stage_sizes must list at least one stage of >= 1 blocks, got {m.stage_sizes!r}."
         )
+    _check_bn_groups(m.bn_groups, "bn_groups")
+
+
+def _check_bn_groups(groups: int, field: str) -> None:
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(
+            f"{field} must be an int >= 1 (1: statistics over the whole batch), got {groups!r}."
+        )
+
+
+def _check_batch_divides(batch: int, groups: int, field: str) -> None:
+    if batch % groups:
+        raise ValueError(
+            f"The training batch of {batch} examples does not divide into {field}={groups} "
+            f"equal groups; use a batch size that is a multiple of {groups}."
+        )
+
+
+class GroupedBatchNorm(nn.Module):
+    """BatchNorm whose training statistics are computed over equal groups of the batch.
+
+    "Ghost" batch normalisation, as in tuned large-batch ImageNet runs (MLPerf):
+    in training, an ``(N, ..., C)`` input is split along its first axis into
+    ``groups`` consecutive groups of ``N / groups`` examples, and each group is
+    normalised with the float32 mean and (biased) variance of its own
+    examples, exactly as :class:`flax.linen.BatchNorm` would normalise that
+    group on its own. When the groups line up with the devices of a batch
+    sharded over a mesh axis (``groups`` a multiple of the device count), no
+    statistic of the forward or backward pass crosses a device.
+
+    The running statistics are updated with the mean over the groups of their
+    statistics: ``ra_mean = m * ra_mean + (1 - m) * mean_g(mean_g)`` and
+    ``ra_var = m * ra_var + (1 - m) * mean_g(var_g)``, the mean of the groups'
+    variances (not the variance of the whole batch, which also counts the
+    spread of the group means). Both are the average of the updates the
+    groups would make separately from the same running statistics. This
+    average is the one cross-group (cross-device) reduction, one per layer,
+    and nothing else in the step waits on it.
+
+    With ``use_running_average`` (evaluation) it is :class:`flax.linen.BatchNorm`.
+    Variables have flax's names and shapes: params ``scale`` and ``bias``,
+    batch_stats ``mean`` and ``var``, each ``(C,)`` float32, so checkpoints
+    move freely between grouped and ungrouped models.
+
+    Maps ``(N, ..., C)`` to the same shape in ``dtype``. Training raises
+    ValueError when ``N`` does not divide by ``groups``.
+
+    Attributes:
+      groups: number of equal groups of the batch (1: the whole batch).
+      use_running_average: normalise with the running statistics (evaluation);
+        may also be given at call time, as for ``nn.BatchNorm``.
+      momentum: decay of the running statistics, as ``nn.BatchNorm``'s.
+      epsilon: added to the variance.
+      dtype: the output dtype (None: from the input and parameters); the
+        statistics are at least float32 whatever it is.
+      param_dtype: storage dtype of ``scale`` and ``bias``.
+      use_bias, use_scale, bias_init, scale_init: as ``nn.BatchNorm``'s.
+    """
+
+    groups: int = 1
+    use_running_average: bool | None = None
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Callable = nn.initializers.zeros
+    scale_init: Callable = nn.initializers.ones
+
+    def __post_init__(self) -> None:
+        _check_bn_groups(self.groups, "groups")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        """Normalises ``x`` (``(N, ..., C)``) over all axes but the last."""
+        use_running_average = nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
+        features = (x.shape[-1],)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
+        scale = bias = None
+        if self.use_scale:
+            scale = self.param("scale", self.scale_init, features, self.param_dtype)
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, features, self.param_dtype)
+        out_dtype = nn.dtypes.canonicalize_dtype(
+            *(a for a in (x, scale, bias) if a is not None), dtype=self.dtype
+        )
+
+        if use_running_average:
+            y = _affine(x, ra_mean.value, ra_var.value, self.epsilon, scale, bias)
+            return jnp.asarray(y, out_dtype)
+
+        n = x.shape[0]
+        _check_batch_divides(n, self.groups, "groups")
+        # (N, ..., C) -> (G, N/G, ..., C): with the batch sharded over devices
+        # and G a multiple of their number, each group lives on one device.
+        xg = x.reshape(self.groups, n // self.groups, *x.shape[1:])
+        stats_dtype = jnp.promote_types(self.dtype or x.dtype, jnp.float32)
+        xs = xg.astype(stats_dtype)
+        axes = tuple(range(1, xg.ndim - 1))
+        # E[x^2] - E[x]^2 in one pass, clipped at 0, as nn.BatchNorm's default.
+        mean = xs.mean(axes)
+        var = jnp.maximum(0.0, jnp.square(xs).mean(axes) - jnp.square(mean))
+        if not self.is_initializing():
+            m = self.momentum
+            ra_mean.value = m * ra_mean.value + (1 - m) * mean.mean(0)
+            ra_var.value = m * ra_var.value + (1 - m) * var.mean(0)
+        shape = (self.groups,) + (1,) * len(axes) + features
+        y = _affine(xg, mean.reshape(shape), var.reshape(shape), self.epsilon, scale, bias)
+        return jnp.asarray(y, out_dtype).reshape(x.shape)
+
+
+def _affine(x, mean, var, epsilon, scale, bias):
+    """``(x - mean) * rsqrt(var + epsilon) * scale + bias``, in flax's order of operations."""
+    y = x - mean
+    mul = lax.rsqrt(var + epsilon)
+    if scale is not None:
+        mul = mul * scale
+    y = y * mul
+    if bias is not None:
+        y = y + bias
+    return y
 
 
 class Shortcut(nn.Module):
@@ -159,8 +285,9 @@ class BasicBlock(nn.Module):
 
     Attributes:
       filters: output channels of both convolutions.
-      conv, norm: module factories (``nn.Conv``/``nn.BatchNorm`` with dtype and
-        train mode bound), called as ``conv(features, kernel_size, strides=, name=)``.
+      conv, norm: module factories (``nn.Conv``/``nn.BatchNorm`` or
+        :class:`GroupedBatchNorm`, with dtype and train mode bound), called
+        as ``conv(features, kernel_size, strides=, name=)``.
       act: the activation function.
       strides: stride of the first convolution.
       shortcut: 'A', 'B', 'C' or None for a plain block without a shortcut.
@@ -258,6 +385,13 @@ class ResNet(nn.Module):
       bn_momentum: decay of the running statistics, ``ra = m * ra + (1 - m) *
         batch``. PyTorch's ``momentum`` is ``1 - bn_momentum`` (0.1 <-> 0.9).
       bn_epsilon: BatchNorm epsilon.
+      bn_groups: in training, each BatchNorm computes its statistics over
+        ``bn_groups`` equal groups of the batch ("ghost" BatchNorm, see
+        :class:`GroupedBatchNorm`); the batch size must divide by it. With a
+        batch sharded over devices and ``bn_groups`` a multiple of their
+        number, no BatchNorm statistic crosses a device. 1 (default): over the
+        whole batch, with ``nn.BatchNorm``. Evaluation and the variables'
+        names and shapes do not depend on it.
       dtype: compute dtype (e.g. ``jnp.bfloat16``). BatchNorm statistics, the
         pooled features and the logits stay float32.
       param_dtype: storage dtype of the parameters.
@@ -281,6 +415,7 @@ class ResNet(nn.Module):
     zero_init_residual: bool = False
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
+    bn_groups: int = 1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     act: Callable = nn.relu
@@ -296,16 +431,23 @@ class ResNet(nn.Module):
 
         Args:
           x: ``(N, H, W, C)`` images.
-          train: use batch statistics and update ``batch_stats`` (apply with
-            ``mutable=['batch_stats']``); False uses the running statistics.
+          train: use batch statistics (of each of the ``bn_groups`` groups)
+            and update ``batch_stats`` (apply with ``mutable=['batch_stats']``);
+            False uses the running statistics.
           features: return a :class:`Features` record of the intermediate
             outputs (stem, every stage, pooled, logits or None) instead.
 
         Returns:
           ``(N, num_classes)`` float32 logits, ``(N, C)`` float32 pooled
           features when ``num_classes == 0``, or :class:`Features`.
+
+        Raises:
+          ValueError: for inputs that are not NHWC with the initialised
+            channels, or in training when ``N`` does not divide by ``bn_groups``.
         """
         _check_input(x, self.variables.get("params", {}))
+        if train:
+            _check_batch_divides(x.shape[0], self.bn_groups, "bn_groups")
         conv, norm, act = self._layers(train)
         x = _stem(jnp.asarray(x, self.dtype), self.stem, self.stem_width, conv, norm, act)
         stem = x
@@ -343,8 +485,14 @@ class ResNet(nn.Module):
             param_dtype=self.param_dtype,
             kernel_init=conv_kernel_init,
         )
+        # nn.BatchNorm for one group keeps the ungrouped numerics bit for bit.
+        bn = (
+            nn.BatchNorm
+            if self.bn_groups == 1
+            else functools.partial(GroupedBatchNorm, groups=self.bn_groups)
+        )
         norm = functools.partial(
-            nn.BatchNorm,
+            bn,
             use_running_average=not train,
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,
@@ -495,6 +643,7 @@ OPTIONS = (
     "zero_init_residual",
     "bn_momentum",
     "bn_epsilon",
+    "bn_groups",
     "act",
     "materialize",
 )
@@ -547,7 +696,8 @@ def create_model(name: str, **options: Any) -> ResNet:
         ('v1' default, or 'v1.5'), ``shortcut`` ('A', 'B', 'C'; default A for
         CIFAR and B for ImageNet nets), ``dtype``, ``param_dtype``,
         ``zero_init_residual``, ``bn_momentum`` (0.9), ``bn_epsilon`` (1e-5),
-        ``act``, ``materialize`` (False); see :class:`ResNet`.
+        ``bn_groups`` (1; training BatchNorm statistics over that many equal
+        groups of the batch), ``act``, ``materialize`` (False); see :class:`ResNet`.
 
     Returns:
       An uninitialised :class:`ResNet`.

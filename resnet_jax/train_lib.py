@@ -78,6 +78,7 @@ def model_from_config(config: Any, num_classes: int, *, materialize: bool = Fals
         zero_init_residual=config.zero_init_residual,
         bn_momentum=config.bn_momentum,
         bn_epsilon=config.bn_epsilon,
+        bn_groups=config.bn_groups,
         materialize=materialize,
     )
     if config.shortcut:
@@ -416,6 +417,11 @@ def _check_batches(config: Any, num_devices: int) -> None:
         f"batch_size={b} must be positive and divisible by the number of devices "
         f"({num_devices}) so that every device gets an equal share; use e.g. "
         f"--config.batch_size={num_devices * max(1, b // num_devices)}.",
+    )
+    _require(
+        config.bn_groups >= 1 and b % config.bn_groups == 0,
+        f"batch_size={b} must be divisible by bn_groups={config.bn_groups} "
+        "(BatchNorm statistics over equal groups of the batch).",
     )
     # Evaluation pads its batches up to a multiple of the devices (masked).
     _require(

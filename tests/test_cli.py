@@ -60,6 +60,7 @@ BAD_SETTINGS = [
     ({"warmup_steps": -1}, "warmup_steps=-1"),
     ({"lr_decay_factor": 0.0}, "lr_decay_factor=0.0"),
     ({"crop_padding": -1}, "crop_padding=-1"),
+    ({"bn_groups": 3}, "divisible by bn_groups=3"),
 ]
 
 
@@ -252,3 +253,8 @@ def test_progress_bar_and_the_default_compilation_cache(tmp_path):
     bar = out.stderr.replace("\r", "\n")
     assert "3/3" in bar and "step/s" in bar and "loss=" in bar, out.stderr[-2000:]
     assert any(cache.iterdir())  # compiled programs were stored
+
+
+def test_bn_groups_reach_the_model_from_the_config():
+    model = train_lib.model_from_config(tiny_config(bn_groups=8), 10)
+    assert model.bn_groups == 8

@@ -1,6 +1,8 @@
 """The model library through its public API: counts, shapes, modes, errors."""
 
 import dataclasses
+import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -8,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import resnet_jax as rj
 
@@ -451,6 +455,8 @@ def test_custom_network_from_exported_modules():
         (lambda: rj.create_model("plain20", shortcut="B"), "plain network"),
         (lambda: rj.create_model("plain20", zero_init_residual=True), "plain network"),
         (lambda: rj.create_model("resnet20", num_classes=-1), "num_classes"),
+        (lambda: rj.create_model("resnet20", bn_groups=0), "bn_groups must be an int >= 1"),
+        (lambda: rj.create_model("resnet20", bn_groups=2.0), "bn_groups must be an int >= 1"),
     ],
 )
 def test_bad_options_raise_clear_errors(call, match):
@@ -477,6 +483,8 @@ def _resnet(**fields):
         (lambda: rj.BasicBlock(8, conv=None, norm=None, shortcut="D"), "Unknown shortcut 'D'"),
         (lambda: rj.BottleneckBlock(8, conv=None, norm=None, variant="v2"), "Unknown variant"),
         (lambda: rj.Shortcut(8, 1, None, conv=None, norm=None), "valid: 'A', 'B' or 'C'"),
+        (lambda: _resnet(bn_groups=True), "bn_groups must be an int >= 1"),
+        (lambda: rj.GroupedBatchNorm(groups=-2), "groups must be an int >= 1"),
     ],
 )
 def test_modules_validate_their_own_fields_at_construction(build, match):
@@ -528,6 +536,197 @@ def test_bad_inputs_raise_clear_errors():
         model.apply(v, jnp.ones((2, 3, 32, 32)))
     with pytest.raises(ValueError, match="1 channels.*initialised for 3"):
         model.apply(v, jnp.ones((2, 32, 32, 1)))
+
+
+# --------------------------------------------------------------------------- #
+# BatchNorm groups ("ghost" BatchNorm).
+# --------------------------------------------------------------------------- #
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _train_apply(model, variables, x):
+    logits, state = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    return logits, flatten_dict(state["batch_stats"])
+
+
+@pytest.mark.parametrize("net, groups", [("basic", 2), ("bottleneck", 4)])
+def test_bn_groups_equal_the_model_applied_to_each_group(net, groups):
+    x = jax.random.normal(jax.random.key(0), (8, 8, 8, 3)) * 2 + 1
+    whole = BN_MODELS[net](bn_momentum=0.5)
+    grouped = BN_MODELS[net](bn_momentum=0.5, bn_groups=groups)
+    v = whole.init(jax.random.key(1), x)
+    # The same variables, names, shapes and initial values: checkpoints move freely.
+    jax.tree.map(np.testing.assert_array_equal, grouped.init(jax.random.key(1), x), v)
+    rng = np.random.default_rng(0)
+    stats = jax.tree.map(
+        lambda a: jnp.asarray(rng.uniform(0.5, 1.5, a.shape), a.dtype), v["batch_stats"]
+    )
+    v = {"params": v["params"], "batch_stats": stats}
+
+    logits, new = _train_apply(grouped, v, x)
+    parts = [_train_apply(whole, v, xg) for xg in jnp.split(x, groups)]
+    scale = float(jnp.abs(logits).max())
+    np.testing.assert_allclose(
+        logits, np.concatenate([p[0] for p in parts]), rtol=1e-5, atol=1e-5 * scale
+    )
+    # The running statistics: the average of the groups' separate updates.
+    assert set(new) == set(parts[0][1])
+    for k in new:
+        expected = np.mean([p[1][k] for p in parts], axis=0)
+        np.testing.assert_allclose(new[k], expected, rtol=1e-5, atol=1e-6, err_msg=str(k))
+    # Not the whole batch's statistics: at the stem, the mean of the group
+    # means is the batch mean, but the mean of the group variances leaves out
+    # the spread of the group means, so it is smaller.
+    whole_logits, whole_new = _train_apply(whole, v, x)
+    assert not np.allclose(logits, whole_logits, rtol=1e-3, atol=1e-3 * scale)
+    stem = ("stem_bn", "mean")
+    np.testing.assert_allclose(new[stem], whole_new[stem], rtol=1e-5, atol=1e-6)
+    assert np.all(new[("stem_bn", "var")] < whole_new[("stem_bn", "var")])
+    # Evaluation (running statistics) does not depend on the groups.
+    np.testing.assert_array_equal(grouped.apply(v, x), whole.apply(v, x))
+
+
+def test_bn_groups_under_bfloat16_keep_float32_statistics():
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+    whole = rj.create_model("resnet8", dtype=jnp.bfloat16)
+    grouped = rj.create_model("resnet8", dtype=jnp.bfloat16, bn_groups=2)
+    v = whole.init(jax.random.key(1), x)
+    logits, new = _train_apply(grouped, v, x)
+    assert logits.dtype == jnp.float32
+    assert {a.dtype for a in new.values()} == {jnp.dtype(jnp.float32)}
+    parts = [_train_apply(whole, v, xg) for xg in jnp.split(x, 2)]
+    expected = np.concatenate([p[0] for p in parts])
+    np.testing.assert_allclose(logits, expected, rtol=0.05, atol=0.05 * float(abs(expected).max()))
+    _, state = grouped.apply(
+        v, x, train=True, mutable=["batch_stats", "intermediates"], capture_intermediates=True
+    )
+    assert state["intermediates"]["stem_bn"]["__call__"][0].dtype == jnp.bfloat16
+
+
+def test_bn_groups_1_is_the_ungrouped_model_bit_for_bit():
+    def bn_types(model, v, x):
+        types = set()
+
+        def capture(mdl, _):
+            if mdl.name and "bn" in mdl.name:
+                types.add(type(mdl))
+            return False
+
+        model.apply(v, x, train=True, mutable=["batch_stats"], capture_intermediates=capture)
+        return types
+
+    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+    default = rj.create_model("resnet8", shortcut="C", num_classes=10)
+    one = rj.create_model("resnet8", shortcut="C", num_classes=10, bn_groups=1)
+    assert default.bn_groups == 1
+    v = default.init(jax.random.key(1), x)
+    # One group keeps flax's nn.BatchNorm, so the numerics are untouched ...
+    assert bn_types(one, v, x) == {nn.BatchNorm}
+    assert bn_types(rj.create_model("resnet8", bn_groups=2), v, x) == {rj.GroupedBatchNorm}
+    for a, b in zip(
+        jax.tree.leaves(_train_outputs(default, x)),
+        jax.tree.leaves(_train_outputs(one, x)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+    # ... and GroupedBatchNorm with one group computes what nn.BatchNorm does.
+    z = jax.random.normal(jax.random.key(2), (6, 5, 5, 8)) * 3 + 1
+    for dtype in (jnp.float32, jnp.bfloat16):
+        ref = nn.BatchNorm(momentum=0.8, epsilon=1e-3, dtype=dtype)
+        ours = rj.GroupedBatchNorm(groups=1, momentum=0.8, epsilon=1e-3, dtype=dtype)
+        vz = ref.init(jax.random.key(3), z, use_running_average=False)
+        jax.tree.map(
+            np.testing.assert_array_equal,
+            ours.init(jax.random.key(3), z, use_running_average=False),
+            vz,
+        )
+        for running in (False, True):
+            want = ref.apply(vz, z, use_running_average=running, mutable=["batch_stats"])
+            got = ours.apply(vz, z, use_running_average=running, mutable=["batch_stats"])
+            assert got[0].dtype == want[0].dtype == dtype
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+                np.testing.assert_allclose(
+                    np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-6, atol=1e-6
+                )
+
+
+def test_bn_groups_must_divide_the_training_batch():
+    model = rj.create_model("resnet8", bn_groups=3)
+    x = jnp.ones((4, 16, 16, 3))
+    v = model.init(jax.random.key(0), x)  # evaluation mode: any batch
+    assert model.apply(v, x).shape == (4, 10)
+    with pytest.raises(ValueError, match="batch of 4 examples.*bn_groups=3"):
+        model.apply(v, x, train=True, mutable=["batch_stats"])
+    assert model.apply(v, jnp.ones((6, 16, 16, 3)), train=True, mutable=["batch_stats"])[0].shape
+    bn = rj.GroupedBatchNorm(groups=3)
+    with pytest.raises(ValueError, match="batch of 4 examples.*groups=3"):
+        bn.init(jax.random.key(0), jnp.ones((4, 2)), use_running_average=False)
+
+
+def _all_reduce_operands(hlo: str) -> int:
+    """Arrays all-reduced by a compiled program, however XLA combined them."""
+    n = 0
+    for line in hlo.splitlines():
+        m = re.search(r"= (.*?) all-reduce(?:-start)?\(", line)
+        if m:  # the result type: one array or a tuple of them
+            n += len(re.findall(r"\b[a-z]+[0-9]*\[", m.group(1)))
+    return n
+
+
+def _sharded_programs(groups: int, kinds=("forward", "step", "step_without_stats")):
+    """All-reduced arrays in the compiled forward pass and train steps of
+    resnet8 on a batch of 16 sharded over 8 devices (the ``kinds`` asked
+    for); and the number of parameter and statistic arrays."""
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    model = rj.create_model("resnet8", bn_groups=groups)
+    x = jax.ShapeDtypeStruct((16, 16, 16, 3), jnp.float32)
+    v = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
+
+    def forward(params, stats, x):
+        variables = {"params": params, "batch_stats": stats}
+        return model.apply(variables, x, train=True, mutable=["batch_stats"])
+
+    def loss_fn(params, stats, x):
+        logits, new = forward(params, stats, x)
+        # Cross-entropy against class 0: a mean over the batch, like the trainer's.
+        return -jnp.mean(jax.nn.log_softmax(logits)[:, 0]), new["batch_stats"]
+
+    def step(params, stats, x):
+        (loss, new), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, x)
+        return loss, grads, new
+
+    def hlo(f):
+        jitted = jax.jit(f, in_shardings=(replicated, replicated, batch))
+        return jitted.lower(v["params"], v["batch_stats"], x).compile().as_text()
+
+    programs = dict(
+        forward=lambda p, s, x: forward(p, s, x)[0],
+        step=step,
+        step_without_stats=lambda p, s, x: step(p, s, x)[:2],
+    )
+    counts = {k: len(jax.tree.leaves(v[k])) for k in ("params", "batch_stats")}
+    return {k: _all_reduce_operands(hlo(programs[k])) for k in kinds}, counts
+
+
+def test_bn_groups_over_the_devices_need_no_cross_device_statistics():
+    assert jax.device_count() == 8
+    ungrouped, n = _sharded_programs(1)
+    # Without groups, every BatchNorm all-reduces its statistics, forward and back.
+    assert ungrouped["forward"] >= n["batch_stats"]
+    gradients_and_loss = n["params"] + 1
+    assert ungrouped["step_without_stats"] > gradients_and_loss
+    assert ungrouped["step"] > gradients_and_loss + n["batch_stats"]
+    # One group per device: the forward and backward passes reduce nothing
+    # across devices but the gradients and the loss ...
+    grouped, _ = _sharded_programs(8)
+    assert grouped["forward"] == 0
+    assert grouped["step_without_stats"] == gradients_and_loss
+    # ... and the running statistics add (at most) one mean over the groups each.
+    assert grouped["step"] <= gradients_and_loss + n["batch_stats"]
+    # Two groups per device: the same.
+    grouped, _ = _sharded_programs(16, kinds=("forward", "step_without_stats"))
+    assert grouped == {"forward": 0, "step_without_stats": gradients_and_loss}
 
 
 def test_import_is_light():
