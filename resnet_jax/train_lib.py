@@ -12,6 +12,7 @@ for host batches, :class:`DeviceStepRunner` for the on-device scan), a
 :class:`MetricWindow`, and periodic actions (:class:`LogAction`,
 :class:`EvalAction`, :class:`CheckpointAction`).
 
+Config checks and schedule resolution live in :mod:`resnet_jax.config_checks`.
 This module imports TensorFlow only inside :func:`build_experiment` (through
 the input pipeline and the TensorBoard writer), so the steps can be reused
 where TensorFlow is absent.
@@ -37,6 +38,13 @@ from jax.sharding import PartitionSpec as P
 
 import resnet_jax as rj
 from resnet_jax import runtime
+from resnet_jax.config_checks import (
+    check_fast_path,
+    check_num_classes,
+    pad_eval_batch,
+    resolve_schedule,
+    validate_config,
+)
 from resnet_jax.errors import NonFiniteError, UserError
 
 log = logging.getLogger(__name__)
@@ -297,238 +305,6 @@ def evaluate(
 
 
 # --------------------------------------------------------------------------- #
-# Validation: everything a user can get wrong, before any work
-# --------------------------------------------------------------------------- #
-
-_INTERVALS = ("num_train_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps")
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise UserError(message)
-
-
-def _check_optimisation(config: Any) -> None:
-    _require(
-        config.learning_rate > 0,
-        f"learning_rate={config.learning_rate} must be positive (a negative rate ascends "
-        "the loss); use e.g. --config.learning_rate=0.1.",
-    )
-    _require(
-        config.weight_decay >= 0,
-        f"weight_decay={config.weight_decay} must be >= 0; use e.g. --config.weight_decay=1e-4.",
-    )
-    _require(
-        0 <= config.momentum < 1,
-        f"momentum={config.momentum} must be in [0, 1); use e.g. --config.momentum=0.9.",
-    )
-    _require(
-        0 < config.lr_decay_factor <= 1,
-        f"lr_decay_factor={config.lr_decay_factor} must be in (0, 1]; use e.g. 0.1.",
-    )
-    _require(
-        0 <= config.label_smoothing < 1,
-        f"label_smoothing={config.label_smoothing} must be in [0, 1).",
-    )
-    _require(config.lr_batch_base >= 0, f"lr_batch_base={config.lr_batch_base} must be >= 0.")
-    _require(config.warmup_steps >= 0, f"warmup_steps={config.warmup_steps} must be >= 0.")
-    _require(
-        config.warmup_learning_rate > 0 or not config.warmup_steps,
-        f"warmup_learning_rate={config.warmup_learning_rate} must be positive.",
-    )
-    _check_boundaries(config)
-    _require(
-        config.lr_schedule in ("step", "cosine"),
-        f"Unknown lr_schedule {config.lr_schedule!r}; valid: 'step', 'cosine'.",
-    )
-
-
-def _check_boundaries(config: Any) -> None:
-    try:
-        bounds = [int(b) for b in config.lr_boundaries]
-        if any(b != float(x) for b, x in zip(bounds, config.lr_boundaries)):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise UserError(
-            f"lr_boundaries={config.lr_boundaries!r} must be a tuple of step numbers, e.g. "
-            "--config.lr_boundaries='(32000, 48000)'."
-        ) from None
-    _require(
-        all(b > 0 for b in bounds),
-        f"lr_boundaries={tuple(bounds)} must be positive steps.",
-    )
-    _require(
-        all(a < b for a, b in zip(bounds, bounds[1:])),
-        f"lr_boundaries={tuple(bounds)} must be strictly increasing, e.g. "
-        f"--config.lr_boundaries='{tuple(sorted(set(bounds)))}'.",
-    )
-    late = [b for b in bounds if b >= config.num_train_steps]
-    if late and config.lr_schedule == "step" and config.num_train_steps:
-        log.warning(
-            "lr_boundaries %s are at or after num_train_steps=%d: the run ends before them.",
-            late,
-            config.num_train_steps,
-        )
-
-
-def _check_model_and_data(config: Any) -> None:
-    from resnet_jax import data as data_lib
-
-    data_lib.check_dataset(config.dataset)
-    _require(
-        config.num_classes >= 0,
-        f"num_classes={config.num_classes} must be >= 0 (0: the dataset's classes).",
-    )
-    _require(
-        0 <= config.bn_momentum < 1,
-        f"bn_momentum={config.bn_momentum} must be in [0, 1) (PyTorch's 0.1 is 0.9 here).",
-    )
-    _require(config.bn_epsilon > 0, f"bn_epsilon={config.bn_epsilon} must be positive.")
-    model_from_config(config, 10)  # unknown model names and options raise here
-    _require(config.crop_padding >= 0, f"crop_padding={config.crop_padding} must be >= 0.")
-    _require(config.validation_split >= 0, "validation_split must be >= 0.")
-    lo, hi = config.train_scale_range
-    _require(
-        config.image_size > 0
-        and config.image_size <= lo <= hi
-        and config.eval_resize >= config.image_size,
-        f"image sizes must satisfy 0 < image_size ({config.image_size}) <= train_scale_range "
-        f"({lo}, {hi}) in increasing order, and eval_resize ({config.eval_resize}) >= image_size.",
-    )
-    _require(
-        config.keep_checkpoints >= 1,
-        f"keep_checkpoints={config.keep_checkpoints} must be >= 1.",
-    )
-
-
-# Each step count and the epoch count that stands in for it when it is 0.
-_EPOCH_KEYS = {
-    "num_train_steps": "num_epochs",
-    "warmup_steps": "warmup_epochs",
-    "eval_every_steps": "eval_every_epochs",
-    "checkpoint_every_steps": "checkpoint_every_epochs",
-}
-
-
-def _check_batches(config: Any, num_devices: int) -> None:
-    b = config.batch_size
-    _require(
-        b > 0 and b % num_devices == 0,
-        f"batch_size={b} must be positive and divisible by the number of devices "
-        f"({num_devices}) so that every device gets an equal share; use e.g. "
-        f"--config.batch_size={num_devices * max(1, b // num_devices)}.",
-    )
-    _require(
-        config.bn_groups >= 1 and b % config.bn_groups == 0,
-        f"batch_size={b} must be divisible by bn_groups={config.bn_groups} "
-        "(BatchNorm statistics over equal groups of the batch).",
-    )
-    # Evaluation pads its batches up to a multiple of the devices (masked).
-    _require(
-        config.eval_batch_size > 0, f"eval_batch_size={config.eval_batch_size} must be positive."
-    )
-    for key in _INTERVALS:
-        epochs = _EPOCH_KEYS.get(key)
-        by_epochs = epochs is not None and config[key] == 0 and config[epochs] > 0
-        _require(
-            int(config[key]) > 0 or by_epochs,
-            f"{key} must be positive, got {config[key]}"
-            + (f" (or 0 with {epochs} > 0)." if epochs else "."),
-        )
-    for epochs in _EPOCH_KEYS.values():
-        _require(config[epochs] >= 0, f"{epochs}={config[epochs]} must be >= 0.")
-
-
-def pad_eval_batch(config: Any, num_devices: int) -> Any:
-    """A copy of ``config`` whose ``eval_batch_size`` is a multiple of the
-    devices (evaluation masks the padding, so it stays exact)."""
-    c = config.copy_and_resolve_references()
-    padded = -(-c.eval_batch_size // num_devices) * num_devices
-    if padded != c.eval_batch_size:
-        log.info(
-            "eval_batch_size %d padded to %d (a multiple of the devices).",
-            c.eval_batch_size,
-            padded,
-        )
-        c.eval_batch_size = padded
-    return c
-
-
-def resolve_schedule(config: Any, train_size: int) -> Any:
-    """A copy of ``config`` with every schedule in steps for this run.
-
-    Epoch counts (``num_epochs``, ``warmup_epochs``, ``eval_every_epochs``,
-    ``checkpoint_every_epochs``) become steps where their step key is 0, from
-    the actual ``batch_size`` (an epoch is ``train_size // batch_size``
-    steps). A cosine warm-up that does not fit in the run is shortened to a
-    tenth of it, with a warning.
-    """
-    c = config.copy_and_resolve_references()
-    steps_per_epoch = max(1, train_size // c.batch_size)
-    for key, epochs in _EPOCH_KEYS.items():
-        if c[key] == 0 and c[epochs] > 0:
-            c[key] = max(1, round(c[epochs] * steps_per_epoch))
-    if c.lr_schedule == "cosine" and c.warmup_steps >= c.num_train_steps:
-        short = c.num_train_steps // 10
-        log.warning(
-            "warmup_steps=%d does not fit in num_train_steps=%d: warming up for %d steps.",
-            c.warmup_steps,
-            c.num_train_steps,
-            short,
-        )
-        c.warmup_steps = short
-    return c
-
-
-def _check_fast_path(config: Any) -> None:
-    from resnet_jax import data as data_lib
-
-    k = int(config.steps_per_call)
-    _require(k >= 1, f"steps_per_call={k} must be >= 1.")
-    if not config.device_data:
-        _require(k == 1, "steps_per_call > 1 needs --config.device_data=True.")
-        return
-    _require(
-        config.dataset in data_lib.IN_MEMORY,
-        f"device_data=True holds the training set on the devices; it supports "
-        f"{', '.join(data_lib.IN_MEMORY)}, not {config.dataset}.",
-    )
-    for key in _INTERVALS:
-        _require(
-            int(config[key]) % k == 0,
-            f"{key}={config[key]} must be a multiple of steps_per_call={k} (the loop "
-            "logs, evaluates and saves between calls).",
-        )
-
-
-def validate_config(config: Any, num_devices: int) -> None:
-    """Refuses a bad config before any work is done, saying what to change.
-
-    Raises:
-      UserError: naming the key, its value and a valid setting.
-    """
-    _check_model_and_data(config)
-    _check_batches(config, num_devices)
-    _check_optimisation(config)
-
-
-def check_num_classes(config: Any, dataset_classes: int) -> int:
-    """The classifier's width: ``config.num_classes`` or the dataset's.
-
-    A classifier narrower than the dataset's labels would train on labels it
-    cannot represent (silently all-zero targets).
-    """
-    n = int(config.num_classes) or dataset_classes
-    _require(
-        n >= dataset_classes,
-        f"num_classes={n} but {config.dataset} has {dataset_classes} classes (labels 0.."
-        f"{dataset_classes - 1}); set --config.num_classes=0 (the dataset's) or >= "
-        f"{dataset_classes}.",
-    )
-    return n
-
-
-# --------------------------------------------------------------------------- #
 # The experiment, built once
 # --------------------------------------------------------------------------- #
 
@@ -648,7 +424,7 @@ def build_experiment(config: Any, workdir: str, mesh: Mesh | None = None) -> Exp
     config = pad_eval_batch(config, mesh.devices.size)
     pipeline = data_lib.InputPipeline(config, jax.process_index(), jax.process_count())
     config = resolve_schedule(config, pipeline.info.train_size)
-    _check_fast_path(config)
+    check_fast_path(config)
     num_classes = check_num_classes(config, pipeline.info.num_classes)
     platform = mesh.devices.flat[0].platform
     model = model_from_config(
