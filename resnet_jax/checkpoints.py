@@ -18,7 +18,9 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
+from resnet_jax import runtime
 from resnet_jax.errors import CheckpointSaveError, UserError
 
 log = logging.getLogger(__name__)
@@ -61,14 +63,17 @@ class Checkpointer:
     """Saves and restores ``TrainState`` + metadata under ``directory``.
 
     Args:
-      directory: absolute path (``WORKDIR/checkpoints``).
+      directory: ``WORKDIR/checkpoints``: a local path (made absolute) or a URL
+        that orbax and etils.epath open (``gs://bucket/run/checkpoints``),
+        used as given.
       max_to_keep: newest checkpoints kept; older ones are deleted by orbax.
       async_save: write in a background thread (the device-to-host copy is
         synchronous, so the donated state can be reused at once).
     """
 
-    def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3, async_save: bool = True):
+        self.path = runtime.workdir_path(directory)
+        self.directory = os.fspath(self.path)
         self.max_to_keep = max_to_keep
         self.async_save = async_save
         self._in_flight: int | None = None  # the step being saved in the background
@@ -77,7 +82,7 @@ class Checkpointer:
 
     def _open(self) -> None:
         self.manager = ocp.CheckpointManager(
-            self.directory,
+            self.path,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=self.max_to_keep,
                 create=True,
@@ -178,7 +183,7 @@ class Checkpointer:
                     f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items()
                 )
                 raise IncompatibleCheckpointError(
-                    f"The workdir {os.path.dirname(self.directory)} holds a checkpoint (step {step}) "
+                    f"The workdir {self.path.parent} holds a checkpoint (step {step}) "
                     f"of a different experiment ({details}). Nothing was changed; use another "
                     "--workdir, or restore the original config to resume it."
                 )
@@ -193,14 +198,10 @@ class Checkpointer:
         return None
 
     def _quarantine(self, step: int, error: Exception) -> None:
-        src = os.path.join(self.directory, str(step))
-        dst_root = self.directory + "_corrupt"
-        dst = os.path.join(dst_root, str(step))
+        src = self.path / str(step)
+        dst = self.path.with_name(self.path.name + "_corrupt") / str(step)
         if jax.process_index() == 0:
-            os.makedirs(dst_root, exist_ok=True)
-            if os.path.exists(dst):
-                shutil.rmtree(dst)
-            shutil.move(src, dst)
+            _move_tree(src, dst)
         log.warning(
             "Checkpoint at step %d cannot be read (%s: %s); moved it to %s and trying an older one.",
             step,
@@ -214,3 +215,25 @@ class Checkpointer:
             multihost_utils.sync_global_devices(f"resnet_jax_quarantine_{step}")
         self.manager.close()
         self._open()
+
+
+def _move_tree(src: epath.Path, dst: epath.Path) -> None:
+    """Moves the directory ``src`` to ``dst``, replacing ``dst``, on any filesystem epath opens."""
+    if dst.exists():
+        dst.rmtree()
+    if not runtime.is_remote(src):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(os.fspath(src), os.fspath(dst))  # a rename
+        return
+    # An object store has no directories to rename: copy every object, then delete.
+    _copy_tree(src, dst)
+    src.rmtree()
+
+
+def _copy_tree(src: epath.Path, dst: epath.Path) -> None:
+    # No mkdir: an object store needs none (and gcsfs's would create a missing bucket).
+    for child in src.iterdir():
+        if child.is_dir():
+            _copy_tree(child, dst / child.name)
+        else:
+            child.copy(dst / child.name)

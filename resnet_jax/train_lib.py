@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -32,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -470,7 +470,7 @@ def open_checkpointer(exp: Experiment) -> Any:
     from resnet_jax import checkpoints
 
     return checkpoints.Checkpointer(
-        os.path.join(exp.workdir, "checkpoints"), max_to_keep=int(exp.config.keep_checkpoints)
+        epath.Path(exp.workdir) / "checkpoints", max_to_keep=int(exp.config.keep_checkpoints)
     )
 
 
@@ -737,6 +737,7 @@ class _Loop:
             self._periodic(state)
             if self.preempt.reached(self.step // runner.steps_per_call):
                 if self.ckpt.saved_step != self.step:
+                    self.writer.flush()
                     self.ckpt(self.step, state)
                 self.stopped_by_signal = True
                 return state
@@ -755,6 +756,7 @@ class _Loop:
         if self.eval.due(step):
             self.eval(step, state)
         if self.ckpt.due(step):
+            self.writer.flush()  # every line up to a checkpoint is stored first
             self.ckpt(step, state)
 
     def close(self) -> None:
