@@ -148,8 +148,8 @@ def main(argv):
     if not FLAGS.verbose:
         _drop_closed_loop_noise()
     jax = _start_jax()
-    if jax.process_index() != 0:
-        log.setLevel(logging.WARNING)
+    if jax.process_index() != 0 and not FLAGS.verbose:
+        log.setLevel(logging.WARNING)  # one plan on the screen, not one per process
     from resnet_jax import train_lib
     from resnet_jax.errors import CheckpointSaveError, UserError, one_line
 

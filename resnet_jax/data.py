@@ -180,10 +180,11 @@ def load_in_memory(config: Any) -> tuple[Split, Split]:
     return train, test
 
 
-def imagenet_preflight(data_dir: str | None) -> None:
+def imagenet_preflight(data_dir: str | None, prepare: bool = True) -> bool:
     """Checks that ImageNet is prepared for tfds, or says where the archives go.
 
-    Prepares it when the archives are in place (hours, about 150 GB).
+    With ``prepare``, prepares it when the archives are in place (hours,
+    about 150 GB). Returns whether it is prepared now.
 
     Raises:
       DataNotFoundError: naming the directory where ``ILSVRC2012_img_train.tar``
@@ -195,7 +196,7 @@ def imagenet_preflight(data_dir: str | None) -> None:
     except Exception:  # noqa: BLE001 - any failure to read metadata means "not prepared"
         prepared = False
     if prepared:
-        return
+        return True
     manual_dir = os.path.join(builder.data_dir_root, "downloads", "manual")
     needed = ["ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"]
     missing = [f for f in needed if not os.path.exists(os.path.join(manual_dir, f))]
@@ -207,7 +208,28 @@ def imagenet_preflight(data_dir: str | None) -> None:
             "data directory), then run the same command again: the first run extracts "
             "them into TFRecords (hours, about 150 GB)."
         )
+    if not prepare:
+        return False
     builder.download_and_prepare()
+    return True
+
+
+def prepare_for_processes(config: Any, process_index: int, process_count: int) -> None:
+    """Prepares a tfds dataset once for all processes: process 0 prepares it
+    (if needed) while the others wait at a barrier, then all read it.
+
+    Every process first checks that the archives are in place, so a missing
+    archive stops each one with the same message instead of a hang.
+    """
+    if config.dataset != "imagenet2012" or config.mock_data:
+        return
+    ready = imagenet_preflight(config.data_dir, prepare=process_index == 0)
+    if process_count > 1:
+        from jax.experimental import multihost_utils
+
+        if not ready:
+            log.info("Waiting for process 0 to prepare imagenet2012.")
+        multihost_utils.sync_global_devices("resnet_jax_dataset_prepared")
 
 
 def dataset_info(config: Any, train: Split | None = None, test: Split | None = None) -> DatasetInfo:

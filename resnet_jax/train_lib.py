@@ -259,8 +259,10 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, num_classes: in
         {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
     )
     if crops > 1:
-        probs = jax.nn.softmax(logits).reshape(-1, crops, logits.shape[-1]).mean(axis=1)
-        logits = jnp.log(probs)
+        # log of the crops' mean probability, computed in log space: a
+        # probability that underflows to 0 would make the loss 0 * -inf = NaN.
+        log_probs = jax.nn.log_softmax(logits).reshape(-1, crops, logits.shape[-1])
+        logits = jax.nn.logsumexp(log_probs, axis=1) - jnp.log(crops)
     mask = batch["mask"]
     loss = cross_entropy(logits, batch["label"], num_classes)
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
@@ -422,6 +424,7 @@ def build_experiment(config: Any, workdir: str, mesh: Mesh | None = None) -> Exp
     mesh = create_mesh() if mesh is None else mesh
     validate_config(config, mesh.devices.size)
     config = pad_eval_batch(config, mesh.devices.size)
+    data_lib.prepare_for_processes(config, jax.process_index(), jax.process_count())
     pipeline = data_lib.InputPipeline(config, jax.process_index(), jax.process_count())
     config = resolve_schedule(config, pipeline.info.train_size)
     check_fast_path(config)
