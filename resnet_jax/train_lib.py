@@ -230,8 +230,12 @@ def train_step(
         jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((grads, new_state.params))])
     )
     if skip_nonfinite:
+        # Values stay as they were; counters (optax's schedule step) advance
+        # with state.step, so the learning rate keeps following the step.
         kept = jax.tree.map(
-            lambda new, old: jnp.where(finite, new, old),
+            lambda new, old: (
+                new if jnp.issubdtype(new.dtype, jnp.integer) else jnp.where(finite, new, old)
+            ),
             (new_state.params, new_state.batch_stats, new_state.opt_state),
             (state.params, state.batch_stats, state.opt_state),
         )

@@ -1,17 +1,16 @@
 """The CIFAR fast path: data and augmentation on the devices, k steps per call."""
 
-import json
-import os
-import subprocess
-import sys
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from resnet_jax import device_data, train_lib
-from tests.helpers import ROOT, tiny_config, train_losses
+from tests.helpers import read_metrics, run_train, tiny_config, train_losses
 
 
 def test_pad_crop_flip_keeps_pixels_and_shifts_within_the_padding():
@@ -39,11 +38,24 @@ def test_batches_are_a_function_of_the_step_and_epochs_are_permutations():
     data = device_data.DeviceData(
         jnp.asarray(images), jnp.arange(n, dtype=jnp.int32), jnp.zeros((1, 1, 1))
     )
-    fn = jax.jit(lambda s: device_data.batch_at(data, s, seed=3, batch_size=b, augment=False))
-    epoch0 = np.concatenate([np.asarray(fn(s)["label"]) for s in range(5)])
-    assert sorted(epoch0.tolist()) == list(range(n))
-    np.testing.assert_array_equal(fn(7)["label"], fn(7)["label"])
-    assert not np.array_equal(fn(0)["label"], fn(5)["label"])  # next epoch reshuffled
+
+    def batch_fn(seed):
+        return jax.jit(
+            lambda s: device_data.batch_at(data, s, seed=seed, batch_size=b, augment=False)
+        )
+
+    fn = batch_fn(3)
+    epochs = [
+        np.concatenate([np.asarray(fn(s)["label"]) for s in range(e * 5, e * 5 + 5)])
+        for e in (0, 1)
+    ]
+    for epoch in epochs:
+        assert sorted(epoch.tolist()) == list(range(n))
+    assert not np.array_equal(epochs[0], epochs[1])  # the next epoch is reshuffled
+    # Step 7 is batch 2 of epoch 1, whatever was drawn before it (here: nothing,
+    # in a fresh function), and the seed, not the call history, sets the order.
+    np.testing.assert_array_equal(batch_fn(3)(7)["label"], epochs[1][16:24])
+    assert not np.array_equal(batch_fn(4)(7)["label"], epochs[1][16:24])
     np.testing.assert_allclose(
         np.asarray(fn(2)["image"]).reshape(-1) * 255, np.asarray(fn(2)["label"]), atol=1e-4
     )
@@ -75,22 +87,49 @@ def test_steps_per_call_must_divide_the_intervals(tmp_path):
         train_lib.train_and_evaluate(tiny(device_data=False), str(tmp_path), progress=False)
 
 
+def test_rolled_scan_gives_the_unrolled_losses():
+    # GPUs and TPUs run the rolled lax.scan (unroll=False); CPU tests train unrolled.
+    c = tiny_config()
+    mesh = train_lib.create_mesh()
+    repl, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    rng = np.random.default_rng(0)
+    data = device_data.put_on_devices(
+        rng.integers(0, 256, (48, 8, 8, 3), dtype=np.uint8),
+        rng.integers(0, 10, 48).astype(np.int32),
+        np.full((8, 8, 3), 0.5, np.float32),
+        repl,
+    )
+    lr_fn = train_lib.create_learning_rate_fn(c)
+    step_fn = functools.partial(train_lib.train_step, learning_rate_fn=lr_fn, num_classes=10)
+    batch_fn = functools.partial(device_data.batch_at, seed=0, batch_size=16, pad=2)
+    model = train_lib.model_from_config(c, 10)
+    tx = train_lib.create_optimizer(c, lr_fn)
+    losses, params = {}, {}
+    for unroll in (False, True):
+        state = train_lib.create_train_state(model, tx, (8, 8, 3), jax.random.key(0), repl)
+        multi = jax.jit(device_data.make_multi_step(step_fn, batch_fn, 3, shard, unroll=unroll))
+        if not unroll:
+            assert "stablehlo.while" in multi.lower(state, data, jnp.int32(0)).as_text()
+        state, m1 = multi(state, data, jnp.int32(0))
+        state, m2 = multi(state, data, jnp.int32(3))  # steps 3..5: the next epoch's batches
+        losses[unroll] = np.concatenate([m1["loss"], m2["loss"]])
+        params[unroll] = jax.tree.leaves(state.params)
+        assert int(state.step) == 6
+    assert losses[False].shape == (6,) and len(set(losses[False].tolist())) == 6
+    np.testing.assert_allclose(losses[False], losses[True], rtol=1e-5)
+    for rolled, unrolled in zip(params[False], params[True]):
+        np.testing.assert_allclose(rolled, unrolled, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_digits_on_the_fast_path_reaches_97_percent(tmp_path):
-    cmd = [
-        sys.executable,
-        "train.py",
-        "--config=configs/digits.py",
-        f"--workdir={tmp_path}",
-        "--noprogress",
-        "--compilation_cache_dir=",
+    run_train(
+        tmp_path,
         "--config.device_data=True",
         "--config.steps_per_call=10",
-    ]
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu"
+        config="configs/digits.py",
+        devices=1,
+        timeout=900,
     )
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=900)
-    with open(tmp_path / "metrics.jsonl") as f:
-        final = [m for m in map(json.loads, f) if "eval_accuracy" in m][-1]
+    final = [m for m in read_metrics(tmp_path) if "eval_accuracy" in m][-1]
     assert final["eval_count"] == 360 and final["eval_accuracy"] >= 0.97, final

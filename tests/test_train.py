@@ -3,7 +3,9 @@
 Runs on 8 simulated CPU devices (tests/conftest.py).
 """
 
+import functools
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import cifar10, imagenet, imagenet_modern
-from resnet_jax import checkpoints, train_lib
+from resnet_jax import checkpoints, config_checks, train_lib
 from tests.helpers import read_metrics, tiny_config
 
 
@@ -28,7 +30,9 @@ def test_eight_devices_are_simulated():
 
 
 def test_cifar10_mock_run_on_eight_devices(tmp_path):
-    summary = train_lib.train_and_evaluate(tiny_cifar(), str(tmp_path), progress=False)
+    # Checkpoints at 2, 4 and 6; keep_checkpoints=2 leaves the two newest.
+    c = tiny_cifar(checkpoint_every_steps=2, keep_checkpoints=2)
+    summary = train_lib.train_and_evaluate(c, str(tmp_path), progress=False)
     lines = read_metrics(tmp_path)
     train = [m for m in lines if "train_loss" in m]
     evals = [m for m in lines if "eval_loss" in m]
@@ -38,7 +42,8 @@ def test_cifar10_mock_run_on_eight_devices(tmp_path):
         assert np.isfinite(m["train_loss"]) and m["learning_rate"] == pytest.approx(0.1)
     assert len(evals) == 1 and evals[0]["eval_count"] == 37  # every example exactly once
     assert summary["eval_count"] == 37 and summary["step"] == 6
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
+    assert summary["eval_loss"] == evals[0]["eval_loss"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "6"]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
 
 
@@ -65,24 +70,30 @@ def test_imagenet_mock_run_reports_top5(tmp_path):
     assert len([m for m in read_metrics(tmp_path) if "train_loss" in m]) == 2
 
 
-def test_overfitting_one_batch_drives_the_loss_down():
-    c = tiny_cifar(weight_decay=0.0, learning_rate=0.05)
+def _state_and_batch(c, image_size=32, batch_size=16):
+    """A fresh TrainState of ``c`` (init key 0) and a random sharded batch."""
     mesh = train_lib.create_mesh()
     repl, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     model = train_lib.model_from_config(c, 10)
     lr_fn = train_lib.create_learning_rate_fn(c)
+    shape = (image_size, image_size, 3)
     state = train_lib.create_train_state(
-        model, train_lib.create_optimizer(c, lr_fn), (32, 32, 3), jax.random.key(0), repl
+        model, train_lib.create_optimizer(c, lr_fn), shape, jax.random.key(0), repl
     )
     rng = np.random.default_rng(0)
     batch = {
-        "image": jax.device_put(rng.normal(size=(16, 32, 32, 3)).astype(np.float32), shard),
-        "label": jax.device_put(rng.integers(0, 10, 16).astype(np.int32), shard),
+        "image": jax.device_put(rng.normal(size=(batch_size, *shape)).astype(np.float32), shard),
+        "label": jax.device_put(rng.integers(0, 10, batch_size).astype(np.int32), shard),
     }
     step = jax.jit(
-        lambda s, b: train_lib.train_step(s, b, learning_rate_fn=lr_fn, num_classes=10),
+        functools.partial(train_lib.train_step, learning_rate_fn=lr_fn, num_classes=10),
         donate_argnums=0,
     )
+    return state, batch, step
+
+
+def test_overfitting_one_batch_drives_the_loss_down():
+    state, batch, step = _state_and_batch(tiny_cifar(weight_decay=0.0, learning_rate=0.05))
     losses = []
     for _ in range(40):
         state, m = step(state, batch)
@@ -104,7 +115,10 @@ def test_step_schedule_and_resnet110_warmup():
 
 
 def test_modern_recipe_schedule_and_scaling():
-    c = imagenet_modern.get_config()
+    # The recipe is in epochs; a run resolves them for ImageNet's 1,281,167 images.
+    c = config_checks.resolve_schedule(imagenet_modern.get_config(), 1_281_167)
+    steps_per_epoch = 1_281_167 // 1024
+    assert (c.num_train_steps, c.warmup_steps) == (90 * steps_per_epoch, 5 * steps_per_epoch)
     lr = train_lib.create_learning_rate_fn(c)
     peak = 0.1 * c.batch_size / 256
     assert float(lr(0)) == 0.0
@@ -145,6 +159,33 @@ def test_bfloat16_run(tmp_path):
         progress=False,
     )
     assert np.isfinite(summary["eval_loss"])
+
+
+# A convolution's operand types in StableHLO text: `: (tensor<AxB...xT>, tensor<...>) ->`.
+_CONV = re.compile(r"stablehlo\.convolution.*: \(tensor<[0-9x]+x(\w+)>, tensor<[0-9x]+x(\w+)>\)")
+
+
+def test_bfloat16_convolutions_and_loss_tracking_float32():
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        state, batch, step = _state_and_batch(tiny_cifar(dtype=dtype), image_size=16)
+        convs = _CONV.findall(step.lower(state, batch).as_text())
+        # Every convolution of the train step is in the compute dtype: resnet8's
+        # 7 forward, 7 kernel gradients and 6 input gradients (none for the image).
+        assert len(convs) == 7 + 7 + 6, len(convs)
+        want = {"float32": "f32", "bfloat16": "bf16"}[dtype]
+        assert set(convs) == {(want, want)}, set(convs)
+        losses[dtype] = []
+        for _ in range(4):
+            state, m = step(state, batch)
+            losses[dtype].append(float(m["loss"]))
+        # Storage, BatchNorm statistics and the loss stay float32.
+        for leaf in jax.tree.leaves((state.params, state.batch_stats, state.opt_state)):
+            assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
+        assert m["loss"].dtype == jnp.float32
+    assert losses["bfloat16"] != losses["float32"]  # really computed in another precision
+    np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=2e-2)
+    assert losses["bfloat16"][-1] < losses["bfloat16"][0]  # and it trains
 
 
 def test_resume_continues_and_refuses_another_experiment(tmp_path):
@@ -194,3 +235,102 @@ def test_ten_crop_eval_step_averages_softmax_over_crops():
     assert float(out["count"]) == 6
     assert float(out["loss"]) == pytest.approx(float((expected_loss * mask).sum()), rel=1e-4)
     assert float(out["correct"]) == float(((probs.argmax(-1) == labels) * mask).sum())
+
+
+def _logits_state(num_classes):
+    """A TrainState whose "network" returns its input as the logits (scaled by a
+    parameter, so that there is a gradient): steps on crafted logits."""
+
+    def apply_fn(variables, images, train, mutable=()):
+        del train
+        logits = images.reshape(len(images), num_classes) * variables["params"]["scale"]
+        return (logits, {"batch_stats": {}}) if mutable else logits
+
+    return train_lib.TrainState.create(
+        apply_fn=apply_fn, params={"scale": jnp.ones(())}, batch_stats={}, tx=optax.sgd(0.1)
+    )
+
+
+def _log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def test_ten_crop_eval_step_averages_probabilities_not_logits():
+    # Example 0 (label 0): nine undecided crops and one sure of class 0.
+    # Example 1 (label 1): six crops sure of class 1, four surer of class 0;
+    # averaged probabilities pick class 1, averaged logits would pick class 0.
+    crops = np.zeros((2, 10, 3), np.float32)
+    crops[0, 0] = [10.0, 0.0, 0.0]
+    crops[1, :6] = [0.0, 8.0, 0.0]
+    crops[1, 6:] = [15.0, 0.0, 0.0]
+    labels = np.array([0, 1], np.int32)
+    probs = np.exp(_log_softmax(crops)).mean(axis=1)
+    assert probs[1].argmax() == 1 and crops[1].mean(0).argmax() == 0
+    out = train_lib.eval_step(
+        _logits_state(3),
+        {"image": crops[:, :, None, None, :], "label": labels, "mask": np.ones(2, np.float32)},
+        num_classes=3,
+    )
+    assert float(out["loss"]) == pytest.approx(-np.log(probs[[0, 1], labels]).sum(), rel=1e-5)
+    assert float(out["correct"]) == 2
+
+
+def test_label_smoothing_is_the_smoothed_cross_entropy():
+    logits = np.array([[2.0, 1.0, 0.1, -1.0], [0.0, 3.0, -2.0, 0.5]], np.float32)
+    labels = np.array([0, 3], np.int32)
+    batch = {"image": logits, "label": labels}
+    eps, k = 0.2, 4
+    targets = np.eye(k)[labels] * (1 - eps) + eps / k  # the labels' weight spread evenly
+    expected = {
+        0.0: -_log_softmax(logits)[np.arange(2), labels].mean(),
+        eps: -(targets * _log_softmax(logits)).sum(-1).mean(),
+    }
+    for smoothing, want in expected.items():
+        _, m = train_lib.train_step(
+            _logits_state(k),
+            batch,
+            learning_rate_fn=optax.constant_schedule(0.1),
+            num_classes=k,
+            label_smoothing=smoothing,
+        )
+        assert float(m["loss"]) == pytest.approx(want, rel=1e-6)
+    assert expected[eps] != pytest.approx(expected[0.0], rel=1e-2)
+
+
+def test_eval_step_counts_top5_and_masks():
+    # Label ranks: 3rd (in the top 5), 6th (not), 1st, and 1st but masked out.
+    logits = np.tile(np.arange(8, 0, -1, dtype=np.float32), (4, 1))  # class i ranks i+1
+    labels = np.array([2, 5, 0, 0], np.int32)
+    mask = np.array([1, 1, 1, 0], np.float32)
+    out = train_lib.eval_step(
+        _logits_state(8), {"image": logits, "label": labels, "mask": mask}, num_classes=8
+    )
+    assert float(out["correct_top5"]) == 2
+    assert float(out["correct"]) == 1
+    assert float(out["count"]) == 3
+    ce = -_log_softmax(logits)[np.arange(4), labels]
+    assert float(out["loss"]) == pytest.approx(float((ce * mask).sum()), rel=1e-6)
+
+
+def test_nesterov_momentum_is_the_nesterov_update():
+    # Two steps on known gradients, without weight decay: plain momentum moves
+    # by -lr * t with the trace t = g + m * t_prev; Nesterov by -lr * (g + m * t)
+    # (optax.sgd's definition, and PyTorch's).
+    lr, m = 0.1, 0.9
+    params = {"w": jnp.zeros((2,))}
+    grads = [np.array([1.0, -2.0], np.float32), np.array([0.5, 3.0], np.float32)]
+    t1, t2 = grads[0], grads[1] + m * grads[0]
+    expected = {
+        False: [-lr * t1, -lr * t2],
+        True: [-lr * (grads[0] + m * t1), -lr * (grads[1] + m * t2)],
+    }
+    for nesterov, want in expected.items():
+        c = cifar10.get_config()
+        c.update(nesterov=nesterov, momentum=m, weight_decay=0.0)
+        tx = train_lib.create_optimizer(c, optax.constant_schedule(lr))
+        opt_state = tx.init(params)
+        for g, w in zip(grads, want):
+            updates, opt_state = tx.update({"w": jnp.asarray(g)}, opt_state, params)
+            np.testing.assert_allclose(updates["w"], w, rtol=1e-6)
+    assert not np.allclose(expected[True][0], expected[False][0])
