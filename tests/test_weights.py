@@ -1,5 +1,7 @@
 """rj.weights.from_keras against keras.applications (JAX backend, no download)."""
 
+import dataclasses
+
 import jax
 import keras
 import numpy as np
@@ -75,6 +77,18 @@ def test_resnet50_odd_size_and_running_statistics(resnet50):
         for p in path:
             a, b = a[p], b[p]
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_carries_keras_preprocessing(resnet50):
+    converted = rj.weights.from_keras(resnet50)
+    assert isinstance(converted, rj.weights.Converted) and converted.module is converted[0]
+    assert converted.preprocessing == rj.weights.PREPROCESSING["keras"]
+    img = np.random.default_rng(6).integers(0, 256, (2, 224, 224, 3)).astype(np.uint8)
+    # Keras' preprocess_input neither resizes nor crops: compare the rest.
+    same_size = dataclasses.replace(converted.preprocessing, resize=None, crop=None)
+    ours = rj.weights.preprocess(img, same_size)
+    ref = keras.applications.resnet.preprocess_input(img.astype(np.float32))
+    np.testing.assert_allclose(ours, ref, atol=1e-3)
 
 
 def test_softmax_classifier_gives_probabilities(resnet50):
