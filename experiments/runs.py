@@ -1,0 +1,406 @@
+"""What the experiments share: runs (workdirs), their configs and metrics, their
+trained state, and starting JAX as train.py does.
+
+A *run* is a workdir of :func:`resnet_jax.train_lib.train_and_evaluate`
+(``metrics.jsonl``, ``checkpoints/STEP``). The sweep names its runs
+``{kind}{depth}_seed{seed}`` (``plain20_seed1``, ``resnet56_seed0``) and writes
+each run's config beside them (``config.json``) and, once the run is finished
+and analysed, ``result.json``. Workdirs the sweep did not make are recognised
+by their ``config.json`` or by a name such as ``plain34``, ``resnet18_seed2``
+or ``cifar_resnet20``; analysing their checkpoints needs their config
+(``--config`` and overrides, as train.py took them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from resnet_jax.errors import UserError
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+RESULT_FILE = "result.json"
+RUN_NAME = re.compile(r"(?:cifar_)?(plain|resnet)(\d+)(?:_seed(\d+))?")
+KINDS = ("plain", "resnet")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A workdir and the network it trained: ``kind`` ('plain' or 'resnet'), ``depth``, ``seed``."""
+
+    workdir: str
+    kind: str
+    depth: int
+    seed: int
+
+    @property
+    def model(self) -> str:
+        return f"{self.kind}{self.depth}"
+
+    @property
+    def label(self) -> str:
+        """The paper's name: ``plain-20``, ``ResNet-56``."""
+        return f"{'ResNet' if self.kind == 'resnet' else 'plain'}-{self.depth}"
+
+
+def run_name(kind: str, depth: int, seed: int) -> str:
+    """The sweep's workdir name of a run: ``plain20_seed1``."""
+    return f"{kind}{depth}_seed{seed}"
+
+
+def as_run(workdir: str | os.PathLike) -> Run | None:
+    """``workdir`` as a :class:`Run`, or None when it holds no ``metrics.jsonl``
+    or neither its config nor its name says which network it trained."""
+    path = epath.Path(workdir)
+    if not (path / METRICS_FILE).exists():
+        return None
+    stored = read_config_dict(workdir)
+    by_name = RUN_NAME.fullmatch(path.name)
+    model = RUN_NAME.fullmatch(stored["model"]) if stored else by_name
+    if model is None:
+        return None
+    if stored:
+        seed = int(stored["seed"])
+    else:
+        seed = int(by_name.group(3)) if by_name and by_name.group(3) else 0
+    return Run(os.fspath(workdir), model.group(1), int(model.group(2)), seed)
+
+
+def find_runs(root: str | os.PathLike) -> list[Run]:
+    """``root`` itself if it is a run, else the runs directly under it, sorted
+    by kind (plain first), depth and seed."""
+    run = as_run(root)
+    if run is not None:
+        return [run]
+    path = epath.Path(root)
+    if not path.is_dir():
+        raise UserError(f"{root} is not a directory of runs (nor a run's workdir).")
+    found = [as_run(os.fspath(child)) for child in path.iterdir() if child.is_dir()]
+    return sorted(
+        (r for r in found if r is not None), key=lambda r: (KINDS.index(r.kind), r.depth, r.seed)
+    )
+
+
+# --------------------------------------------------------------------------- #
+# A run's files
+# --------------------------------------------------------------------------- #
+
+
+def write_config(workdir: str, config: Any) -> None:
+    """Stores ``config`` as ``WORKDIR/config.json`` (tuples become lists)."""
+    path = epath.Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=1, sort_keys=True) + "\n")
+
+
+def read_config_dict(workdir: str | os.PathLike) -> dict[str, Any] | None:
+    """``WORKDIR/config.json`` as a plain dict, or None when absent."""
+    path = epath.Path(workdir) / CONFIG_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def read_config(workdir: str | os.PathLike) -> Any | None:
+    """``WORKDIR/config.json`` as a ConfigDict over ``configs/common.py``'s base
+    (keys the file lacks keep the base defaults), or None when absent.
+
+    Raises:
+      UserError: the file has a key the base config does not know.
+    """
+    stored = read_config_dict(workdir)
+    if stored is None:
+        return None
+    from configs.common import base_config
+
+    config = base_config()
+    for key, value in stored.items():
+        if key not in config:
+            raise UserError(
+                f"{epath.Path(workdir) / CONFIG_FILE} has the key {key!r}, which "
+                "configs/common.py does not define (a config of another version?)."
+            )
+        if isinstance(config[key], tuple) and isinstance(value, list):
+            value = tuple(value)
+        config[key] = value
+    return config
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, float]]:
+    """Every whole line of ``WORKDIR/metrics.jsonl`` (a torn last line is skipped)."""
+    path = epath.Path(workdir) / METRICS_FILE
+    if not path.exists():
+        return []
+    lines = []
+    for text in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(text))
+        except json.JSONDecodeError:
+            continue
+    return lines
+
+
+def train_errors(metrics: Sequence[dict]) -> tuple[list[int], list[float]]:
+    """``(steps, errors)`` of the logged training lines: ``1 - train_accuracy``,
+    the mean over each logging window of augmented batches in train mode."""
+    points = [(m["step"], 1.0 - m["train_accuracy"]) for m in metrics if "train_accuracy" in m]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def eval_errors(metrics: Sequence[dict]) -> tuple[list[int], list[float]]:
+    """``(steps, errors)`` of the evaluation lines: ``1 - eval_accuracy`` (top-1)."""
+    points = [(m["step"], 1.0 - m["eval_accuracy"]) for m in metrics if "eval_accuracy" in m]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
+    """The steps of ``WORKDIR/checkpoints/STEP`` that orbax has committed (sorted)."""
+    path = epath.Path(workdir) / "checkpoints"
+    if not path.exists():
+        return []
+    return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit())
+
+
+def read_result(workdir: str | os.PathLike) -> dict[str, Any] | None:
+    path = epath.Path(workdir) / RESULT_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """``data`` as indented JSON, written whole (a reader never sees half a file)."""
+    path = epath.Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- #
+# Command lines: JAX flags, config overrides, one-line errors
+# --------------------------------------------------------------------------- #
+
+
+def add_jax_flags(parser: argparse.ArgumentParser) -> None:
+    """``--cpu-devices``, ``--cpu-conv``, ``--compilation-cache-dir``, ``--verbose``
+    (train.py's ``--cpu_devices``, ``--cpu_conv``, ``--compilation_cache_dir``)."""
+    parser.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=0,
+        help="on a CPU-only host, split the CPU into this many XLA devices (e.g. one per core)",
+    )
+    parser.add_argument("--cpu-conv", choices=("eigen", "ynn"), default="eigen")
+    parser.add_argument(
+        "--compilation-cache-dir",
+        default=os.path.expanduser("~/.cache/resnet_jax/jax_compilation_cache"),
+        help="persistent XLA compilation cache ('' disables it)",
+    )
+    parser.add_argument("--verbose", action="store_true", help="the libraries' own log messages")
+
+
+def start_jax(args: argparse.Namespace) -> None:
+    """The platform's XLA flags (as train.py sets them) and the compilation cache.
+
+    The flags are set only while JAX has not started its backends (a caller
+    that already runs JAX, such as a test session, keeps its own).
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    from jax._src import xla_bridge
+
+    from resnet_jax import xla_cpu, xla_gpu
+
+    if not xla_bridge.backends_are_initialized():
+        if xla_cpu.cpu_is_the_platform():
+            xla_cpu.configure(args.cpu_devices, args.cpu_conv)
+        elif xla_gpu.gpu_is_the_platform():
+            xla_gpu.configure()
+    import jax
+
+    if args.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def setup_logging(verbose: bool) -> None:
+    """For a command line: resnet_jax's warnings (and with ``verbose`` its info
+    and the libraries' messages) on stderr, as train.py shows them."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    log = logging.getLogger("resnet_jax")
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.INFO if verbose else logging.WARNING)
+    quiet = logging.INFO if verbose else logging.CRITICAL
+    logging.getLogger("absl").setLevel(quiet)  # orbax logs every save through absl
+    logging.getLogger("tensorflow").setLevel(logging.INFO if verbose else logging.ERROR)
+
+
+def split_config_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``argv`` split into the script's own arguments and ``--config.KEY=VALUE`` overrides."""
+    own, overrides = [], []
+    for arg in argv:
+        (overrides if arg.startswith("--config.") else own).append(arg)
+    return own, overrides
+
+
+def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:
+    """``config`` with train.py's ``--config.KEY=VALUE`` overrides applied (in
+    place; also returned), parsed by ml_collections exactly as train.py parses them.
+
+    Raises:
+      UserError: an unknown key or a value of the wrong type.
+    """
+    if not overrides:
+        return config
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["experiments", *overrides]
+    values = flags.FlagValues()
+    try:
+        config_flags.DEFINE_config_dict(
+            "config", config, flag_values=values, lock_config=True, sys_argv=argv
+        )
+        values(argv)
+    except (flags.Error, LookupError, AttributeError, TypeError, ValueError) as e:
+        while e.args and isinstance(e.args[0], BaseException):  # ml_collections wraps errors
+            e = e.args[0]
+        text = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
+        raise UserError(f"bad config override ({text}); every key is in configs/common.py.") from e
+    return values.config
+
+
+def load_config_file(path: str, overrides: Sequence[str] = ()) -> Any:
+    """``get_config()`` of a ``configs/*.py`` file, with overrides."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_experiment_config", path)
+    if spec is None or not os.path.exists(path):
+        raise UserError(f"cannot load the config file {path}.")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return apply_overrides(module.get_config(), overrides)
+
+
+def run_config(run: Run, config_file: str | None, overrides: Sequence[str]) -> Any:
+    """The config a run was trained with: its ``config.json``, else ``config_file``
+    (the model and seed taken from the run's name), then ``overrides``.
+
+    Raises:
+      UserError: neither is there.
+    """
+    config = read_config(run.workdir)
+    if config is None:
+        if config_file is None:
+            raise UserError(
+                f"{run.workdir} has no {CONFIG_FILE}: give the config it was trained with, "
+                "as train.py took it (--config FILE --config.KEY=VALUE ...)."
+            )
+        config = load_config_file(config_file)
+        config.model, config.seed = run.model, run.seed
+    return apply_overrides(config, overrides)
+
+
+def exit_on_user_error(prog: str, main, argv: Sequence[str] | None = None) -> None:
+    """Runs ``main(argv)`` and exits with its status; a UserError is one line
+    (status 2), a second Ctrl-C (which stops a run without saving) status 130."""
+    try:
+        status = main(argv)
+    except UserError as e:
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; run the same command to go on.", file=sys.stderr, flush=True)
+        sys.exit(130)
+    sys.exit(status)
+
+
+# --------------------------------------------------------------------------- #
+# A trained run: its state from the newest checkpoint
+# --------------------------------------------------------------------------- #
+
+
+def analysis_config(config: Any) -> Any:
+    """A copy of ``config`` for analysis: the host input path (no training set on
+    the devices, one step per call); the network and data are the run's."""
+    c = config.copy_and_resolve_references()
+    c.device_data = False
+    c.steps_per_call = 1
+    return c
+
+
+def restore(config: Any, workdir: str) -> tuple[Any, Any]:
+    """``(experiment, state)``: the run's parts built from ``config`` and its
+    newest readable checkpoint (refused if it belongs to another config).
+
+    Raises:
+      UserError: no checkpoint, or one of another experiment.
+    """
+    from resnet_jax import train_lib
+
+    if not checkpoint_steps(workdir):
+        raise UserError(f"{workdir} has no checkpoint (checkpoints/STEP) to analyse.")
+    exp = train_lib.build_experiment(analysis_config(config), workdir)
+    ckpt = train_lib.open_checkpointer(exp)
+    try:
+        state, meta = train_lib.restore_or_init(exp, ckpt)
+    finally:
+        ckpt.close()
+    if meta is None:
+        raise UserError(f"{workdir}: no checkpoint could be read.")
+    return exp, state
+
+
+def _train_split_batches(
+    images: np.ndarray, labels: np.ndarray, mean: np.ndarray, batch: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """The unaugmented split normalised as the eval split is (``x / 255 - mean``),
+    in whole batches of ``batch``; the last one padded with ``mask == 0``."""
+    for lo in range(0, len(labels), batch):
+        x = images[lo : lo + batch].astype(np.float32) / np.float32(255.0) - mean
+        y = labels[lo : lo + batch].astype(np.int32)
+        pad = batch - len(y)
+        yield {
+            "image": np.concatenate([x, np.zeros((pad, *x.shape[1:]), np.float32)]),
+            "label": np.concatenate([y, np.zeros(pad, np.int32)]),
+            "mask": np.concatenate([np.ones(len(y), np.float32), np.zeros(pad, np.float32)]),
+        }
+
+
+def train_split_error(exp: Any, state: Any) -> dict[str, float] | None:
+    """The training error as the paper defines it: top-1 error of the network in
+    eval mode (BatchNorm running statistics) on the whole unaugmented training
+    split. ``train_error``, ``train_loss``, ``train_count``; None for datasets
+    not held in memory (ImageNet) or a multi-process run."""
+    import jax
+
+    from resnet_jax import data as data_lib
+    from resnet_jax import train_lib
+
+    if exp.config.dataset not in data_lib.IN_MEMORY or jax.process_count() > 1:
+        return None
+    split = exp.pipeline.train
+    batches = _train_split_batches(
+        split.images, split.labels, exp.pipeline.mean, int(exp.config.eval_batch_size)
+    )
+    m = train_lib.evaluate(state, batches, exp.eval_fn, exp.data_sharding)
+    return {
+        "train_error": 1.0 - m["eval_accuracy"],
+        "train_loss": m["eval_loss"],
+        "train_count": m["eval_count"],
+    }
+
+
+def num_params(state: Any) -> int:
+    import jax
+
+    return int(sum(np.size(x) for x in jax.tree.leaves(state.params)))
