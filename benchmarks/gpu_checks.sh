@@ -26,17 +26,38 @@ run() {
 
 "$py" -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee -a "$out/gpu.log"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee -a "$out/gpu.log"
+# A tiny convolution first: a CUDA or cuDNN that does not match jaxlib fails
+# here, in one clear line, instead of in the middle of a benchmark.
+if ! "$py" - <<'PY' 2>&1 | tee -a "$out/gpu.log"; then
+import sys
+import jax, jax.numpy as jnp
+if jax.default_backend() != "gpu":
+    sys.exit(f"gpu_checks: JAX runs on {jax.default_backend()}, not a GPU: install jax[cuda12] or jax[cuda13] (README).")
+try:
+    x = jnp.ones((1, 8, 8, 3)); k = jnp.ones((3, 3, 3, 4))
+    y = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    assert float(y.sum()) > 0
+except Exception as e:
+    sys.exit(f"gpu_checks: a 3x3 convolution fails on the GPU ({type(e).__name__}: {str(e).splitlines()[0][:200]}): the CUDA/cuDNN libraries do not match this jaxlib.")
+print("gpu_checks: convolution on", jax.devices()[0].device_kind, "ok")
+PY
+  echo "gpu_checks: stopped before the benchmarks" >&2
+  exit 1
+fi
 
 if [[ $which == resnet50 || $which == all ]]; then
-  run benchmarks.compare_torch --model resnet50 --batch-size 128 --dtype bfloat16 --repeats 5
-  run benchmarks.throughput --model resnet50 --batch-size 256 --dtype bfloat16 --repeats 5
+  run benchmarks.compare_torch --model resnet50 --batch-size 128 --dtype bfloat16 --steps 100 \
+    --warmup 20 --repeats 5
+  run benchmarks.throughput --model resnet50 --batch-size 256 --dtype bfloat16 --steps 100 \
+    --warmup 20 --repeats 5
   run benchmarks.throughput --model resnet50 --batch-size 128 --dtype bfloat16 --variant v1.5 \
     --repeats 5
   run benchmarks.profile_step --model resnet50 --batch-size 128 --dtype bfloat16 \
     --trace-dir "$out/trace"
 fi
 if [[ $which == cifar || $which == all ]]; then
-  run benchmarks.compare_torch --model resnet56 --batch-size 128 --dtype bfloat16 --repeats 5
+  run benchmarks.compare_torch --model resnet56 --batch-size 128 --dtype bfloat16 --steps 100 \
+    --warmup 20 --repeats 5
   run benchmarks.cifar_fast --model resnet56 --batch-size 128 --steps-per-call 200 --repeats 5
   run benchmarks.cifar_fast --model resnet56 --batch-size 128 --steps-per-call 200 --repeats 5 \
     --dtype bfloat16

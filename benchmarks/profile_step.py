@@ -47,7 +47,7 @@ def _kind(name: str) -> str:
     return re.sub(r"\.\d+", "", name)
 
 
-def summarize(trace_file: str, steps: int) -> dict:
+def summarize(trace_file: str, steps: int, devices: int = 1) -> dict:
     """Sums the complete ('X') events of a Perfetto trace per operation.
 
     Uses the device processes (``/device:...``) when the trace has any
@@ -88,14 +88,22 @@ def summarize(trace_file: str, steps: int) -> dict:
     for name, ms in per_op.items():
         per_kind[_kind(name)] += ms
     total = sum(per_kind.values())
+    # Every device runs the whole step on its part of the batch: per device,
+    # the summed time divides by their number (one trace process per device
+    # on GPU/TPU; XLA:CPU's devices all run on the host's threads).
+    n = len(device_pids) if device_pids else max(1, devices)
+    per_step = steps * n
     return {
         "source": "device" if device_pids else "host",
-        "op_ms_per_step": total / steps,
+        "devices_summed": n,
+        "op_ms_per_step": total / per_step,
         "kinds": [
-            {"kind": k, "ms_per_step": ms / steps, "share": ms / total}
+            {"kind": k, "ms_per_step": ms / per_step, "share": ms / total}
             for k, ms in per_kind.most_common()
         ],
-        "top_ops": [{"op": n, "ms_per_step": ms / steps} for n, ms in per_op.most_common(10)],
+        "top_ops": [
+            {"op": name, "ms_per_step": ms / per_step} for name, ms in per_op.most_common(10)
+        ],
     }
 
 
@@ -132,7 +140,7 @@ def _print(r: dict, a) -> None:
     print(
         f"{a.model} train step, batch {a.batch_size}, {a.dtype}, {r['devices']} x "
         f"{r['device_kind']}, materialize={r['materialize']}: {r['wall_ms_per_step']:.1f} ms/step "
-        f"wall (traced), {r['op_ms_per_step']:.1f} ms/step summed over {r['source']} operations"
+        f"wall (traced), {r['op_ms_per_step']:.1f} ms/step per device, summed over {r['source']} operations"
     )
     print(f"{'operation kind':<36} {'ms/step':>9} {'share':>7}")
     for k in r["kinds"][: a.top]:
@@ -174,9 +182,9 @@ def main(argv: list[str] | None = None) -> dict:
         **common.device_info(),
         "steps": a.steps,
         "wall_ms_per_step": 1000 * wall / a.steps,
-        **summarize(trace, a.steps),
         "trace": trace,
     }
+    r |= summarize(trace, a.steps, devices=r["devices"])
     _print(r, a)
     return common.record(r, a.results, benchmark="profile_step", argv=argv)
 

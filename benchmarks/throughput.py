@@ -88,6 +88,7 @@ def measure(a) -> dict:
         "variant": a.variant,
         "mode": a.mode,
         "batch_size": a.batch_size,
+        "per_device_batch": a.batch_size // common.device_info()["devices"],
         "image_size": common.input_size(net, a.image_size),
         "dtype": a.dtype,
         "materialize": materialize,

@@ -163,6 +163,15 @@ def test_profile_summary_counts_each_device_operation_once(tmp_path):
         json.dump({"traceEvents": events}, f)
     r = profile_step.summarize(str(path), steps=2)
     assert r["op_ms_per_step"] == pytest.approx(2.9)
+    # Two devices (two trace processes): the figure is per device.
+    events += [
+        meta("process_name", 3, 0, "/device:GPU:1"),
+        ev(3, 12, "sm90_xmma_fprop_kernel", 5800),
+    ]
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    r = profile_step.summarize(str(path), steps=2)
+    assert r["devices_summed"] == 2 and r["op_ms_per_step"] == pytest.approx(2.9)
 
 
 def test_cifar_fast_runs_steps_per_call_times_calls_steps(tmp_path):
@@ -393,3 +402,43 @@ def test_report_rejects_hand_written_lines_and_broken_markers(synthetic, tmp_pat
         report.render("<!-- table:throughput -->\nno end\n", [])
     with pytest.raises(SystemExit, match="Unknown table 'nope'"):
         report.render("<!-- table:nope -->\n<!-- /table -->", [])
+
+
+def test_compare_torch_runs_the_same_network_on_the_pytorch_side():
+    """The real PyTorch side (torch is a test dependency): the same architecture
+    as resnet_jax's (equal parameter counts; v1.5 bottlenecks like torchvision)
+    and a measured, finite training step."""
+    import argparse
+
+    torch = pytest.importorskip("torch")
+    import jax
+    import jax.numpy as jnp
+
+    import resnet_jax as rj
+
+    def jax_params(name, **kw):
+        m = rj.create_model(name, **kw)
+        v = jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+        return sum(x.size for x in jax.tree.leaves(v["params"]))
+
+    net, size, classes = compare_torch.torch_model("resnet20", None)
+    assert (size, classes) == (32, 10)
+    assert sum(p.numel() for p in net.parameters()) == jax_params("resnet20") == 269_722
+    assert compare_torch.jax_variant("resnet50") == "v1.5"
+    assert compare_torch.jax_variant("resnet20") == "v1"
+    tv, _, _ = compare_torch.torch_model("resnet50", None)
+    assert sum(p.numel() for p in tv.parameters()) == jax_params("resnet50", variant="v1.5")
+    a = argparse.Namespace(
+        model="resnet8",
+        image_size=None,
+        batch_size=8,
+        dtype="float32",
+        no_compile=True,
+        warmup=1,
+        steps=2,
+        repeats=2,
+    )
+    r = compare_torch.measure_torch(a)
+    assert r["device"] == "cpu" and r["compile"] is False and r["cudnn_benchmark"] is False
+    assert len(r["repeats"]) == 2 and r["images_per_sec"]["median"] > 0
+    assert torch.get_num_threads() == r["threads"]
