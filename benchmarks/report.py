@@ -224,6 +224,8 @@ def _profile_step(r: dict, top: int = 4) -> list[list[str]]:
 
 
 def _input_pipeline(r: dict) -> list[list[str]]:
+    if r.get("mode") == "pipeline_only":  # the host pipeline alone: not this table's rows
+        return []
     data = r["dataset"] + (" (tfds mock data)" if r["mock_data"] else "")
     return [
         [data, r["model"], str(r["batch_size"]), devices(r), on_off(r["materialize"])]
