@@ -752,3 +752,13 @@ def test_train_steps_and_fast_path_import_without_tensorflow():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_param_dtype_is_the_storage_dtype_and_statistics_stay_float32():
+    model = rj.create_model("resnet8", param_dtype=jnp.bfloat16)
+    v = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3))))
+    assert {x.dtype for x in jax.tree.leaves(v["params"])} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(v["batch_stats"])} == {jnp.dtype(jnp.float32)}
+    default = rj.create_model("resnet8")
+    v32 = jax.eval_shape(lambda: default.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3))))
+    assert {x.dtype for x in jax.tree.leaves(v32["params"])} == {jnp.dtype(jnp.float32)}
