@@ -141,6 +141,27 @@ def _start_jax():
     return jax
 
 
+def _describe_devices(jax) -> None:
+    """The first line of the screen: the devices JAX found (and a warning when
+    a GPU machine runs JAX on the CPU)."""
+    from resnet_jax import xla_gpu
+
+    devices, kind = jax.devices(), jax.devices()[0].device_kind
+    fallback = xla_gpu.cpu_fallback_warning(devices[0].platform)
+    if fallback and "cpu" not in os.environ.get("JAX_PLATFORMS", ""):
+        log.warning(fallback)
+    log.info(
+        "JAX %s: %d %s device%s%s, %d process%s.",
+        jax.__version__,
+        len(devices),
+        devices[0].platform.upper(),
+        "s" if len(devices) > 1 else "",
+        f" ({kind})" if kind.lower() != devices[0].platform else "",
+        jax.process_count(),
+        "es" if jax.process_count() > 1 else "",
+    )
+
+
 def main(argv):
     del argv
     _quiet_start(FLAGS.verbose)
@@ -153,23 +174,7 @@ def main(argv):
     from resnet_jax import train_lib
     from resnet_jax.errors import CheckpointSaveError, UserError, one_line
 
-    devices = jax.devices()
-    from resnet_jax import xla_gpu
-
-    fallback = xla_gpu.cpu_fallback_warning(devices[0].platform)
-    if fallback and "cpu" not in os.environ.get("JAX_PLATFORMS", ""):
-        log.warning(fallback)
-    kind = devices[0].device_kind
-    log.info(
-        "JAX %s: %d %s device%s%s, %d process%s.",
-        jax.__version__,
-        len(devices),
-        devices[0].platform.upper(),
-        "s" if len(devices) > 1 else "",
-        f" ({kind})" if kind.lower() != devices[0].platform else "",
-        jax.process_count(),
-        "es" if jax.process_count() > 1 else "",
-    )
+    _describe_devices(jax)
     try:
         summary = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
     except UserError as e:

@@ -170,6 +170,7 @@ class Table:
     key: tuple[str, ...]
     headers: tuple[str, ...]
     rows: Callable[[dict], list[list[str]]]
+    benchmark: str | None = None  # the script whose lines it shows (default: the table's name)
 
 
 def _throughput(r: dict) -> list[list[str]]:
@@ -233,6 +234,22 @@ def _input_pipeline(r: dict) -> list[list[str]]:
     ]
 
 
+def _pipeline_only(r: dict) -> list[list[str]]:
+    p = r["pipelines"]
+
+    def per_core(name):
+        return num(p[name]["images_per_sec_per_core"]) if name in p else "-"
+
+    def rss(name):
+        return num(p[name]["rss_mb"]) if name in p else "-"
+
+    return [
+        [r["train_crop"], str(r["batch_size"]), str(r["cores"])]
+        + [per_core("crop"), per_core("full"), per_core("torchvision")]
+        + [rss("crop"), rss("full"), rss("torchvision"), str(r["cores_for_8x3000"])]
+    ]
+
+
 def _host_memory(r: dict) -> list[list[str]]:
     first, last = r["rss_first"], r["rss_last"]
     return [
@@ -282,6 +299,14 @@ TABLES: dict[str, Table] = {
         ("data", "model", ">batch", "devices", "materialize", ">images/s", ">waiting for data"),
         _input_pipeline,
     ),
+    "input_pipeline_only": Table(
+        ("mode", "train_crop", "batch_size"),
+        ("train crop", ">batch", ">cores", ">img/s/core, crop decode", ">img/s/core, full decode")
+        + (">img/s/core, torchvision", ">RSS MiB, crop", ">RSS MiB, full", ">RSS MiB, torchvision")
+        + (">cores for 8 x 3,000 img/s",),
+        _pipeline_only,
+        benchmark="input_pipeline",
+    ),
     "host_memory": Table(
         ("model", "batch_size", "steps"),
         ("model", ">batch", ">steps", "devices", ">RSS MiB, first", ">RSS MiB, last")
@@ -310,7 +335,7 @@ def render_table(name: str, filters: dict[str, str], lines: list[dict]) -> str:
     if name not in TABLES:
         raise SystemExit(f"Unknown table {name!r} in a marker; known: {', '.join(TABLES)}.")
     table = TABLES[name]
-    chosen = newest_per_setting(select(lines, name, filters), table.key)
+    chosen = newest_per_setting(select(lines, table.benchmark or name, filters), table.key)
     if not chosen:
         return NO_RUN + "\n"
     headers = ("#", *table.headers, "commit", "UTC", "hardware")

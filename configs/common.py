@@ -38,6 +38,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train_scale_range = (256, 480)  # shorter side before the training crop
     c.eval_resize = 256  # shorter side before the eval crop
     c.ten_crop = False  # the paper's 10-crop testing
+    # ImageNet training crop: 'scale' (the paper's: shorter side uniform in
+    # train_scale_range, then a random crop) or 'random_resized' (Inception-style:
+    # 8-100% of the area, aspect 3/4 to 4/3). Only the crop window is decoded.
+    c.train_crop = "scale"
     c.shuffle_buffer = 16_384
     # The fast path for in-memory datasets: training set and augmentation on the
     # devices, steps_per_call train steps per host call (lax.scan).

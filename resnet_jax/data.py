@@ -15,20 +15,21 @@ the example's position, never from hidden iterator state. A run resumed at step
 Batches are dicts of host-local numpy arrays: ``image`` (N, H, W, C) float32
 (0..1 scale minus the mean; (N, 10, H, W, C) for ImageNet's 10-crop
 evaluation), ``label`` (N,) int32 and, for evaluation, ``mask`` (N,) float32
-that is 0 on padding examples.
+that is 0 on padding examples. ImageNet can instead deliver ``image`` as uint8
+pixels for normalisation on the device (``InputPipeline(image_dtype="uint8")``).
 
 :class:`InputPipeline` does what every dataset shares (this process's share of
 each batch, the checks, batching, padding the evaluation) and delegates the
-rest to a source picked once by dataset name (``_SOURCES``):
+rest to a source picked once by dataset name:
 
 * :class:`InMemorySource` (``digits``, ``cifar10``, ``cifar100``): the split is
   held as one uint8 array; each epoch is a seeded global permutation; global
   batch ``k`` is ``perm[k*B:(k+1)*B]`` and process ``p`` takes its contiguous
   slice. The data order is the same for any number of processes.
 * :class:`ImageNetSource` (``imagenet2012``): tfds shards split across
-  processes with ``tfds.split_for_jax_process``, files and examples shuffled
-  with seeds derived from the epoch, decoded and augmented with a parallel
-  ``map``.
+  processes with ``tfds.split_for_jax_process``, files and encoded examples
+  shuffled with seeds derived from the epoch; a parallel ``map`` decodes only
+  each example's crop window (``tf.image.decode_and_crop_jpeg``) and resizes it.
 """
 
 from __future__ import annotations
@@ -58,6 +59,14 @@ _NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet2012": 10
 # An in-memory source builds one tf.data pipeline per whole epochs covering
 # about this many steps: one per epoch costs time and host memory.
 _STEPS_PER_PIPELINE = 10_000
+# ImageNet builds one pipeline per at most this many epochs (each epoch is a
+# tfds.load of its own, with the epoch's file and example shuffle seeds).
+_MAX_IMAGENET_EPOCHS_PER_PIPELINE = 4
+
+# ImageNet training crops (config.train_crop): the paper's scale augmentation,
+# or the Inception-style random-resized crop.
+TRAIN_CROPS = ("scale", "random_resized")
+IMAGE_DTYPES = ("float32", "uint8")
 
 
 @dataclasses.dataclass
@@ -294,35 +303,111 @@ def _resize_shorter(image, size):
     return tf.image.resize(image, new, method="bilinear", antialias=True)
 
 
-def _imagenet_train(image, seed, config):
-    """Scale augmentation (shorter side uniform in ``train_scale_range`` pixels),
-    random ``image_size`` square crop, random flip: (H, W, 3) uint8 ->
-    (S, S, 3) float32 on the 0..255 scale. ``seed``: (2,) int64."""
+def _imagenet_train_window(shape, seed, config):
+    """The source-pixel window ``(top, left, height, width)`` int32 of one
+    training crop, and the flip draw (bool), for an image of ``shape`` (H, W, ...).
+
+    ``config.train_crop``:
+
+    * ``"scale"`` (the paper's): the random ``image_size`` square crop of the
+      image rescaled to shorter side ``s`` uniform in ``train_scale_range``
+      pixels is, in source pixels, a square of side
+      ``image_size * shorter / s`` at a uniform offset: the same distribution
+      as resize-then-crop, without resizing the whole image.
+    * ``"random_resized"`` (Inception-style): area uniform in [0.08, 1] of the
+      image, aspect ratio log-uniform in [3/4, 4/3]
+      (``tf.image.stateless_sample_distorted_bounding_box``; the whole image
+      when 10 draws do not fit).
+
+    ``seed``: (2,) int64; the draws are a pure function of it.
+    """
     import tensorflow as tf
 
-    lo, hi = config.train_scale_range
+    h, w = tf.cast(shape[0], tf.int32), tf.cast(shape[1], tf.int32)
     s1, s2, s3 = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    flip = tf.random.stateless_uniform([], s3) < 0.5
+    crop_kind = _train_crop(config)
+    if crop_kind == "random_resized":
+        begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+            tf.stack([h, w, 3]),
+            bounding_boxes=tf.zeros([0, 0, 4], tf.float32),
+            seed=s1,
+            min_object_covered=0.0,
+            aspect_ratio_range=(3 / 4, 4 / 3),
+            area_range=(0.08, 1.0),
+            max_attempts=10,
+            use_image_if_no_bounding_boxes=True,
+        )
+        return tf.stack([begin[0], begin[1], size[0], size[1]]), flip
+    lo, hi = config.train_scale_range
     size = tf.random.stateless_uniform([], s1, minval=lo, maxval=hi + 1, dtype=tf.int32)
-    image = _resize_shorter(tf.cast(image, tf.float32), size)
-    crop = int(config.image_size)
-    image = tf.image.stateless_random_crop(image, (crop, crop, 3), seed=s2)
-    image = tf.image.stateless_random_flip_left_right(image, seed=s3)
-    return image
+    shorter = tf.minimum(h, w)
+    side = tf.cast(tf.math.round(int(config.image_size) * shorter / size), tf.int32)
+    side = tf.clip_by_value(side, 1, shorter)
+    u = tf.random.stateless_uniform([2], s2)
+    top_left = tf.cast(
+        tf.floor(u * tf.cast(tf.stack([h - side + 1, w - side + 1]), tf.float32)), tf.int32
+    )
+    top_left = tf.minimum(top_left, tf.stack([h - side, w - side]))
+    return tf.stack([top_left[0], top_left[1], side, side]), flip
 
 
-def _imagenet_eval(image, config):
-    """Resize the shorter side to ``eval_resize`` pixels; the center crop
-    (S, S, 3), or the paper's 10 crops (4 corners + center, and their flips)
-    as (10, S, S, 3); float32 on the 0..255 scale, S = ``image_size``."""
+def _train_crop(config) -> str:
+    kind = config.train_crop
+    if kind not in TRAIN_CROPS:
+        raise UserError(f"train_crop={kind!r}; valid: {', '.join(TRAIN_CROPS)}.")
+    return kind
+
+
+def _decode_window(encoded, window, size: int):
+    """Decodes only ``window`` (top, left, height, width) of JPEG bytes
+    ``encoded`` as RGB (greyscale expanded) and resizes it (bilinear,
+    antialiased) to (size, size, 3) float32 on the 0..255 scale."""
     import tensorflow as tf
 
-    image = _resize_shorter(tf.cast(image, tf.float32), int(config.eval_resize))
-    crop = int(config.image_size)
+    image = tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
+    image = tf.image.resize(tf.cast(image, tf.float32), (size, size), "bilinear", antialias=True)
+    return tf.ensure_shape(image, (size, size, 3))
+
+
+def _imagenet_train(encoded, seed, config):
+    """One training crop of JPEG bytes ``encoded``: the window of
+    :func:`_imagenet_train_window` decoded, resized to ``image_size`` and
+    flipped: (S, S, 3) float32 on the 0..255 scale. ``seed``: (2,) int64."""
+    import tensorflow as tf
+
+    window, flip = _imagenet_train_window(tf.image.extract_jpeg_shape(encoded), seed, config)
+    image = _decode_window(encoded, window, int(config.image_size))
+    return tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
+
+
+def _center_window(shape, resize: int, crop: int):
+    """The source-pixel window (top, left, height, width) int32 of the ``crop``
+    center square of an image of ``shape`` (H, W, ...) resized to shorter side ``resize``."""
+    import tensorflow as tf
+
+    h, w = tf.cast(shape[0], tf.int32), tf.cast(shape[1], tf.int32)
+    shorter = tf.minimum(h, w)
+    side = tf.clip_by_value(tf.cast(tf.math.round(crop * shorter / resize), tf.int32), 1, shorter)
+    return tf.stack([(h - side) // 2, (w - side) // 2, side, side])
+
+
+def _imagenet_eval(encoded, config):
+    """The center crop of JPEG bytes ``encoded`` as (S, S, 3), the crop of the
+    image resized to shorter side ``eval_resize`` (only that window is
+    decoded); or the paper's 10 crops (4 corners + center, and their flips) as
+    (10, S, S, 3), decoded once; float32 on the 0..255 scale, S = ``image_size``."""
+    import tensorflow as tf
+
+    crop, resize = int(config.image_size), int(config.eval_resize)
+    if not config.ten_crop:
+        window = _center_window(tf.image.extract_jpeg_shape(encoded), resize, crop)
+        return _decode_window(encoded, window, crop)
+    image = tf.cast(tf.io.decode_jpeg(encoded, channels=3), tf.float32)
+    image = _resize_shorter(image, resize)
     h, w = tf.shape(image)[0], tf.shape(image)[1]
     top, left = (h - crop) // 2, (w - crop) // 2
     center = image[top : top + crop, left : left + crop]
-    if not config.ten_crop:
-        return tf.ensure_shape(center, (crop, crop, 3))
     crops = [
         image[:crop, :crop],
         image[:crop, w - crop :],
@@ -448,24 +533,47 @@ class InMemorySource(_Source):
 
 
 class ImageNetSource(_Source):
-    """ImageNet (imagenet2012) read from tfds' TFRecords, one pipeline per epoch.
+    """ImageNet (imagenet2012) read from tfds' TFRecords.
+
+    tfds' image decoding is skipped: the shuffle buffer holds encoded JPEG
+    bytes (about 110 kB an image, not a decoded photograph), a resume skips
+    examples without decoding them, and each example's map decodes only the
+    window it keeps (``tf.image.decode_and_crop_jpeg``). One pipeline covers
+    up to ``_MAX_IMAGENET_EPOCHS_PER_PIPELINE`` epochs (about
+    ``_STEPS_PER_PIPELINE`` steps), each epoch shuffled by its own seed.
 
     Raises :class:`DataNotFoundError` when it is not prepared (see
     :func:`imagenet_preflight`). Augmentation seeds are (epoch seed, the
     example's position in this host's epoch).
+
+    ``image_dtype`` ``"uint8"``: images leave as rounded uint8 pixels (0..255),
+    not normalised; the consumer subtracts ``mean`` (4x fewer bytes).
     """
 
-    def __init__(self, config: Any, process_index: int = 0, process_count: int = 1):
+    def __init__(
+        self,
+        config: Any,
+        process_index: int = 0,
+        process_count: int = 1,
+        image_dtype: str = "float32",
+    ):
         super().__init__(config, process_index, process_count)
         if not config.mock_data:
             imagenet_preflight(config.data_dir)
+        _train_crop(config)  # a bad value fails here, not inside tf.data
         self.info = dataset_info(config)
         self.mean = np.asarray(IMAGENET_MEAN_RGB, np.float32)
         self.max_label = self.info.num_classes - 1
+        self.image_dtype = image_dtype
+
+    @property
+    def epochs_per_pipeline(self) -> int:
+        chunk = math.ceil(_STEPS_PER_PIPELINE / self.steps_per_epoch)
+        return max(1, min(_MAX_IMAGENET_EPOCHS_PER_PIPELINE, chunk))
 
     def train_epochs(self, epoch: int, count: int, offset: int):
         """This host's training examples of epochs ``epoch .. epoch + count - 1``,
-        from ``offset`` steps into the first, augmented and normalised."""
+        from ``offset`` steps into the first, augmented."""
         ds = self._train_epoch(epoch, offset)
         for e in range(epoch + 1, epoch + count):
             ds = ds.concatenate(self._train_epoch(e, 0))
@@ -474,32 +582,42 @@ class ImageNetSource(_Source):
     def _train_epoch(self, epoch: int, offset: int):
         import tensorflow as tf
 
-        cfg, b, mean = self.config, self.host_batch, self.mean
+        cfg, b = self.config, self.host_batch
         seed = _epoch_seed(cfg.seed, epoch)
+        # Skipping before the map: a resume decodes none of the skipped examples.
         ds = self._load("train", seed).enumerate().skip(offset * b)
 
         def example(pos, ex):
             image = _imagenet_train(ex["image"], tf.stack([seed % (2**31), pos]), cfg)
-            return {"image": _normalize(image, mean), "label": tf.cast(ex["label"], tf.int32)}
+            return {"image": self._output(image), "label": tf.cast(ex["label"], tf.int32)}
 
-        ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return ds.take((self.steps_per_epoch - offset) * b)
+        ds = ds.take((self.steps_per_epoch - offset) * b)
+        return ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     def eval_examples(self):
-        """This host's share of the validation split (center or 10 crops), normalised."""
+        """This host's share of the validation split (center or 10 crops)."""
         import tensorflow as tf
 
-        cfg, mean = self.config, self.mean
+        cfg = self.config
 
         def example(ex):
-            image = _normalize(_imagenet_eval(ex["image"], cfg), mean)
+            image = self._output(_imagenet_eval(ex["image"], cfg))
             return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
         ds = self._load("eval", None)
         return ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
+    def _output(self, image):
+        """float32 0..255 pixels -> normalised float32, or rounded uint8."""
+        import tensorflow as tf
+
+        if self.image_dtype == "uint8":
+            return tf.cast(tf.clip_by_value(tf.math.round(image), 0.0, 255.0), tf.uint8)
+        return _normalize(image, self.mean)
+
     def _load(self, split: str, seed: int | None):
-        """This host's shards of ``split`` ('train' or 'eval'), shuffled when ``seed`` is set."""
+        """This host's shards of ``split`` ('train' or 'eval') as encoded JPEG
+        bytes, shuffled when ``seed`` is set."""
         import tensorflow as tf
 
         tfds, cfg = _tfds(), self.config
@@ -520,15 +638,13 @@ class ImageNetSource(_Source):
                 data_dir=cfg.data_dir,
                 shuffle_files=seed is not None,
                 read_config=read_config,
+                decoders={"image": tfds.decode.SkipDecoding()},
             )
         if seed is not None:
             opts = tf.data.Options()
             opts.deterministic = True
             ds = ds.with_options(opts).shuffle(int(cfg.shuffle_buffer), seed=seed)
         return ds
-
-
-_SOURCES = {**dict.fromkeys(IN_MEMORY, InMemorySource), "imagenet2012": ImageNetSource}
 
 
 # --------------------------------------------------------------------------- #
@@ -544,24 +660,44 @@ class InputPipeline:
         ``batch_size`` (global), ``eval_batch_size`` (global), ``seed``,
         ``mock_data``, ``num_classes``, augmentation keys).
       process_index, process_count: this host's place among all hosts.
+      image_dtype: ``"float32"`` (default): images normalised on the host
+        (0..1 scale minus ``mean``); ``"uint8"`` (ImageNet only): rounded
+        0..255 pixels, 4x fewer bytes, for a consumer that normalises on the
+        device (``image / 255 - mean``).
 
     Raises:
+      ValueError: ``image_dtype`` unknown, or ``"uint8"`` for an in-memory dataset.
       UserError: an unknown dataset, a batch size that does not divide by the
         number of processes, a training split smaller than one batch, or
         labels that do not fit ``config.num_classes``.
       DataNotFoundError: ImageNet is not prepared.
     """
 
-    def __init__(self, config: Any, process_index: int = 0, process_count: int = 1):
+    def __init__(
+        self,
+        config: Any,
+        process_index: int = 0,
+        process_count: int = 1,
+        image_dtype: str = "float32",
+    ):
         configure_tensorflow()
         check_dataset(config.dataset)
+        if image_dtype not in IMAGE_DTYPES or (
+            image_dtype != "float32" and config.dataset in IN_MEMORY
+        ):
+            raise ValueError(
+                f"image_dtype={image_dtype!r}: {IMAGE_DTYPES} for imagenet2012, float32 otherwise."
+            )
         _check_batch_sizes(config, process_count)
         self.config = config
         self.process_index = process_index
         self.process_count = process_count
         self.host_batch = config.batch_size // process_count
         self.host_eval_batch = config.eval_batch_size // process_count
-        self.source = _SOURCES[config.dataset](config, process_index, process_count)
+        if config.dataset in IN_MEMORY:
+            self.source = InMemorySource(config, process_index, process_count)
+        else:
+            self.source = ImageNetSource(config, process_index, process_count, image_dtype)
         self.info: DatasetInfo = self.source.info
         self.mean: np.ndarray = self.source.mean
         _check_train_size(self.info, config.batch_size)
@@ -585,7 +721,8 @@ class InputPipeline:
 
     def train_batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """An endless stream of this host's training batches from ``start_step`` on:
-        ``image`` (b, H, W, C) float32, ``label`` (b,) int32, b = batch_size / processes."""
+        ``image`` (b, H, W, C) float32 (uint8 with ``image_dtype="uint8"``),
+        ``label`` (b,) int32, b = batch_size / processes."""
         import tensorflow as tf
 
         epoch, offset = divmod(start_step, self.steps_per_epoch)
@@ -618,7 +755,7 @@ def _padded_batches(examples, num_batches: int, batch: int):
     spec = ds.element_spec
     pad = tf.data.Dataset.from_tensors(
         {
-            "image": tf.zeros(spec["image"].shape, tf.float32),
+            "image": tf.zeros(spec["image"].shape, spec["image"].dtype),
             "label": tf.constant(0, tf.int32),
             "mask": tf.constant(0.0),
         }

@@ -407,38 +407,46 @@ def test_report_rejects_hand_written_lines_and_broken_markers(synthetic, tmp_pat
 def test_compare_torch_runs_the_same_network_on_the_pytorch_side():
     """The real PyTorch side (torch is a test dependency): the same architecture
     as resnet_jax's (equal parameter counts; v1.5 bottlenecks like torchvision)
-    and a measured, finite training step."""
-    import argparse
+    and a measured, finite training step. In its own process, as the script runs
+    it: torchvision's import can crash a process where TensorFlow already runs."""
+    import subprocess
+    import sys
 
-    torch = pytest.importorskip("torch")
-    import jax
-    import jax.numpy as jnp
+    pytest.importorskip("torch")
+    code = """
+import argparse, json
+import jax, jax.numpy as jnp
+import resnet_jax as rj
+from benchmarks import compare_torch
 
-    import resnet_jax as rj
+def jax_params(name, **kw):
+    m = rj.create_model(name, **kw)
+    v = jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    return sum(x.size for x in jax.tree.leaves(v["params"]))
 
-    def jax_params(name, **kw):
-        m = rj.create_model(name, **kw)
-        v = jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
-        return sum(x.size for x in jax.tree.leaves(v["params"]))
-
-    net, size, classes = compare_torch.torch_model("resnet20", None)
-    assert (size, classes) == (32, 10)
-    assert sum(p.numel() for p in net.parameters()) == jax_params("resnet20") == 269_722
-    assert compare_torch.jax_variant("resnet50") == "v1.5"
-    assert compare_torch.jax_variant("resnet20") == "v1"
-    tv, _, _ = compare_torch.torch_model("resnet50", None)
-    assert sum(p.numel() for p in tv.parameters()) == jax_params("resnet50", variant="v1.5")
-    a = argparse.Namespace(
-        model="resnet8",
-        image_size=None,
-        batch_size=8,
-        dtype="float32",
-        no_compile=True,
-        warmup=1,
-        steps=2,
-        repeats=2,
+net, size, classes = compare_torch.torch_model("resnet20", None)
+tv, _, _ = compare_torch.torch_model("resnet50", None)
+a = argparse.Namespace(model="resnet8", image_size=None, batch_size=8, dtype="float32",
+                       no_compile=True, warmup=1, steps=2, repeats=2)
+r = compare_torch.measure_torch(a)
+print(json.dumps({
+    "size": [size, classes],
+    "torch20": sum(p.numel() for p in net.parameters()), "jax20": jax_params("resnet20"),
+    "torch50": sum(p.numel() for p in tv.parameters()),
+    "jax50": jax_params("resnet50", variant="v1.5"),
+    "variants": [compare_torch.jax_variant("resnet50"), compare_torch.jax_variant("resnet20")],
+    "r": r,
+}))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=common.REPO, timeout=600
     )
-    r = compare_torch.measure_torch(a)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["size"] == [32, 10]
+    assert got["torch20"] == got["jax20"] == 269_722
+    assert got["torch50"] == got["jax50"] == 25_557_032
+    assert got["variants"] == ["v1.5", "v1"]
+    r = got["r"]
     assert r["device"] == "cpu" and r["compile"] is False and r["cudnn_benchmark"] is False
     assert len(r["repeats"]) == 2 and r["images_per_sec"]["median"] > 0
-    assert torch.get_num_threads() == r["threads"]

@@ -219,6 +219,134 @@ def test_imagenet_train_augmentation_shapes_and_determinism():
     assert_same_batches(take(pipe.train_batches(2), 2), a[2:])
 
 
+def test_imagenet_stream_resumes_exactly_across_pipelines_and_as_uint8():
+    # 3 steps per epoch, 4 epochs per pipeline: 14 steps cross a rebuild.
+    c = tiny_imagenet()
+    pipe = data_lib.InputPipeline(c)
+    assert pipe.source.epochs_per_pipeline == 4
+    a = take(pipe.train_batches(0), 14)
+    for start in (5, 12):  # mid-epoch in the first pipeline; in the second
+        fresh = data_lib.InputPipeline(c)
+        assert_same_batches(take(fresh.train_batches(start), 14 - start), a[start:])
+    u = take(data_lib.InputPipeline(c, image_dtype="uint8").train_batches(0), 14)
+    for x, y in zip(a, u):
+        assert y["image"].dtype == np.uint8 and y["image"].shape == x["image"].shape
+        np.testing.assert_array_equal(x["label"], y["label"])
+        # uint8 is the rounded float pixels: the same crops, half a grey level apart.
+        back = (x["image"] + pipe.mean) * 255.0
+        assert np.abs(back - y["image"]).max() <= 0.5 + 1e-3
+    ev = list(data_lib.InputPipeline(c, image_dtype="uint8").eval_batches())
+    assert ev[-1]["image"].dtype == np.uint8 and ev[-1]["image"].shape == (4, 24, 24, 3)
+    with pytest.raises(ValueError, match="image_dtype"):
+        data_lib.InputPipeline(tiny_config(), image_dtype="uint8")
+
+
+def _photo_jpeg(grey=False):
+    """A real photograph (scikit-learn's china.jpg, 427x640) as JPEG bytes."""
+    import tensorflow as tf
+    from sklearn.datasets import load_sample_image
+
+    image = load_sample_image("china.jpg")
+    if grey:
+        image = np.round(image.mean(axis=-1, keepdims=True)).astype(np.uint8)
+    return tf.io.encode_jpeg(image, quality=90).numpy()
+
+
+def _windows(config, shape, n):
+    import tensorflow as tf
+
+    out = []
+    for i in range(n):
+        w, flip = data_lib._imagenet_train_window(
+            tf.constant(shape), tf.constant([3, i], tf.int64), config
+        )
+        out.append((w.numpy(), bool(flip)))
+    return out
+
+
+def test_imagenet_train_crop_is_the_decoded_window_resized_and_flipped():
+    import tensorflow as tf
+
+    c = imagenet.get_config()
+    encoded = _photo_jpeg()
+    full = tf.io.decode_jpeg(encoded, channels=3).numpy()
+    for seed in range(4):
+        s = tf.constant([11, seed], tf.int64)
+        crop = data_lib._imagenet_train(tf.constant(encoded), s, c).numpy()
+        assert crop.shape == (224, 224, 3) and crop.dtype == np.float32
+        window, flip = data_lib._imagenet_train_window(tf.constant([427, 640, 3]), s, c)
+        top, left, h, w = window.numpy()
+        part = tf.image.decode_and_crop_jpeg(encoded, window, channels=3).numpy()
+        # The window's pixels; chroma upsampling differs by a few levels on its edge only.
+        sliced = full[top : top + h, left : left + w].astype(int)
+        np.testing.assert_array_equal(part[1:-1, 1:-1], sliced[1:-1, 1:-1])
+        assert np.abs(part - sliced).max() <= 16
+        expected = tf.image.resize(part.astype(np.float32), (224, 224), antialias=True).numpy()
+        np.testing.assert_array_equal(crop, expected[:, ::-1] if bool(flip) else expected)
+
+
+def test_imagenet_scale_windows_are_the_crop_of_the_rescaled_image():
+    c = imagenet.get_config()  # shorter side s in [256, 480], 224 crop
+    flips = []
+    for (top, left, h, w), flip in _windows(c, (427, 640, 3), 200):
+        assert h == w and round(224 * 427 / 480) <= h <= round(224 * 427 / 256)
+        assert 0 <= top <= 427 - h and 0 <= left <= 640 - w
+        flips.append(flip)
+    assert 0.3 < np.mean(flips) < 0.7
+
+
+def test_imagenet_random_resized_windows_respect_area_and_aspect():
+    c = imagenet.get_config()
+    c.train_crop = "random_resized"
+    areas = []
+    for (top, left, h, w), _ in _windows(c, (427, 640, 3), 200):
+        assert 0 <= top and top + h <= 427 and 0 <= left and left + w <= 640
+        area = h * w / (427 * 640)
+        if area < 1.0:  # the whole image is the fallback when no draw fits
+            assert 0.08 - 0.01 <= area and 3 / 4 - 0.02 <= w / h <= 4 / 3 + 0.02
+        areas.append(area)
+    assert min(areas) < 0.3 and max(areas) > 0.7  # the range is used
+    with pytest.raises(UserError, match="train_crop='inception'; valid: scale, random_resized"):
+        data_lib.InputPipeline(tiny_imagenet(train_crop="inception"))
+
+
+def test_imagenet_eval_center_window_matches_resize_then_center_crop():
+    import tensorflow as tf
+
+    c = imagenet.get_config()
+    encoded = _photo_jpeg()
+    got = data_lib._imagenet_eval(tf.constant(encoded), c).numpy()
+    assert got.shape == (224, 224, 3)
+    old = data_lib._resize_shorter(tf.cast(tf.io.decode_jpeg(encoded), tf.float32), 256).numpy()
+    top, left = (old.shape[0] - 224) // 2, (old.shape[1] - 224) // 2
+
+    def diff(dy, dx):
+        return np.abs(got - old[top + dy : top + dy + 224, left + dx : left + dx + 224]).mean()
+
+    # Resampling (the window is rounded to whole source pixels) differs by a few
+    # grey levels on this detailed photograph; a crop one pixel off by far more.
+    assert diff(0, 0) < 5.0
+    assert diff(0, 0) < 0.5 * min(
+        diff(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx
+    )
+
+
+def test_imagenet_greyscale_jpegs_decode_as_rgb():
+    import tensorflow as tf
+
+    encoded = tf.constant(_photo_jpeg(grey=True))
+    c = imagenet.get_config()
+    crops = [
+        data_lib._imagenet_train(encoded, tf.constant([0, 1], tf.int64), c),
+        data_lib._imagenet_eval(encoded, c),
+    ]
+    c.ten_crop = True
+    crops.append(data_lib._imagenet_eval(encoded, c)[3])
+    for crop in crops:
+        assert crop.shape == (224, 224, 3)
+        np.testing.assert_array_equal(crop[..., 0], crop[..., 2])
+
+
 # --------------------------------------------------------------------------- #
 # Errors
 # --------------------------------------------------------------------------- #
