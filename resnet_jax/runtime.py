@@ -93,7 +93,7 @@ class WorkdirLock:
         self._fd: int | None = None
 
     def __enter__(self) -> WorkdirLock:
-        if jax.process_index() == 0:  # every process checks the path; one creates it
+        if jax.process_index() == 0:  # the others write only through orbax, which creates its own
             prepare_workdir(self.workdir)
         if not self.enabled:
             return self
