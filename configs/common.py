@@ -43,6 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
     # 8-100% of the area, aspect 3/4 to 4/3). Only the crop window is decoded.
     c.train_crop = "scale"
     c.shuffle_buffer = 16_384
+    # Host batches are copied to the devices this many steps ahead on a
+    # background thread (0: on the training thread, between steps).
+    c.prefetch_batches = 2
     # The fast path for in-memory datasets: training set and augmentation on the
     # devices, steps_per_call train steps per host call (lax.scan).
     c.device_data = False

@@ -37,7 +37,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import resnet_jax as rj
-from resnet_jax import runtime
+from resnet_jax import prefetch, runtime
 from resnet_jax.config_checks import (
     check_fast_path,
     check_num_classes,
@@ -195,6 +195,20 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int, smooth
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot)
 
 
+def model_input(images: jax.Array, mean: Any = None) -> jax.Array:
+    """The model's input: uint8 pixels become ``images / 255 - mean`` in
+    float32 (on the device, inside the jitted step: the host sends 4x fewer
+    bytes); float images are already normalised and pass unchanged.
+
+    ``mean``: (C,) or (H, W, C) on the 0..1 scale; required for uint8.
+    """
+    if images.dtype != jnp.uint8:
+        return images
+    if mean is None:
+        raise ValueError("uint8 images need the mean to normalise them (mean=None).")
+    return images.astype(jnp.float32) / 255.0 - jnp.asarray(mean, jnp.float32)
+
+
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -203,8 +217,12 @@ def train_step(
     num_classes: int,
     label_smoothing: float = 0.0,
     skip_nonfinite: bool = False,
+    mean: Any = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SGD step on a global batch; returns the new state and scalar metrics.
+
+    ``batch["image"]`` is normalised float32, or uint8 pixels that are
+    normalised here with ``mean`` (see :func:`model_input`).
 
     Metrics: ``loss`` (mean cross-entropy, without the weight-decay term),
     ``accuracy``, ``learning_rate``, ``finite`` (1.0 when loss and gradients
@@ -212,10 +230,12 @@ def train_step(
     unchanged except for the step counter.
     """
 
+    images = model_input(batch["image"], mean)
+
     def loss_fn(params):
         logits, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats},
-            batch["image"],
+            images,
             train=True,
             mutable=["batch_stats"],
         )
@@ -249,13 +269,16 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *, num_classes: int) -> dict:
+def eval_step(
+    state: TrainState, batch: dict[str, jax.Array], *, num_classes: int, mean: Any = None
+) -> dict:
     """Masked sums over a batch: ``loss``, ``correct``, ``correct_top5``, ``count``.
 
     Images of shape (N, K, H, W, C) are K crops per example (10-crop testing):
-    their softmax outputs are averaged.
+    their softmax outputs are averaged. uint8 images are normalised with
+    ``mean`` (:func:`model_input`).
     """
-    images = batch["image"]
+    images = model_input(batch["image"], mean)
     crops = images.shape[1] if images.ndim == 5 else 1
     if crops > 1:
         images = images.reshape(-1, *images.shape[2:])
@@ -291,13 +314,17 @@ def evaluate(
     eval_fn: Callable,
     sharding: NamedSharding,
     top5: bool = False,
+    prefetch_batches: int = 2,
 ) -> dict[str, float]:
     """One exact pass over the eval split: ``eval_loss``, ``eval_accuracy``,
-    ``eval_count`` and, with ``top5``, ``eval_top5_accuracy``."""
+    ``eval_count`` and, with ``top5``, ``eval_top5_accuracy``. Batches are
+    copied to the devices ``prefetch_batches`` ahead on a background thread."""
     totals = None
-    for batch in batches:
-        sums = eval_fn(state, host_batch_to_global(batch, sharding))
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    to_global = functools.partial(host_batch_to_global, sharding=sharding)
+    with prefetch.prefetch(batches, to_global, prefetch_batches) as device_batches:
+        for batch in device_batches:
+            sums = eval_fn(state, batch)
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     n = float(totals["count"])
     metrics = {
@@ -320,12 +347,24 @@ def _replicated(sharding: NamedSharding) -> NamedSharding:
 
 
 class HostStepRunner:
-    """One train step per call on a batch from the host input pipeline."""
+    """One train step per call on a batch from the host input pipeline.
 
-    def __init__(self, step_fn: Callable, pipeline: Any, data_sharding: NamedSharding):
+    Global batches are assembled ``prefetch_batches`` steps ahead on a
+    background thread (:mod:`resnet_jax.prefetch`); ``data_wait`` counts the
+    seconds a step waited for the host pipeline and the host-to-device copy.
+    """
+
+    def __init__(
+        self,
+        step_fn: Callable,
+        pipeline: Any,
+        data_sharding: NamedSharding,
+        prefetch_batches: int = 2,
+    ):
         self.steps_per_call = 1
         self._pipeline = pipeline
         self._sharding = data_sharding
+        self._prefetch = int(prefetch_batches)
         self._jitted = jax.jit(
             step_fn,
             in_shardings=(_replicated(data_sharding), data_sharding),
@@ -336,13 +375,23 @@ class HostStepRunner:
         self.data_wait = 0.0  # seconds spent waiting for the host pipeline
 
     def start(self, step: int) -> None:
-        self._batches = self._pipeline.train_batches(step)
+        self.close()
+        to_global = functools.partial(host_batch_to_global, sharding=self._sharding)
+        self._batches = prefetch.prefetch(
+            self._pipeline.train_batches(step), to_global, self._prefetch
+        )
 
     def __call__(self, state: TrainState, step: int) -> tuple[TrainState, dict]:
         t0 = time.perf_counter()
         batch = next(self._batches)
         self.data_wait += time.perf_counter() - t0
-        return self._jitted(state, host_batch_to_global(batch, self._sharding))
+        return self._jitted(state, batch)
+
+    def close(self) -> None:
+        """Stops the prefetching thread."""
+        if self._batches is not None:
+            self._batches.close()
+            self._batches = None
 
 
 class DeviceStepRunner:
@@ -382,6 +431,9 @@ class DeviceStepRunner:
     def __call__(self, state: TrainState, step: int) -> tuple[TrainState, dict]:
         return self._jitted(state, self._data, jnp.int32(step))
 
+    def close(self) -> None:
+        pass
+
 
 @dataclasses.dataclass
 class Experiment:
@@ -410,8 +462,26 @@ class Experiment:
     def evaluate(self, state: TrainState) -> dict[str, float]:
         top5 = self.config.dataset == "imagenet2012"
         return evaluate(
-            state, self.pipeline.eval_batches(), self.eval_fn, self.data_sharding, top5=top5
+            state,
+            self.pipeline.eval_batches(),
+            self.eval_fn,
+            self.data_sharding,
+            top5=top5,
+            prefetch_batches=int(self.config.prefetch_batches),
         )
+
+
+def make_runner(
+    step_fn: Callable, config: Any, pipeline: Any, mesh: Mesh
+) -> HostStepRunner | DeviceStepRunner:
+    """The fast path's on-device runner with ``config.device_data``, else the host one."""
+    if config.device_data:
+        # XLA:CPU runs a step inside a while loop far slower than outside one
+        # (BENCHMARKS.md): unroll the scan there; GPUs and TPUs keep it rolled.
+        cpu = mesh.devices.flat[0].platform == "cpu"
+        return DeviceStepRunner(step_fn, config, pipeline, mesh, unroll=cpu)
+    data_sharding = NamedSharding(mesh, P("data"))
+    return HostStepRunner(step_fn, pipeline, data_sharding, int(config.prefetch_batches))
 
 
 def build_experiment(config: Any, workdir: str, mesh: Mesh | None = None) -> Experiment:
@@ -429,7 +499,13 @@ def build_experiment(config: Any, workdir: str, mesh: Mesh | None = None) -> Exp
     validate_config(config, mesh.devices.size)
     config = pad_eval_batch(config, mesh.devices.size)
     data_lib.prepare_for_processes(config, jax.process_index(), jax.process_count())
-    pipeline = data_lib.InputPipeline(config, jax.process_index(), jax.process_count())
+    # File datasets leave the host as uint8 pixels (4x fewer bytes than
+    # float32), normalised on the devices inside the jitted steps.
+    image_dtype = "float32" if config.dataset in data_lib.IN_MEMORY else "uint8"
+    pipeline = data_lib.InputPipeline(
+        config, jax.process_index(), jax.process_count(), image_dtype=image_dtype
+    )
+    mean = None if image_dtype == "float32" else pipeline.mean
     config = resolve_schedule(config, pipeline.info.train_size)
     check_fast_path(config)
     num_classes = check_num_classes(config, pipeline.info.num_classes)
@@ -444,16 +520,12 @@ def build_experiment(config: Any, workdir: str, mesh: Mesh | None = None) -> Exp
         num_classes=num_classes,
         label_smoothing=float(config.label_smoothing),
         skip_nonfinite=bool(config.skip_nonfinite_steps),
+        mean=mean,
     )
     data_sharding = NamedSharding(mesh, P("data"))
-    if config.device_data:
-        # XLA:CPU runs a step inside a while loop far slower than outside one
-        # (BENCHMARKS.md): unroll the scan there; GPUs and TPUs keep it rolled.
-        runner = DeviceStepRunner(step_fn, config, pipeline, mesh, unroll=platform == "cpu")
-    else:
-        runner = HostStepRunner(step_fn, pipeline, data_sharding)
+    runner = make_runner(step_fn, config, pipeline, mesh)
     eval_fn = jax.jit(
-        functools.partial(eval_step, num_classes=num_classes),
+        functools.partial(eval_step, num_classes=num_classes, mean=mean),
         in_shardings=(_replicated(data_sharding), data_sharding),
         out_shardings=_replicated(data_sharding),
     )
@@ -529,6 +601,13 @@ class MetricWindow:
         self.t0 = time.perf_counter()
         self.images = 0
         self.data_wait = 0.0
+        self.excluded = 0.0
+
+    def exclude(self, seconds: float, images: int = 0) -> None:
+        """Takes time that is not training (evaluation, the first step's
+        compilation) and its images out of the window's images/s."""
+        self.excluded += seconds
+        self.images -= images
 
     def add(self, end_step: int, metrics: Any, images: int) -> None:
         """Queues the device metrics of the call that ended at ``end_step``."""
@@ -552,7 +631,7 @@ class MetricWindow:
 
     def line(self) -> dict[str, float]:
         """The log line of the window (call after :meth:`drain`); resets the sums."""
-        dt = max(time.perf_counter() - self.t0, 1e-9)
+        dt = max(time.perf_counter() - self.t0 - self.excluded, 1e-9)
         n, out = self.sums["steps"], {}
         if n:  # all steps of the window may have been skipped
             out = {"train_loss": self.sums["loss"] / n, "train_accuracy": self.sums["accuracy"] / n}
@@ -560,7 +639,7 @@ class MetricWindow:
         if self.sums["skipped"]:
             out["skipped_steps"] = self.sums["skipped"]
         self.sums = self._empty()
-        self.seconds = dt
+        self.seconds, self.images_done = dt, self.images
         self.restart_clock()
         return out
 
@@ -594,7 +673,8 @@ class LogAction(PeriodicAction):
         super().__init__(every, last)
         self.window, self.writer, self.lr_fn, self.bar = window, writer, lr_fn, bar
         self.on_nonfinite = on_nonfinite
-        self.train_seconds = 0.0
+        self.train_seconds = 0.0  # of the logged windows, evaluation excluded
+        self.train_images = 0
 
     def __call__(self, step: int) -> None:
         bad = self.window.drain()
@@ -602,6 +682,7 @@ class LogAction(PeriodicAction):
             self.on_nonfinite(bad)
         line = self.window.line()
         self.train_seconds += self.window.seconds
+        self.train_images += self.window.images_done
         line |= {"learning_rate": float(self.lr_fn(step - 1)), "host_rss_mb": runtime.host_rss_mb()}
         self.writer.write(step, line)
         if self.bar is not None:
@@ -720,6 +801,8 @@ class _Loop:
         )
         self.preempt = runtime.PreemptionFlag()
         self.stopped_by_signal = False
+        self.first_step_seconds: float | None = None  # compilation, pipeline start-up
+        self.eval_seconds = 0.0
 
     def _nonfinite(self, step: int) -> None:
         good = self.ckpt.last_good
@@ -736,11 +819,19 @@ class _Loop:
         runner.start(self.step)
         self.preempt.install()
         while self.step < self.exp.config.num_train_steps:
-            wait0 = runner.data_wait
+            t0, wait0 = time.perf_counter(), runner.data_wait
             state, metrics = runner(state, self.step)
             self.step += runner.steps_per_call
-            self.window.add(self.step, metrics, batch * runner.steps_per_call)
-            self.window.data_wait += runner.data_wait - wait0
+            images = batch * runner.steps_per_call
+            self.window.add(self.step, metrics, images)
+            if self.first_step_seconds is None:
+                # Compilation and the pipeline's start-up are not training
+                # speed: the first call is timed apart and left out.
+                jax.block_until_ready(metrics)
+                self.first_step_seconds = time.perf_counter() - t0
+                self.window.exclude(self.first_step_seconds, images)
+            else:
+                self.window.data_wait += runner.data_wait - wait0
             self._periodic(state)
             if self.preempt.reached(self.step // runner.steps_per_call):
                 if self.ckpt.saved_step != self.step:
@@ -761,25 +852,33 @@ class _Loop:
         if self.bar is not None:
             self.bar.update(self.exp.runner.steps_per_call)
         if self.eval.due(step):
+            jax.block_until_ready(state)  # the steps before it are training time
+            t0 = time.perf_counter()
             self.eval(step, state)
+            self.eval_seconds += time.perf_counter() - t0
+            self.window.exclude(time.perf_counter() - t0)
         if self.ckpt.due(step):
             self.writer.flush()  # every line up to a checkpoint is stored first
             self.ckpt(step, state)
 
     def close(self) -> None:
+        self.exp.runner.close()
         self.preempt.uninstall()
         if self.bar is not None:
             self.bar.close()
         self.writer.close()
 
     def summary(self, wall: float) -> dict[str, Any]:
-        trained = self.step - self.start_step
         out = {
             "step": self.step,
             "wall_seconds": wall,
-            "train_images_per_sec": trained
-            * self.exp.config.batch_size
-            / max(self.log.train_seconds, 1e-9),
+            # Logged windows only, without evaluation and the first call; None
+            # when no step after the first was logged (a 1-step run).
+            "train_images_per_sec": (
+                self.log.train_images / self.log.train_seconds if self.log.train_images else None
+            ),
+            "first_step_seconds": self.first_step_seconds,
+            "eval_seconds": self.eval_seconds,
             **self.eval.latest,
         }
         if self.stopped_by_signal:
@@ -800,7 +899,8 @@ def summary_line(summary: dict[str, Any]) -> str:
             f"eval loss {summary['eval_loss']:.4f} on {int(summary['eval_count'])} examples"
         )
     parts.append(f"wall time {summary['wall_seconds']:.1f} s")
-    parts.append(f"{summary['train_images_per_sec']:.0f} train images/s")
+    if summary.get("train_images_per_sec") is not None:
+        parts.append(f"{summary['train_images_per_sec']:.0f} train images/s")
     if summary.get("preempted"):
         parts.append("stopped by signal (resumable)")
     return ", ".join(parts)
