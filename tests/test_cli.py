@@ -249,3 +249,14 @@ def test_progress_bar_and_the_default_compilation_cache(tmp_path):
 def test_bn_groups_reach_the_model_from_the_config():
     model = train_lib.model_from_config(tiny_config(bn_groups=8), 10)
     assert model.bn_groups == 8
+
+
+def test_every_config_key_is_documented_in_the_readme():
+    """configs/common.py is the one source of defaults; README lists every key."""
+    import pathlib
+
+    from configs import common
+
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    missing = [k for k in common.base_config() if f"`{k}`" not in readme]
+    assert not missing, f"config keys not in README.md: {missing}"
