@@ -12,10 +12,22 @@ variables)`` (``module.apply(variables, x_nhwc)``) that also carries
 ``.preprocessing``, the :class:`Preprocessing` its weights expect;
 :func:`preprocess` applies one to a batch of images.
 
+A PyTorch converter's result (:func:`from_torchvision`,
+:func:`from_transformers`) computes the same function as its source: in
+inference mode (running statistics, copied as stored; torch and flax both
+normalise with them directly) and in training mode (batch statistics, biased
+variance in both). BatchNorm keeps torch's epsilon (1e-5) and momentum
+(torch's 0.1 is our 0.9). Training updates differ in one detail: torch updates
+the running variance with the unbiased batch variance, flax with the biased
+one, a factor ``n / (n - 1)`` for ``n`` values per channel.
+
 No framework is imported at module level. Keras models are passed in;
 ``.safetensors`` files are read with the ``safetensors`` package and numpy;
 torch is imported only to read ``.pth``/``.bin`` pickles. Converters never
 download anything: they take a path or an in-memory state dict.
+:func:`pretrained` (from :mod:`resnet_jax.hub`) is the one that downloads:
+published torchvision / Hugging Face / timm files into a checked cache,
+then converted by the converters here.
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from resnet_jax.hub import pretrained  # noqa: F401  re-exported; the one that downloads
 from resnet_jax.models import IMAGENET_WIDTHS, BasicBlock, BottleneckBlock, ResNet, model_spec
 
 # --------------------------------------------------------------------------- #
@@ -268,6 +281,27 @@ def from_keras(keras_model: Any) -> Converted:
       ValueError: for a model this converter does not support (ResNetV2,
         channels_first, other architectures), naming what is wrong.
     """
+    layers = _keras_layers(keras_model)
+    stage_sizes = _keras_stage_sizes(layers)
+    head = layers.get("predictions")
+    if head is None and "avg_pool" not in layers:
+        raise _unsupported("include_top=False without pooling='avg' returns a feature map")
+    bn0 = layers["conv1_bn"]
+    module = ResNet(
+        stage_sizes=stage_sizes,
+        block_cls=BottleneckBlock,
+        num_classes=0 if head is None else int(head.get_weights()[0].shape[1]),
+        shortcut="B",
+        variant="v1",
+        bn_momentum=float(bn0.momentum),
+        bn_epsilon=float(bn0.epsilon),
+    )
+    variables = _keras_variables(layers, stage_sizes, head)
+    return Converted(module, variables, PREPROCESSING["keras"])
+
+
+def _keras_layers(keras_model: Any) -> dict[str, Any]:
+    """The model's layers by name, once it is known to be a channels-last ResNet v1."""
     try:
         layers = {layer.name: layer for layer in keras_model.layers}
     except AttributeError as e:
@@ -278,7 +312,11 @@ def from_keras(keras_model: Any) -> Converted:
         raise _unsupported(f"{keras_model.name!r} has no ResNet v1 layer names")
     if getattr(layers["conv1_bn"], "axis", [-1]) not in (-1, 3, [-1], [3]):
         raise _unsupported("it is channels_first")
+    return layers
 
+
+def _keras_stage_sizes(layers: Mapping[str, Any]) -> tuple[int, ...]:
+    """Bottleneck blocks per stage, from the ``conv{stage}_block{block}_3_conv`` names."""
     stages: dict[int, int] = {}
     for name in layers:
         m = re.match(r"conv(\d)_block(\d+)_3_conv$", name)
@@ -287,27 +325,13 @@ def from_keras(keras_model: Any) -> Converted:
             stages[s] = max(stages.get(s, 0), b)
     if sorted(stages) != [2, 3, 4, 5]:
         raise _unsupported(f"expected stages conv2..conv5 with bottleneck blocks, got {stages}")
-    stage_sizes = tuple(stages[s] for s in (2, 3, 4, 5))
+    return tuple(stages[s] for s in (2, 3, 4, 5))
 
-    bn0 = layers["conv1_bn"]
-    head = layers.get("predictions")
-    if head is None:
-        if "avg_pool" not in layers:
-            raise _unsupported("include_top=False without pooling='avg' returns a feature map")
-        num_classes = 0
-    else:
-        num_classes = int(head.get_weights()[0].shape[1])
 
-    module = ResNet(
-        stage_sizes=stage_sizes,
-        block_cls=BottleneckBlock,
-        num_classes=num_classes,
-        shortcut="B",
-        variant="v1",
-        bn_momentum=float(bn0.momentum),
-        bn_epsilon=float(bn0.epsilon),
-    )
-
+def _keras_variables(
+    layers: Mapping[str, Any], stage_sizes: tuple[int, ...], head: Any
+) -> dict[str, Any]:
+    """``{'params', 'batch_stats'}`` from Keras' layers; conv biases folded into BN means."""
     params: dict[str, Any] = {}
     stats: dict[str, Any] = {}
 
@@ -347,11 +371,11 @@ def from_keras(keras_model: Any) -> Converted:
                 )
             elif b == 0:
                 raise _unsupported(f"block {k} changes shape but has no projection shortcut")
-    if num_classes:
+    if head is not None:
         kernel, bias = head.get_weights()
         put(params, ("head", "kernel"), kernel)
         put(params, ("head", "bias"), bias)
-    return Converted(module, {"params": params, "batch_stats": stats}, PREPROCESSING["keras"])
+    return {"params": params, "batch_stats": stats}
 
 
 # --------------------------------------------------------------------------- #
@@ -495,7 +519,13 @@ def _require(state: Mapping[str, np.ndarray], key: str, name: Callable[[str], st
 
 
 def _infer(state: Mapping[str, np.ndarray], name: Callable[[str], str]) -> dict[str, Any]:
-    """ResNet fields read off a state dict in torchvision's naming."""
+    """ResNet fields read off a state dict in torchvision's naming.
+
+    The stem from ``conv1.weight``, the block type from the presence of
+    ``conv3``, stage sizes from the ``layer{s}.{b}`` indices, widths from the
+    shapes, the shortcut option from where ``downsample``/``shortcut``
+    tensors are (none: A; in every block: C; else B).
+    """
     stem = _require(state, "conv1.weight", name)
     if stem.ndim != 4 or stem.shape[2:] not in ((7, 7), (3, 3)):
         raise _Refused(
@@ -615,19 +645,7 @@ def _convert(
         fields = dict(spec.resnet_fields(), shortcut=shortcut)
     classifier = "linear" if "linear.weight" in state else "fc"
     projection = "shortcut" if any(".shortcut.0." in k for k in state) else "downsample"
-    available = (
-        int(state[f"{classifier}.weight"].shape[0]) if f"{classifier}.weight" in state else 0
-    )
-    if num_classes is None:
-        num_classes = available
-    elif num_classes == 0:
-        state = {k: v for k, v in state.items() if not k.startswith(f"{classifier}.")}
-    elif num_classes != available:
-        raise ValueError(
-            f"num_classes={num_classes}, but the weights have a {available}-class classifier "
-            f"(tensor {name(classifier + '.weight')}); pass num_classes=0 to drop it and "
-            "train a new one."
-        )
+    state, num_classes = _classifier(state, classifier, num_classes, name)
     module = ResNet(
         **fields,
         num_classes=num_classes,
@@ -662,6 +680,24 @@ def _convert(
     return module, traverse_util.unflatten_dict(flat)
 
 
+def _classifier(
+    state: dict[str, np.ndarray], classifier: str, num_classes: int | None, name: Callable
+) -> tuple[dict[str, np.ndarray], int]:
+    """The state dict (less the classifier for num_classes=0) and the number of classes."""
+    weight = f"{classifier}.weight"
+    available = int(state[weight].shape[0]) if weight in state else 0
+    if num_classes is None:
+        return state, available
+    if num_classes == 0:
+        return {k: v for k, v in state.items() if not k.startswith(f"{classifier}.")}, 0
+    if num_classes != available:
+        raise ValueError(
+            f"num_classes={num_classes}, but the weights have a {available}-class classifier "
+            f"(tensor {name(weight)}); pass num_classes=0 to drop it and train a new one."
+        )
+    return state, num_classes
+
+
 def _convert_or_refuse(who: str, supported: str, **kw) -> tuple[ResNet, dict[str, Any]]:
     try:
         return _convert(**kw)
@@ -682,25 +718,13 @@ def from_torchvision(
     """Converts a torchvision / timm ResNet, or a PyTorch CIFAR ResNet, to Flax.
 
     Reads torchvision's ``resnet18/34/50/101/152`` (V1 and V2 weights), timm's
-    plain ``resnet*`` models (same names and layout, e.g. ``resnet50.a1_in1k``,
-    ``resnet26``) and the CIFAR ResNets of akamaster/pytorch_resnet_cifar10
-    and most reproductions (3x3 stem, ``layer1..3``, ``linear``; option-A
-    shortcuts without parameters, or option B as ``shortcut.0/1``). The
-    architecture is read off the tensors: the stem from ``conv1.weight``, the
-    block type from the presence of ``conv3``, stage sizes from the
-    ``layer{s}.{b}`` indices, widths from the shapes, the shortcut option
-    from where ``downsample`` tensors are. Bottlenecks are ``variant='v1.5'``
-    (stride in the 3x3), as in torchvision and timm. A CIFAR state dict
-    without projections is taken as option A: for a plain network of the
-    paper, pass ``name='plain20'`` etc.
-
-    The result computes the same function as the source: in inference mode
-    (running statistics, copied as stored; torch and flax both normalise
-    with them directly) and in training mode (batch statistics, biased
-    variance in both). BatchNorm keeps torch's epsilon (1e-5) and momentum
-    (torch's 0.1 is our 0.9). Training updates differ in one detail: torch
-    updates the running variance with the unbiased batch variance, flax with
-    the biased one, a factor ``n / (n - 1)`` for ``n`` values per channel.
+    plain ``resnet*`` (e.g. ``resnet50.a1_in1k``, ``resnet26``) and the CIFAR
+    ResNets of akamaster/pytorch_resnet_cifar10 and most reproductions (3x3
+    stem, ``layer1..3``, ``linear``; option-A shortcuts, taken as such when
+    there are no projections: pass ``name='plain20'`` etc. for a plain net; or
+    option B as ``shortcut.0/1``). The architecture is read off the tensors;
+    bottlenecks are ``variant='v1.5'``, as in torchvision and timm. The result
+    computes the same function as the source in both modes (module docstring).
 
     Args:
       source: a state dict (names to torch tensors or numpy arrays; a
@@ -714,11 +738,10 @@ def from_torchvision(
       num_classes: None keeps the classifier (``fc``/``linear``) or its
         absence; 0 drops it (the module returns pooled features); any other
         value must match the weights'.
-      preprocessing: the :class:`Preprocessing` (or name in
-        ``PREPROCESSING``) carried by the result. Default: 'torchvision' (V1
-        weights: resize 256, crop 224, bilinear) for ImageNet nets, 'cifar'
-        for CIFAR nets. torchvision's IMAGENET1K_V2 weights want
-        'torchvision-v2'; timm weights ``Preprocessing.from_timm(cfg)``.
+      preprocessing: the :class:`Preprocessing` (or name in ``PREPROCESSING``)
+        the result carries. Default: 'torchvision' (V1 weights) for ImageNet
+        nets, 'cifar' for CIFAR nets; torchvision's V2 weights want
+        'torchvision-v2', timm's ``Preprocessing.from_timm(cfg)``.
       **options: ResNet fields for the converted module, one of
         ``CONVERTER_OPTIONS`` (``dtype``, ``param_dtype``, ``bn_momentum``,
         ``bn_epsilon``, ``bn_groups``, ``materialize``).
@@ -735,16 +758,10 @@ def from_torchvision(
     """
     who = "from_torchvision"
     raw, _ = _read(source, who)
-    state = _state_dict(raw)
-    if any(k.startswith(("embedder.embedder.", "resnet.embedder.")) for k in state):
-        raise ValueError(
-            f"{who}: these are Hugging Face transformers weights (embedder.*, encoder.*); "
-            "use rj.weights.from_transformers."
-        )
     module, variables = _convert_or_refuse(
         who,
         _SUPPORTED_TORCH,
-        state=state,
+        state=_torchvision_state(raw, who),
         name=lambda k: k,
         model=name,
         num_classes=num_classes,
@@ -754,6 +771,17 @@ def from_torchvision(
     if preprocessing is None:
         preprocessing = "torchvision" if module.stem == "imagenet" else "cifar"
     return Converted(module, variables, _preprocessing(preprocessing))
+
+
+def _torchvision_state(raw: Mapping[str, Any], who: str) -> dict[str, np.ndarray]:
+    """The state dict as numpy arrays; refuses transformers' layout, naming the converter."""
+    state = _state_dict(raw)
+    if any(k.startswith(("embedder.embedder.", "resnet.embedder.")) for k in state):
+        raise ValueError(
+            f"{who}: these are Hugging Face transformers weights (embedder.*, encoder.*); "
+            "use rj.weights.from_transformers."
+        )
+    return state
 
 
 # transformers' names -> torchvision's, after the optional "resnet." prefix of
@@ -864,12 +892,44 @@ def from_transformers(
     """
     who = "from_transformers"
     raw, directory = _read(source, who)
+    variant = _hf_variant(_hf_config(source, directory, config), who)
+    state, hf_name = _hf_state(_state_dict(raw), who)
+    module, variables = _convert_or_refuse(
+        who,
+        _SUPPORTED_HF,
+        state=state,
+        name=hf_name,
+        model=None,
+        num_classes=num_classes,
+        variant=variant,
+        options=options,
+    )
+    if preprocessing is None:
+        preprocessing = _hf_directory_preprocessing(directory)
+    return Converted(module, variables, _preprocessing(preprocessing))
+
+
+def _hf_directory_preprocessing(directory: str | None) -> Preprocessing | str:
+    """The directory's ``preprocessor_config.json`` recipe, else 'huggingface'."""
+    path = directory and os.path.join(directory, "preprocessor_config.json")
+    if path and os.path.exists(path):
+        with open(path) as f:
+            return _hf_preprocessing(json.load(f))
+    return "huggingface"
+
+
+def _hf_config(source: Any, directory: str | None, config: Any) -> Any:
+    """The config given, else the model object's, else the directory's config.json, else {}."""
     if config is None:
         config = getattr(source, "config", None)
     if config is None and directory and os.path.exists(os.path.join(directory, "config.json")):
         with open(os.path.join(directory, "config.json")) as f:
             config = json.load(f)
-    config = {} if config is None else config
+    return {} if config is None else config
+
+
+def _hf_variant(config: Any, who: str) -> str:
+    """'v1' or 'v1.5' from a ResNetConfig (or its dict); raises for what we cannot build."""
     if _config_value(config, "downsample_in_first_stage", False):
         raise ValueError(
             f"{who}: config has downsample_in_first_stage=True (a stride-2 first stage), "
@@ -878,9 +938,13 @@ def from_transformers(
     act = _config_value(config, "hidden_act", "relu")
     if act != "relu":
         raise ValueError(f"{who}: config has hidden_act={act!r}; only 'relu' is supported.")
-    variant = "v1" if _config_value(config, "downsample_in_bottleneck", False) else "v1.5"
+    return "v1" if _config_value(config, "downsample_in_bottleneck", False) else "v1.5"
 
-    state = _state_dict(raw)
+
+def _hf_state(
+    state: Mapping[str, np.ndarray], who: str
+) -> tuple[dict[str, np.ndarray], Callable[[str], str]]:
+    """The state dict in torchvision's names, and the function naming a tensor as transformers does."""
     if "conv1.weight" in state:
         raise ValueError(
             f"{who}: these are torchvision-layout weights (conv1, layer1, ...); use "
@@ -899,24 +963,7 @@ def from_transformers(
         prefix = "resnet." if any(o.startswith("resnet.") for o in original.values()) else ""
         return prefix + _torchvision_to_hf(k)
 
-    module, variables = _convert_or_refuse(
-        who,
-        _SUPPORTED_HF,
-        state=renamed,
-        name=hf_name,
-        model=None,
-        num_classes=num_classes,
-        variant=variant,
-        options=options,
-    )
-    if preprocessing is None:
-        pre_path = directory and os.path.join(directory, "preprocessor_config.json")
-        if pre_path and os.path.exists(pre_path):
-            with open(pre_path) as f:
-                preprocessing = _hf_preprocessing(json.load(f))
-        else:
-            preprocessing = "huggingface"
-    return Converted(module, variables, _preprocessing(preprocessing))
+    return renamed, hf_name
 
 
 def _torchvision_to_hf(key: str) -> str:
@@ -962,24 +1009,7 @@ def to_torchvision(module: ResNet, variables: Mapping[str, Any]) -> dict[str, np
     Raises:
       ValueError: for a module torchvision's ResNet cannot express, saying why.
     """
-    problems = []
-    if module.stem != "imagenet" or module.stem_width != 64:
-        problems.append(f"stem {module.stem!r} of width {module.stem_width} (needs 'imagenet', 64)")
-    if tuple(module.widths) != IMAGENET_WIDTHS:
-        problems.append(f"widths {tuple(module.widths)} (needs {IMAGENET_WIDTHS})")
-    if module.shortcut != "B":
-        problems.append(f"shortcut {module.shortcut!r} (needs 'B')")
-    if module.block_cls is BottleneckBlock and module.variant != "v1.5":
-        problems.append(f"variant {module.variant!r} bottlenecks (needs 'v1.5')")
-    if module.block_cls not in (BasicBlock, BottleneckBlock):
-        problems.append(f"block {module.block_cls!r}")
-    if not math.isclose(module.bn_epsilon, TORCH_BN_EPSILON, rel_tol=1e-6):
-        problems.append(f"BatchNorm epsilon {module.bn_epsilon} (torchvision's is 1e-5)")
-    if problems:
-        raise ValueError(
-            "to_torchvision exports only what torchvision.models.ResNet computes; this model "
-            f"has {'; '.join(problems)}."
-        )
+    _check_exportable(module)
     flat = traverse_util.flatten_dict(
         {c: dict(variables.get(c, {})) for c in ("params", "batch_stats")}
     )
@@ -1001,6 +1031,28 @@ def to_torchvision(module: ResNet, variables: Mapping[str, Any]) -> dict[str, np
             bn = _torch_name(path)[: -len("running_mean")]
             state[bn + "num_batches_tracked"] = np.zeros((), np.int64)
     return dict(sorted(state.items(), key=lambda kv: _torchvision_order(kv[0])))
+
+
+def _check_exportable(module: ResNet) -> None:
+    """Raises ValueError, listing why, for a module torchvision's ResNet cannot express."""
+    problems = []
+    if module.stem != "imagenet" or module.stem_width != 64:
+        problems.append(f"stem {module.stem!r} of width {module.stem_width} (needs 'imagenet', 64)")
+    if tuple(module.widths) != IMAGENET_WIDTHS:
+        problems.append(f"widths {tuple(module.widths)} (needs {IMAGENET_WIDTHS})")
+    if module.shortcut != "B":
+        problems.append(f"shortcut {module.shortcut!r} (needs 'B')")
+    if module.block_cls is BottleneckBlock and module.variant != "v1.5":
+        problems.append(f"variant {module.variant!r} bottlenecks (needs 'v1.5')")
+    if module.block_cls not in (BasicBlock, BottleneckBlock):
+        problems.append(f"block {module.block_cls!r}")
+    if not math.isclose(module.bn_epsilon, TORCH_BN_EPSILON, rel_tol=1e-6):
+        problems.append(f"BatchNorm epsilon {module.bn_epsilon} (torchvision's is 1e-5)")
+    if problems:
+        raise ValueError(
+            "to_torchvision exports only what torchvision.models.ResNet computes; this model "
+            f"has {'; '.join(problems)}."
+        )
 
 
 _TORCHVISION_RANKS = {

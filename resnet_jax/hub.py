@@ -1,0 +1,402 @@
+"""Downloads published ResNet weights into a local cache, checked, then converts them.
+
+:func:`pretrained` (re-exported as ``rj.weights.pretrained``) is the one
+function of resnet_jax that touches the network; the converters of
+:mod:`resnet_jax.weights` never do. HTTP is the standard library's
+``urllib``, so ``import resnet_jax`` still needs only jax and flax.
+
+A file is written to a temporary file beside its final name and renamed
+only after its checksum passed: a failed, corrupt or interrupted download
+never leaves a file under the final name, and a file under the final name
+is used as it is, without touching the network. That is also the offline
+route: save the file yourself at the path the error message names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import json
+import os
+import re
+import socket
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
+from typing import Any
+
+# A cycle: weights re-exports pretrained; its names are looked up at call time only.
+from resnet_jax import weights as _converters
+from resnet_jax.errors import UserError, one_line
+from resnet_jax.models import model_spec
+
+SOURCES = ("torchvision", "huggingface", "timm")
+DEFAULT_ENDPOINTS = {
+    "torchvision": "https://download.pytorch.org/models",
+    "huggingface": "https://huggingface.co",
+}
+# The environment variables that override them (HF_ENDPOINT is huggingface_hub's).
+ENDPOINT_VARIABLES = {"torchvision": "RESNET_JAX_TORCHVISION_URL", "huggingface": "HF_ENDPOINT"}
+
+# torchvision.models.ResNet*_Weights' URLs (torchvision 0.29), under DEFAULT_ENDPOINTS.
+TORCHVISION_FILES: dict[str, dict[str, str]] = {
+    "resnet18": {"IMAGENET1K_V1": "resnet18-f37072fd.pth"},
+    "resnet34": {"IMAGENET1K_V1": "resnet34-b627a593.pth"},
+    "resnet50": {
+        "IMAGENET1K_V1": "resnet50-0676ba61.pth",
+        "IMAGENET1K_V2": "resnet50-11ad3fa6.pth",
+    },
+    "resnet101": {
+        "IMAGENET1K_V1": "resnet101-63fe2227.pth",
+        "IMAGENET1K_V2": "resnet101-cd907fc2.pth",
+    },
+    "resnet152": {
+        "IMAGENET1K_V1": "resnet152-394f9c45.pth",
+        "IMAGENET1K_V2": "resnet152-f82ba261.pth",
+    },
+}
+_TORCHVISION_PREPROCESSING = {"IMAGENET1K_V1": "torchvision", "IMAGENET1K_V2": "torchvision-v2"}
+HUGGINGFACE_REPOS = {name: f"microsoft/resnet-{name[6:]}" for name in TORCHVISION_FILES}
+# A hub repo's files: the weights, first found of _WEIGHT_FILES, come last, so
+# that their presence in the cache means the directory is complete.
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_CHUNK = 1 << 20
+
+
+def default_cache_dir() -> str:
+    """``$RESNET_JAX_CACHE``, else ``$XDG_CACHE_HOME/resnet_jax``, else ``~/.cache/resnet_jax``."""
+    if os.environ.get("RESNET_JAX_CACHE"):
+        return os.path.expanduser(os.environ["RESNET_JAX_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(xdg, "resnet_jax")
+
+
+def pretrained(
+    name: str,
+    source: str = "torchvision",
+    *,
+    weights: str | None = None,
+    revision: str = "main",
+    endpoint: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    timeout: float = 10.0,
+    **options: Any,
+) -> _converters.Converted:
+    """Downloads published weights (once, into a cache, checksum verified) and converts them.
+
+    >>> model, variables = rj.weights.pretrained("resnet50", source="torchvision")
+
+    Sources, and how each file is verified:
+
+    * ``'torchvision'``: ``name`` in resnet18/34/50/101/152; the ``.pth`` of
+      ``torchvision.models.ResNet*_Weights`` (needs torch to read). As
+      torch.hub does, the hex digits after the last '-' of the file name must
+      start the file's sha256. Converted by ``from_torchvision``.
+    * ``'huggingface'``: ``name`` in resnet18 ... resnet152 (the repos
+      ``microsoft/resnet-18`` ... ``-152``) or any repo id ``'owner/name'`` of
+      a transformers ResNet; ``config.json``, ``preprocessor_config.json``
+      (if the repo has one) and ``model.safetensors`` (else
+      ``pytorch_model.bin``, which needs torch). Converted by
+      ``from_transformers``.
+    * ``'timm'``: ``name`` is a timm pretrained tag of a plain ResNet, e.g.
+      ``'resnet50.a1_in1k'``, or ``'resnet50.tv_in1k'`` / ``'tv2_in1k'``
+      (torchvision's V1/V2 weights): the hub repo ``timm/<name>``, whose
+      ``model.safetensors`` is in torchvision's layout and needs no torch.
+      Converted by ``from_torchvision`` with
+      ``Preprocessing.from_timm(config['pretrained_cfg'])``.
+
+    Hub files are verified against the checksum the hub sends with them, as
+    huggingface_hub reads it: ``X-Linked-Etag`` (the sha256 of an LFS file,
+    on the redirect to its storage), else ``ETag`` (the sha256, or for a
+    small file kept in git its git blob sha1). A pinned table would have to
+    follow every revision of every repo; the hub's own hashes catch corrupt
+    and truncated downloads for any revision. Pass ``revision=`` a commit
+    hash for files that cannot change: a cached branch name is not re-checked.
+
+    Files go to ``<cache_dir>/torchvision/<file name>`` and
+    ``<cache_dir>/huggingface/<repo id>/<revision>/<file name>``. A file
+    already there is used without touching the network, so offline, save
+    the file the error names at the path it names.
+
+    Args:
+      name: the model, as above.
+      source: 'torchvision', 'huggingface' or 'timm'.
+      weights: torchvision only: 'IMAGENET1K_V1' (the default, every
+        depth), 'IMAGENET1K_V2' (50, 101, 152; preprocessing
+        'torchvision-v2'), or the URL (used as is) of a torchvision-layout
+        file named as torch.hub names files, ``<stem>-<8+ hex digits of its
+        sha256>.pth``; then ``name`` is any model name (e.g. 'resnet20' for
+        a CIFAR checkpoint) that the converter checks the weights against.
+      revision: hub sources: a branch, tag or commit hash.
+      endpoint: the server: for torchvision the folder URL replacing
+        ``https://download.pytorch.org/models`` (else
+        ``$RESNET_JAX_TORCHVISION_URL``), for the hub sources
+        ``https://huggingface.co`` (else ``$HF_ENDPOINT``), e.g. a mirror.
+      cache_dir: default :func:`default_cache_dir`.
+      timeout: seconds to connect, and to wait for each piece of the answer.
+      **options: passed to the converter, e.g. ``num_classes=0``,
+        ``preprocessing=``, ``dtype=``.
+
+    Returns:
+      The converter's :class:`~resnet_jax.weights.Converted` ``(module,
+      variables)`` with ``.preprocessing``.
+
+    Raises:
+      UserError: on one line, for an unknown source, name or weights; or a
+        download that failed (offline, unreachable, an HTTP error, a checksum
+        mismatch), naming the URL, why, and the path to save the file at.
+      ImportError: for a ``.pth``/``.bin`` without torch installed.
+    """
+    cache = os.fspath(cache_dir) if cache_dir is not None else default_cache_dir()
+    if source == "torchvision":
+        if revision != "main":
+            raise UserError("pretrained: revision= is for the hub sources, not 'torchvision'.")
+        return _torchvision(name, weights, endpoint, cache, timeout, options)
+    if weights is not None:
+        raise UserError(f"pretrained: weights= is for source='torchvision', not {source!r}.")
+    if source == "huggingface":
+        return _huggingface(name, revision, endpoint, cache, timeout, options)
+    if source == "timm":
+        return _timm(name, revision, endpoint, cache, timeout, options)
+    raise UserError(f"pretrained: unknown source {source!r}; valid: {', '.join(SOURCES)}.")
+
+
+# --------------------------------------------------------------------------- #
+# The three sources.
+# --------------------------------------------------------------------------- #
+
+
+def _torchvision(name, weights, endpoint, cache, timeout, options) -> _converters.Converted:
+    weights = weights or "IMAGENET1K_V1"
+    if "://" in weights:  # any torchvision-layout file: the converter checks it is `name`
+        try:
+            model_spec(name)
+        except ValueError as e:
+            raise UserError(f"pretrained: {e}") from None
+        url, filename = weights, weights.rsplit("/", 1)[-1]
+    elif name not in TORCHVISION_FILES:
+        raise UserError(
+            f"pretrained: no torchvision weights for {name!r}; valid names: "
+            f"{', '.join(TORCHVISION_FILES)}."
+        )
+    elif weights in TORCHVISION_FILES[name]:
+        filename = TORCHVISION_FILES[name][weights]
+        base = endpoint or os.environ.get(ENDPOINT_VARIABLES["torchvision"])
+        url = f"{(base or DEFAULT_ENDPOINTS['torchvision']).rstrip('/')}/{filename}"
+        options.setdefault("preprocessing", _TORCHVISION_PREPROCESSING[weights])
+    else:
+        raise UserError(
+            f"pretrained: torchvision publishes no {weights!r} weights for {name}; valid: "
+            f"{', '.join(TORCHVISION_FILES[name])}, or the URL of a .pth named <stem>-<sha256 "
+            "prefix>.pth."
+        )
+    digest = re.search(r"-([0-9a-f]{8,64})\.\w+$", filename)
+    if digest is None:
+        raise UserError(
+            f"pretrained: {filename!r} does not carry its checksum as torch.hub names files "
+            "(<stem>-<8 or more hex digits of its sha256>.pth)."
+        )
+    timm_tag = {"IMAGENET1K_V1": "tv_in1k", "IMAGENET1K_V2": "tv2_in1k"}.get(weights)
+    timm = f"pretrained('{name}.{timm_tag}', source='timm')"
+    instead = f" The same weights as safetensors, without torch: {timm}." if timm_tag else ""
+    _require_torch(f"{filename} is a PyTorch pickle", instead)
+    path = os.path.join(cache, "torchvision", filename)
+    if not os.path.exists(path):
+        _download(url, path, timeout=timeout, expected=("sha256", digest[1]))
+    return _converters.from_torchvision(path, name=name, **options)
+
+
+def _huggingface(name, revision, endpoint, cache, timeout, options) -> _converters.Converted:
+    repo = HUGGINGFACE_REPOS.get(name, name if "/" in name else None)
+    if repo is None:
+        raise UserError(
+            f"pretrained: unknown Hugging Face model {name!r}; valid: "
+            f"{', '.join(HUGGINGFACE_REPOS)} (microsoft/resnet-*), or a repo id 'owner/name'."
+        )
+    directory = _hub_repo(repo, revision, ("preprocessor_config.json",), endpoint, cache, timeout)
+    return _converters.from_transformers(directory, **options)
+
+
+def _timm(name, revision, endpoint, cache, timeout, options) -> _converters.Converted:
+    tag = name.removeprefix("timm/")
+    if not re.fullmatch(r"[\w-]+\.[\w-]+", tag):
+        raise UserError(
+            f"pretrained: {name!r} is not a timm pretrained tag '<architecture>.<tag>', e.g. "
+            "'resnet50.a1_in1k' or 'resnet50.tv_in1k' (timm.list_pretrained('resnet*'))."
+        )
+    directory = _hub_repo(f"timm/{tag}", revision, (), endpoint, cache, timeout)
+    with open(os.path.join(directory, "config.json")) as f:
+        config = json.load(f)
+    # timm's config.json: {'architecture', 'num_classes', 'pretrained_cfg': {...}};
+    # older ones are a single dict (timm.models._hub._parse_model_cfg).
+    cfg = config.get("pretrained_cfg", config)
+    options.setdefault("preprocessing", _converters.Preprocessing.from_timm(cfg))
+    found = next(n for n in _WEIGHT_FILES if os.path.exists(os.path.join(directory, n)))
+    return _converters.from_torchvision(os.path.join(directory, found), **options)
+
+
+def _require_torch(what: str, instead: str = "") -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            f"pretrained: {what}, and reading it needs torch (pip install torch).{instead}"
+        ) from e
+
+
+def _hub_repo(
+    repo: str,
+    revision: str,
+    extra: tuple[str, ...],
+    endpoint: str | None,
+    cache: str,
+    timeout: float,
+) -> str:
+    """The cache directory of a hub repo: its config.json, ``extra`` and weights.
+
+    With weights and config.json cached, nothing is requested; optional
+    files (``extra``; a 404 skips one) are fetched only with the weights.
+    """
+    directory = os.path.join(cache, "huggingface", *repo.split("/"), revision.replace("/", "--"))
+    cached = any(os.path.exists(os.path.join(directory, n)) for n in _WEIGHT_FILES)
+    if cached and os.path.exists(os.path.join(directory, "config.json")):
+        return directory
+    base = endpoint or os.environ.get(ENDPOINT_VARIABLES["huggingface"])
+    base = (base or DEFAULT_ENDPOINTS["huggingface"]).rstrip("/")
+    quoted = urllib.parse.quote(revision, safe="")
+
+    def get(filename: str, optional: bool) -> bool:
+        url = f"{base}/{repo}/resolve/{quoted}/{filename}"
+        files = ", ".join(("config.json", *extra))
+        hint = f"the repo's {files} and {_WEIGHT_FILES[0]} all go in that folder"
+        path = os.path.join(directory, filename)
+        return _download(url, path, timeout=timeout, hint=hint, missing_ok=optional)
+
+    for filename in ("config.json", *(() if cached else extra)):
+        if not os.path.exists(os.path.join(directory, filename)):
+            get(filename, optional=filename != "config.json")
+    if cached:
+        return directory
+    if not get(_WEIGHT_FILES[0], optional=True):
+        _require_torch(f"{repo} has no {_WEIGHT_FILES[0]}; its {_WEIGHT_FILES[1]} is a pickle")
+        get(_WEIGHT_FILES[1], optional=False)
+    return directory
+
+
+# --------------------------------------------------------------------------- #
+# One download: temporary file, checksum, rename.
+# --------------------------------------------------------------------------- #
+
+
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects, keeping each redirect's headers (the hub's X-Linked-Etag)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.headers: list[Mapping[str, str]] = []
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        self.headers.append(headers)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _download(
+    url: str,
+    path: str,
+    *,
+    timeout: float,
+    expected: tuple[str, str] | None = None,
+    hint: str = "",
+    missing_ok: bool = False,
+) -> bool:
+    """Downloads ``url`` to ``path`` via a temporary file renamed once the checksum passed.
+
+    ``expected`` is ``('sha256', hex prefix)``; None takes the checksum from
+    the hub's headers. Returns False for an HTTP 404 when ``missing_ok``;
+    raises UserError for anything else that goes wrong.
+    """
+    folder = os.path.dirname(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, temp = tempfile.mkstemp(
+            dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".part"
+        )
+    except OSError as e:
+        raise UserError(
+            f"pretrained: cannot write to the cache folder {folder} ({e.strerror}); pass "
+            "cache_dir= or set RESNET_JAX_CACHE to a writable folder."
+        ) from None
+    redirects = _Redirects()
+    request = urllib.request.Request(
+        url, headers={"User-Agent": "resnet_jax", "Accept-Encoding": "identity"}
+    )
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with urllib.request.build_opener(redirects).open(request, timeout=timeout) as r:
+                    sha256, size = hashlib.sha256(), 0
+                    while chunk := r.read(_CHUNK):
+                        out.write(chunk)
+                        sha256.update(chunk)
+                        size += len(chunk)
+                    headers = [*redirects.headers, r.headers]
+            except urllib.error.HTTPError as e:
+                if missing_ok and e.code == 404:
+                    return False
+                # The hub answers 401 for a repo that does not exist, as for a private one.
+                why = " (a missing, private or gated repo?)" if e.code in (401, 403) else ""
+                raise _failed(url, path, f"HTTP {e.code} {e.reason}{why}", hint) from None
+            except (OSError, http.client.HTTPException, ValueError) as e:
+                raise _failed(url, path, _reason(e, timeout), hint) from None
+        kind, want = expected or _hub_checksum(url, path, headers, hint)
+        got = sha256.hexdigest() if kind == "sha256" else _git_sha1(temp, size)
+        if not got.startswith(want):
+            raise _failed(url, path, f"checksum mismatch ({kind} {got}, expected {want})", hint)
+        os.replace(temp, path)
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temp)
+
+
+def _hub_checksum(url, path, headers, hint) -> tuple[str, str]:
+    """As huggingface_hub.file_download.get_hf_file_metadata reads it (see pretrained)."""
+    linked = next((h["X-Linked-Etag"] for h in headers if h.get("X-Linked-Etag")), None)
+    etag = (linked or headers[-1].get("ETag") or "").removeprefix("W/").strip('"')
+    if re.fullmatch(r"[0-9a-f]{64}", etag):
+        return "sha256", etag
+    if re.fullmatch(r"[0-9a-f]{40}", etag) and not linked:
+        return "git-sha1", etag
+    raise _failed(
+        url, path, f"the server sent no checksum (X-Linked-Etag/ETag {etag!r}) to verify", hint
+    )
+
+
+def _git_sha1(path: str, size: int) -> str:
+    """``git hash-object``: the sha1 of ``b'blob <size>\\0'`` and the content."""
+    sha1 = hashlib.sha1(f"blob {size}\0".encode())
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            sha1.update(chunk)
+    return sha1.hexdigest()
+
+
+def _reason(e: BaseException, timeout: float) -> str:
+    if isinstance(e, (socket.timeout, TimeoutError)) or "timed out" in str(e):
+        return f"no answer within {timeout:g} s"
+    if isinstance(e, urllib.error.URLError):
+        return f"cannot connect ({e.reason})"
+    return f"{type(e).__name__}: {e}"
+
+
+def _failed(url: str, path: str, reason: str, hint: str) -> UserError:
+    where = f"{path} ({hint})" if hint else path
+    return UserError(
+        one_line(
+            f"pretrained: could not download {url}: {reason}. Nothing was saved; offline, "
+            f"download the file yourself and save it as {where}."
+        )
+    )
