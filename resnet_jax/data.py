@@ -293,13 +293,27 @@ def _pad_crop_flip(image, seed, pad: int, flip: bool):
     return image
 
 
-def _resize_shorter(image, size):
-    """(H, W, C) float32 resized (bilinear, antialiased) to shorter side ``size`` pixels."""
+def _resized_shape(shape, size: int):
+    """(new_h, new_w) float64 of an image of ``shape`` (H, W, ...) resized to
+    shorter side ``size``: torchvision's ``Resize(size)`` (the longer side
+    truncated, ``int(size * long / short)``)."""
     import tensorflow as tf
 
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    scale = tf.cast(size, tf.float32) / tf.reduce_min(shape)
-    new = tf.cast(tf.math.round(shape * scale), tf.int32)
+    h, w = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
+    size = tf.constant(float(size), tf.float64)
+    taller = w <= h
+    new_h = tf.where(taller, tf.floor(size * h / w), size)
+    new_w = tf.where(taller, size, tf.floor(size * w / h))
+    return new_h, new_w
+
+
+def _resize_shorter(image, size):
+    """(H, W, C) float32 resized (bilinear, antialiased) to shorter side ``size``
+    pixels, to torchvision's ``Resize(size)`` shape."""
+    import tensorflow as tf
+
+    new_h, new_w = _resized_shape(tf.shape(image), size)
+    new = tf.cast(tf.stack([new_h, new_w]), tf.int32)
     return tf.image.resize(image, new, method="bilinear", antialias=True)
 
 
@@ -381,32 +395,69 @@ def _imagenet_train(encoded, seed, config):
     return tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
 
 
-def _center_window(shape, resize: int, crop: int):
-    """The source-pixel window (top, left, height, width) int32 of the ``crop``
-    center square of an image of ``shape`` (H, W, ...) resized to shorter side ``resize``."""
+def _center_offsets(new_h, new_w, crop: int):
+    """torchvision's ``CenterCrop``: top and left ``round((size - crop) / 2)``
+    (half to even, as Python's ``round``), float64."""
     import tensorflow as tf
 
-    h, w = tf.cast(shape[0], tf.int32), tf.cast(shape[1], tf.int32)
-    shorter = tf.minimum(h, w)
-    side = tf.clip_by_value(tf.cast(tf.math.round(crop * shorter / resize), tf.int32), 1, shorter)
-    return tf.stack([(h - side) // 2, (w - side) // 2, side, side])
+    return tf.math.round((new_h - crop) / 2.0), tf.math.round((new_w - crop) / 2.0)
+
+
+def _center_crop(encoded, resize: int, crop: int):
+    """The ``crop`` centre square of JPEG bytes ``encoded`` resized to shorter
+    side ``resize`` (torchvision's ``Resize`` + ``CenterCrop`` geometry),
+    decoding only the window the crop's resampling reads.
+
+    The window is resampled with the scale and offset of the whole-image
+    resize (``ScaleAndTranslate``, the antialiased triangle kernel of
+    ``tf.image.resize``), so the crop equals resize-then-crop to float
+    rounding, not just to the nearest source pixel. (crop, crop, 3) float32
+    on the 0..255 scale.
+    """
+    import tensorflow as tf
+
+    shape = tf.image.extract_jpeg_shape(encoded)
+    h, w = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
+    new_h, new_w = _resized_shape(shape, resize)
+    top, left = _center_offsets(new_h, new_w, crop)
+    scale = tf.stack([new_h / h, new_w / w])
+    # The kernel reaches max(1, 1/scale) source pixels beyond the crop's edge.
+    one, zero = tf.constant(1.0, tf.float64), tf.constant(0.0, tf.float64)
+    margin = tf.math.ceil(tf.maximum(one, one / scale)) + one
+    start = tf.maximum(zero, tf.floor(tf.stack([top, left]) / scale) - margin)
+    stop = tf.minimum(
+        tf.stack([h, w]), tf.math.ceil((tf.stack([top, left]) + crop) / scale) + margin
+    )
+    window = tf.cast(tf.concat([start, stop - start], 0), tf.int32)
+    image = tf.cast(tf.image.decode_and_crop_jpeg(encoded, window, channels=3), tf.float32)
+    out = tf.raw_ops.ScaleAndTranslate(
+        images=image[None],
+        size=tf.constant([crop, crop], tf.int32),
+        scale=tf.cast(scale, tf.float32),
+        translation=tf.cast(start * scale - tf.stack([top, left]), tf.float32),
+        kernel_type="triangle",
+        antialias=True,
+    )
+    return tf.ensure_shape(out[0], (crop, crop, 3))
 
 
 def _imagenet_eval(encoded, config):
     """The center crop of JPEG bytes ``encoded`` as (S, S, 3), the crop of the
-    image resized to shorter side ``eval_resize`` (only that window is
+    image resized to shorter side ``eval_resize`` (only the window it reads is
     decoded); or the paper's 10 crops (4 corners + center, and their flips) as
-    (10, S, S, 3), decoded once; float32 on the 0..255 scale, S = ``image_size``."""
+    (10, S, S, 3), decoded once; float32 on the 0..255 scale, S = ``image_size``.
+    Sizes and offsets follow torchvision's ``Resize``, ``CenterCrop`` and
+    ``TenCrop``."""
     import tensorflow as tf
 
     crop, resize = int(config.image_size), int(config.eval_resize)
     if not config.ten_crop:
-        window = _center_window(tf.image.extract_jpeg_shape(encoded), resize, crop)
-        return _decode_window(encoded, window, crop)
+        return _center_crop(encoded, resize, crop)
     image = tf.cast(tf.io.decode_jpeg(encoded, channels=3), tf.float32)
     image = _resize_shorter(image, resize)
     h, w = tf.shape(image)[0], tf.shape(image)[1]
-    top, left = (h - crop) // 2, (w - crop) // 2
+    top, left = _center_offsets(tf.cast(h, tf.float64), tf.cast(w, tf.float64), crop)
+    top, left = tf.cast(top, tf.int32), tf.cast(left, tf.int32)
     center = image[top : top + crop, left : left + crop]
     crops = [
         image[:crop, :crop],

@@ -24,15 +24,12 @@ r"""Evaluates a trained or converted ResNet on a dataset's evaluation split.
 
 Where the crops differ from the source frameworks' (torchvision's
 ``Resize(256)`` + ``CenterCrop(224)`` on a PIL image): the pipeline decodes
-only the source window of the centre crop and resizes that window
-(``tf.image.resize``, bilinear, antialiased) instead of resizing the whole
-image and cropping after. The window is rounded to whole source pixels, so
-the crop can sit up to about a pixel away from torchvision's: on the
-miniature ImageNet's photographs a mean difference of 0.7 to 10 grey levels a
-pixel, 4.2 on average (``tests/test_evaluate.py``), where
-:func:`resnet_jax.weights.preprocess` agrees with torchvision to 0.15. The
-10-crop path resizes the whole image (bilinear, antialiased; its size and
-crop offsets rounded differently from torchvision's) and takes the four
+only the source window that the centre crop's resampling reads and resamples
+it with the scale and offset of the whole-image resize, with torchvision's
+sizes and offsets (``data._center_crop``), so the geometry is torchvision's;
+TF's antialiased bilinear kernel against PIL's leaves 0.12 to 0.18 grey
+levels a pixel on the miniature ImageNet (``tests/test_evaluate.py``). The
+10-crop path resizes the whole image to torchvision's size and takes the four
 corners, the centre and their mirror images. A record asking for bicubic
 interpolation (Hugging Face's ``microsoft/resnet-*``) is resized bilinearly
 here. Accuracies can therefore differ slightly from those measured with the

@@ -48,11 +48,15 @@ class Prefetcher(Iterator):
 
     def _fill(self, batches: Iterator[Any], to_device: Callable[[Any], Any]) -> None:
         try:
-            for batch in batches:
+            while not self._stop.is_set():
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    self._put((_END, None))
+                    return
                 # Wait for the copy here, not on the training thread.
                 if not self._put((jax.block_until_ready(to_device(batch)), None)):
                     return
-            self._put((_END, None))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
             self._put((None, e))
 
@@ -78,16 +82,25 @@ class Prefetcher(Iterator):
             raise StopIteration
         return value
 
-    def close(self) -> None:
-        """Stops the thread and drops what it prefetched."""
+    def close(self, timeout: float = 1.0) -> None:
+        """Stops the thread and drops what it prefetched.
+
+        A producer inside ``batches`` (e.g. a shuffle buffer filling) stops
+        when that call returns; ``close`` waits at most ``timeout`` seconds
+        for it (the thread is a daemon, so it never holds the process).
+        """
         self._stop.set()
-        while True:  # unblock a producer waiting for room
+        self._drain()  # unblock a producer waiting for room
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=timeout)
+        self._drain()  # a put that raced with the first drain
+
+    def _drain(self) -> None:
+        while True:
             try:
                 self._queue.get_nowait()
             except queue.Empty:
-                break
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=60)
+                return
 
     def __enter__(self) -> Prefetcher:
         return self

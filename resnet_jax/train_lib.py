@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -374,12 +375,12 @@ class HostStepRunner:
         self._batches = None
         self.data_wait = 0.0  # seconds spent waiting for the host pipeline
 
-    def start(self, step: int) -> None:
+    def start(self, step: int, end: int) -> None:
+        """Batches for steps ``step`` .. ``end - 1`` (none are read past ``end``)."""
         self.close()
         to_global = functools.partial(host_batch_to_global, sharding=self._sharding)
-        self._batches = prefetch.prefetch(
-            self._pipeline.train_batches(step), to_global, self._prefetch
-        )
+        batches = itertools.islice(self._pipeline.train_batches(step), max(end - step, 0))
+        self._batches = prefetch.prefetch(batches, to_global, self._prefetch)
 
     def __call__(self, state: TrainState, step: int) -> tuple[TrainState, dict]:
         t0 = time.perf_counter()
@@ -425,8 +426,8 @@ class DeviceStepRunner:
         )
         self.data_wait = 0.0  # the data is already there
 
-    def start(self, step: int) -> None:
-        del step
+    def start(self, step: int, end: int) -> None:
+        del step, end
 
     def __call__(self, state: TrainState, step: int) -> tuple[TrainState, dict]:
         return self._jitted(state, self._data, jnp.int32(step))
@@ -635,7 +636,10 @@ class MetricWindow:
         n, out = self.sums["steps"], {}
         if n:  # all steps of the window may have been skipped
             out = {"train_loss": self.sums["loss"] / n, "train_accuracy": self.sums["accuracy"] / n}
-        out |= {"images_per_sec": self.images / dt, "data_wait_fraction": self.data_wait / dt}
+        if self.images > 0:  # else only the first (compiling) call: no speed to report
+            out |= {"images_per_sec": self.images / dt, "data_wait_fraction": self.data_wait / dt}
+        else:
+            dt = 0.0
         if self.sums["skipped"]:
             out["skipped_steps"] = self.sums["skipped"]
         self.sums = self._empty()
@@ -687,7 +691,7 @@ class LogAction(PeriodicAction):
         self.writer.write(step, line)
         if self.bar is not None:
             loss = line.get("train_loss", float("nan"))
-            self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{line['images_per_sec']:.0f}")
+            self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{line.get('images_per_sec', 0):.0f}")
 
 
 class EvalAction(PeriodicAction):
@@ -815,8 +819,13 @@ class _Loop:
 
     def run(self, state: TrainState) -> TrainState:
         """Trains from ``self.step`` to ``num_train_steps`` (or a signal)."""
-        runner, batch = self.exp.runner, self.exp.config.batch_size
-        runner.start(self.step)
+        runner, batch, end = (
+            self.exp.runner,
+            self.exp.config.batch_size,
+            self.exp.config.num_train_steps,
+        )
+        if self.step < end:  # a finished run (the same command again) reads no batch
+            runner.start(self.step, end)
         self.preempt.install()
         while self.step < self.exp.config.num_train_steps:
             t0, wait0 = time.perf_counter(), runner.data_wait
@@ -862,11 +871,13 @@ class _Loop:
             self.ckpt(step, state)
 
     def close(self) -> None:
-        self.exp.runner.close()
-        self.preempt.uninstall()
-        if self.bar is not None:
-            self.bar.close()
-        self.writer.close()
+        try:
+            self.preempt.uninstall()
+            if self.bar is not None:
+                self.bar.close()
+            self.writer.close()
+        finally:
+            self.exp.runner.close()
 
     def summary(self, wall: float) -> dict[str, Any]:
         out = {

@@ -241,12 +241,15 @@ def test_imagenet_stream_resumes_exactly_across_pipelines_and_as_uint8():
         data_lib.InputPipeline(tiny_config(), image_dtype="uint8")
 
 
-def _photo_jpeg(grey=False):
-    """A real photograph (scikit-learn's china.jpg, 427x640) as JPEG bytes."""
+def _photo_jpeg(grey=False, size=None):
+    """A real photograph (scikit-learn's china.jpg, 427x640, or resized to
+    ``size`` (H, W)) as JPEG bytes."""
     import tensorflow as tf
     from sklearn.datasets import load_sample_image
 
     image = load_sample_image("china.jpg")
+    if size is not None:
+        image = tf.cast(tf.image.resize(image, size, antialias=True), tf.uint8).numpy()
     if grey:
         image = np.round(image.mean(axis=-1, keepdims=True)).astype(np.uint8)
     return tf.io.encode_jpeg(image, quality=90).numpy()
@@ -310,25 +313,23 @@ def test_imagenet_random_resized_windows_respect_area_and_aspect():
         data_lib.InputPipeline(tiny_imagenet(train_crop="inception"))
 
 
-def test_imagenet_eval_center_window_matches_resize_then_center_crop():
+@pytest.mark.parametrize("size", [(427, 640), (500, 375), (256, 256), (300, 701)])
+def test_imagenet_eval_center_crop_equals_resize_then_center_crop(size):
+    """Only the window is decoded, yet the crop is torchvision's Resize(256) +
+    CenterCrop(224) geometry resampled as the whole image would be."""
     import tensorflow as tf
 
     c = imagenet.get_config()
-    encoded = _photo_jpeg()
+    encoded = _photo_jpeg(size=size)
     got = data_lib._imagenet_eval(tf.constant(encoded), c).numpy()
     assert got.shape == (224, 224, 3)
-    old = data_lib._resize_shorter(tf.cast(tf.io.decode_jpeg(encoded), tf.float32), 256).numpy()
-    top, left = (old.shape[0] - 224) // 2, (old.shape[1] - 224) // 2
-
-    def diff(dy, dx):
-        return np.abs(got - old[top + dy : top + dy + 224, left + dx : left + dx + 224]).mean()
-
-    # Resampling (the window is rounded to whole source pixels) differs by a few
-    # grey levels on this detailed photograph; a crop one pixel off by far more.
-    assert diff(0, 0) < 5.0
-    assert diff(0, 0) < 0.5 * min(
-        diff(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx
-    )
+    full = data_lib._resize_shorter(tf.cast(tf.io.decode_jpeg(encoded), tf.float32), 256).numpy()
+    h, w = full.shape[:2]
+    assert min(h, w) == 256 and max(h, w) == int(256 * max(size) / min(size))
+    top, left = round((h - 224) / 2), round((w - 224) / 2)
+    want = full[top : top + 224, left : left + 224]
+    assert np.abs(got - want).max() < 0.05  # float rounding, not resampling
+    assert np.abs(got - full[top + 1 : top + 225, left : left + 224]).mean() > 1.0
 
 
 def test_imagenet_greyscale_jpegs_decode_as_rgb():

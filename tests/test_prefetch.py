@@ -141,3 +141,40 @@ def test_images_per_sec_leaves_out_evaluation_and_the_first_step(tmp_path, monke
         5 * 16 / (2 * 16 / ips[0] + 3 * 16 / ips[1]), rel=1e-6
     )
     assert all(0 <= m["data_wait_fraction"] <= 1 for m in train_lines)
+
+
+def test_close_returns_soon_when_the_producer_is_stuck_in_the_pipeline():
+    """A pipeline call that blocks (a shuffle buffer filling) does not hold
+    close() for long, and no batch is made after close()."""
+    release, pulled = threading.Event(), []
+
+    def host():
+        for i in range(100):
+            pulled.append(i)
+            if i == 1:
+                release.wait(30)
+            yield i
+
+    it = prefetch.Prefetcher(host(), lambda b: b, size=2)
+    assert next(it) == 0
+    time.sleep(0.2)  # the producer is inside the pipeline's second call
+    t0 = time.perf_counter()
+    it.close(timeout=0.5)
+    assert time.perf_counter() - t0 < 2.0
+    release.set()
+    time.sleep(0.2)
+    assert pulled == [0, 1]  # it stopped instead of reading on
+    assert not _threads()
+
+
+def test_a_finished_run_reads_no_training_batch(tmp_path, monkeypatch):
+    train_lib.train_and_evaluate(tiny_config(num_train_steps=2), str(tmp_path), progress=False)
+    calls = []
+    real = train_lib.HostStepRunner.start
+    monkeypatch.setattr(
+        train_lib.HostStepRunner, "start", lambda self, *a: calls.append(a) or real(self, *a)
+    )
+    summary = train_lib.train_and_evaluate(
+        tiny_config(num_train_steps=2), str(tmp_path), progress=False
+    )
+    assert calls == [] and summary["step"] == 2 and summary["eval_count"] == 64
