@@ -72,6 +72,27 @@ def base_config() -> ml_collections.ConfigDict:
     c.weight_decay_exclude_bn_bias = False
     c.label_smoothing = 0.0
     c.skip_nonfinite_steps = False
+    # Fine-tuning (resnet_jax/finetune.py, configs/finetune.py)
+    # A resnet_jax workdir (its newest checkpoint's params and batch_stats) or a
+    # torchvision/timm/transformers weights file or directory to start from on a
+    # fresh start; ignored when the workdir already has a checkpoint (a resume).
+    c.init_from = config_dict.placeholder(str)
+    # True: always a freshly initialised classifier ('head'); False: a new one
+    # only where its shape differs (another num_classes), else the loaded one.
+    c.finetune_new_head = False
+    # BatchNorm in inference mode while training: it normalises with the
+    # running statistics and leaves them unchanged.
+    c.freeze_bn_stats = False
+    # Zero updates (weight decay included) for every parameter but the head.
+    c.freeze_backbone = False
+    c.backbone_lr_multiplier = 1.0  # the backbone's learning rate is this times the head's
+    # digits only: the labels to keep, relabelled 0..k-1 in this order
+    # (empty: all ten).
+    c.classes = ()
+    # digits only: the first N training examples of each class in an order
+    # shuffled by train_subset_seed (0: all); the test split is never cut.
+    c.train_examples_per_class = 0
+    c.train_subset_seed = 0
     # Bookkeeping
     c.seed = 0
     c.log_every_steps = 100

@@ -38,7 +38,18 @@ FINGERPRINT_KEYS = (
 
 
 def fingerprint(config: Any) -> dict[str, Any]:
-    return {k: config.get(k) for k in FINGERPRINT_KEYS}
+    fp = {k: config.get(k) for k in FINGERPRINT_KEYS}
+    # Fine-tuning's keys, None at their defaults so that checkpoints written
+    # before them still match: a class subset is another dataset, and a
+    # frozen or scaled backbone another optimizer state (resnet_jax.finetune).
+    fp["classes"] = list(config.get("classes") or ()) or None
+    backbone = None
+    if config.get("freeze_backbone"):
+        backbone = "frozen"
+    elif config.get("backbone_lr_multiplier", 1.0) != 1.0:
+        backbone = "scaled"
+    fp["backbone_optimizer"] = backbone
+    return fp
 
 
 class IncompatibleCheckpointError(UserError):

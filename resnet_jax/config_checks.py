@@ -122,6 +122,45 @@ def _check_model_and_data(config: Any) -> None:
     )
 
 
+def _check_finetuning(config: Any) -> None:
+    """The fine-tuning keys (resnet_jax/finetune.py) and the digits class subset."""
+    from etils import epath
+
+    if config.init_from:
+        _require(
+            epath.Path(config.init_from).exists(),
+            f"init_from={config.init_from!r} does not exist; give a resnet_jax workdir "
+            "(with checkpoints/) or a torchvision/timm/transformers weights file or directory.",
+        )
+    _require(
+        config.backbone_lr_multiplier > 0,
+        f"backbone_lr_multiplier={config.backbone_lr_multiplier} must be positive (use "
+        "--config.freeze_backbone=True for no backbone updates).",
+    )
+    _require(
+        not (config.freeze_backbone and config.backbone_lr_multiplier != 1),
+        f"freeze_backbone=True gives the backbone no updates, so backbone_lr_multiplier="
+        f"{config.backbone_lr_multiplier} would do nothing; set one of them.",
+    )
+    subset = bool(config.classes) or config.train_examples_per_class != 0
+    _require(
+        not subset or config.dataset == "digits",
+        f"classes and train_examples_per_class select examples of the in-memory digits "
+        f"dataset only, not {config.dataset}; leave them at () and 0.",
+    )
+    labels = [int(c) for c in config.classes]
+    digits = len(set(labels)) == len(labels) >= 2 and set(labels) <= set(range(10))
+    _require(
+        not labels or digits,
+        f"classes={tuple(config.classes)} must be two or more distinct digits 0..9, e.g. "
+        "--config.classes='(5, 6, 7, 8, 9)'.",
+    )
+    _require(
+        config.train_examples_per_class >= 0,
+        f"train_examples_per_class={config.train_examples_per_class} must be >= 0 (0: all).",
+    )
+
+
 # Each step count and the epoch count that stands in for it when it is 0.
 _EPOCH_KEYS = {
     "num_train_steps": "num_epochs",
@@ -231,6 +270,7 @@ def validate_config(config: Any, num_devices: int) -> None:
     _check_model_and_data(config)
     _check_batches(config, num_devices)
     _check_optimisation(config)
+    _check_finetuning(config)
 
 
 def check_num_classes(config: Any, dataset_classes: int) -> int:

@@ -147,10 +147,24 @@ def _mock_data_scope(config: Any):
 # --------------------------------------------------------------------------- #
 
 
-def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> tuple[Split, Split]:
+def load_digits(
+    test_fraction: float = 0.2,
+    split_seed: int = 0,
+    classes: tuple[int, ...] = (),
+    train_examples_per_class: int = 0,
+    subset_seed: int = 0,
+) -> tuple[Split, Split]:
     """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 0..16 grey levels).
 
     A stratified, seeded train/test split; pixels rescaled to 0..255 uint8.
+    ``classes``: keep only these labels, relabelled ``0..k-1`` in the order
+    given, in both splits (empty: all ten, unchanged). ``train_examples_per_class``
+    N > 0: keep the first N training examples of each class in an order
+    shuffled by ``subset_seed`` (so the N-example set is part of every larger
+    one), in the split's order; the test split is never cut.
+
+    Raises:
+      UserError: a class without N training examples.
     """
     from sklearn.datasets import load_digits as sk_load_digits
     from sklearn.model_selection import train_test_split
@@ -161,7 +175,37 @@ def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> tuple[Split,
     xtr, xte, ytr, yte = train_test_split(
         images, labels, test_size=test_fraction, random_state=split_seed, stratify=labels
     )
-    return Split(xtr, ytr), Split(xte, yte)
+    train, test = Split(xtr, ytr), Split(xte, yte)
+    if classes:
+        train, test = _keep_classes(train, classes), _keep_classes(test, classes)
+    if train_examples_per_class:
+        train = _first_per_class(train, int(train_examples_per_class), subset_seed)
+    return train, test
+
+
+def _keep_classes(split: Split, classes: tuple[int, ...]) -> Split:
+    """The examples of ``classes``, labelled by their position in it."""
+    relabel = np.full(max(max(classes), int(split.labels.max())) + 1, -1, np.int32)
+    relabel[list(classes)] = np.arange(len(classes), dtype=np.int32)
+    new = relabel[split.labels]
+    keep = new >= 0
+    return Split(split.images[keep], new[keep])
+
+
+def _first_per_class(split: Split, n: int, seed: int) -> Split:
+    """The first ``n`` examples of each label in a ``seed``-shuffled order, kept in split order."""
+    order = np.random.default_rng(seed).permutation(len(split.labels))
+    chosen = []
+    for label in np.unique(split.labels):
+        of_label = order[split.labels[order] == label]
+        if len(of_label) < n:
+            raise UserError(
+                f"train_examples_per_class={n} but class {label} has {len(of_label)} training "
+                f"examples; use --config.train_examples_per_class={len(of_label)} or fewer."
+            )
+        chosen.append(of_label[:n])
+    keep = np.sort(np.concatenate(chosen))
+    return Split(split.images[keep], split.labels[keep])
 
 
 def _tfds_in_memory(name: str, split: str, data_dir: str | None) -> Split:
@@ -178,7 +222,11 @@ def _tfds_in_memory(name: str, split: str, data_dir: str | None) -> Split:
 def load_in_memory(config: Any) -> tuple[Split, Split]:
     """The train and eval splits of an in-memory dataset (digits, CIFAR)."""
     if config.dataset == "digits":
-        return load_digits()
+        return load_digits(
+            classes=tuple(config.classes),
+            train_examples_per_class=int(config.train_examples_per_class),
+            subset_seed=int(config.train_subset_seed),
+        )
     train_split, eval_split = "train", "test"
     if config.validation_split:
         # The paper's CIFAR analysis split: 45k train / 5k validation.
@@ -246,6 +294,8 @@ def dataset_info(config: Any, train: Split | None = None, test: Split | None = N
     for an in-memory dataset (both required), from tfds' metadata for ImageNet."""
     check_dataset(config.dataset)
     num_classes = _NUM_CLASSES[config.dataset]
+    if config.dataset == "digits" and config.classes:  # a class subset, relabelled 0..k-1
+        num_classes = len(config.classes)
     if config.dataset in IN_MEMORY:
         if train is None or test is None:
             raise TypeError(f"dataset_info of {config.dataset} needs its train and test splits.")

@@ -148,12 +148,25 @@ def _decay_mask(params: Any) -> Any:
 
 
 def create_optimizer(config: Any, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
-    """SGD with momentum and L2 weight decay added to the gradient (as in the paper)."""
+    """SGD with momentum and L2 weight decay added to the gradient (as in the paper).
+
+    With ``freeze_backbone`` or ``backbone_lr_multiplier``, the head and the
+    backbone are two groups of an ``optax.multi_transform``
+    (:func:`resnet_jax.finetune.partition_optimizer`).
+    """
+    from resnet_jax import finetune
+
     mask = _decay_mask if config.weight_decay_exclude_bn_bias else None
-    return optax.chain(
-        optax.add_decayed_weights(config.weight_decay, mask=mask),
-        optax.sgd(learning_rate_fn, momentum=config.momentum, nesterov=config.nesterov),
-    )
+
+    def sgd(lr_fn: optax.Schedule) -> optax.GradientTransformation:
+        return optax.chain(
+            optax.add_decayed_weights(config.weight_decay, mask=mask),
+            optax.sgd(lr_fn, momentum=config.momentum, nesterov=config.nesterov),
+        )
+
+    if finetune.uses_groups(config):
+        return finetune.partition_optimizer(config, sgd, learning_rate_fn)
+    return sgd(learning_rate_fn)
 
 
 def create_mesh(devices: Any = None) -> Mesh:
@@ -219,8 +232,12 @@ def train_step(
     label_smoothing: float = 0.0,
     skip_nonfinite: bool = False,
     mean: Any = None,
+    freeze_bn_stats: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SGD step on a global batch; returns the new state and scalar metrics.
+
+    With ``freeze_bn_stats`` BatchNorm runs in inference mode: it normalises
+    with the running statistics and leaves them unchanged (fine-tuning).
 
     ``batch["image"]`` is normalised float32, or uint8 pixels that are
     normalised here with ``mean`` (see :func:`model_input`).
@@ -234,14 +251,14 @@ def train_step(
     images = model_input(batch["image"], mean)
 
     def loss_fn(params):
-        logits, updates = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats},
-            images,
-            train=True,
-            mutable=["batch_stats"],
-        )
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        if freeze_bn_stats:
+            logits, stats = state.apply_fn(variables, images, train=False), state.batch_stats
+        else:
+            logits, updates = state.apply_fn(variables, images, train=True, mutable=["batch_stats"])
+            stats = updates["batch_stats"]
         loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
-        return loss, (logits, updates["batch_stats"])
+        return loss, (logits, stats)
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
@@ -522,6 +539,7 @@ def build_experiment(config: Any, workdir: str, mesh: Mesh | None = None) -> Exp
         label_smoothing=float(config.label_smoothing),
         skip_nonfinite=bool(config.skip_nonfinite_steps),
         mean=mean,
+        freeze_bn_stats=bool(config.freeze_bn_stats),
     )
     data_sharding = NamedSharding(mesh, P("data"))
     runner = make_runner(step_fn, config, pipeline, mesh)
@@ -569,9 +587,13 @@ def restore_or_init(exp: Experiment, ckpt: Any) -> tuple[TrainState, dict[str, A
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=exp.replicated),
         jax.eval_shape(init, rng),
     )
+    from resnet_jax import finetune
+
     restored = ckpt.restore_latest(abstract, exp.fingerprint)
-    if restored is None:
-        return init(rng), None
+    if restored is None:  # a fresh start: from config.init_from's weights, if set
+        return finetune.initial_state(exp, init(rng)), None
+    if exp.config.init_from:
+        log.info("Resuming the workdir's checkpoint: init_from is ignored.")
     return restored
 
 
@@ -827,7 +849,7 @@ class _Loop:
         if self.step < end:  # a finished run (the same command again) reads no batch
             runner.start(self.step, end)
         self.preempt.install()
-        while self.step < self.exp.config.num_train_steps:
+        while self.step < end:
             t0, wait0 = time.perf_counter(), runner.data_wait
             state, metrics = runner(state, self.step)
             self.step += runner.steps_per_call

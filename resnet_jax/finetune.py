@@ -1,0 +1,292 @@
+"""Fine-tuning: start a run from trained weights, freeze or slow down parts of it.
+
+The trainer (:mod:`resnet_jax.train_lib`) asks this module for three things,
+each driven by a config key (``configs/common.py``, recipe ``configs/finetune.py``):
+
+* ``init_from``: on a fresh start, the params and batch_stats of a resnet_jax
+  workdir's newest checkpoint (not its optimizer state or step), or of a
+  torchvision/timm state dict or Hugging Face transformers checkpoint read by
+  :mod:`resnet_jax.weights`. Every parameter but the classifier (``head``)
+  must have the shape the config's model gives it; the first one that does
+  not is named in a one-line :class:`UserError`. The classifier is the loaded
+  one when its shape fits and ``finetune_new_head`` is False, else the fresh
+  initialisation. A workdir that already has a checkpoint resumes from it and
+  ignores ``init_from`` (:func:`resnet_jax.train_lib.restore_or_init`).
+* ``freeze_backbone`` / ``backbone_lr_multiplier``: two parameter groups,
+  ``head`` and ``backbone`` (everything else), in one ``optax.multi_transform``:
+  the backbone gets ``optax.set_to_zero()`` (no update, weight decay included)
+  or the head's optimizer at a scaled learning rate (:func:`partition_optimizer`).
+* ``freeze_bn_stats``: BatchNorm in inference mode in the training step (in
+  :func:`resnet_jax.train_lib.train_step`), so it normalises with the running
+  statistics and never changes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from etils import epath
+from flax import traverse_util
+
+from resnet_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+
+HEAD = "head"  # the classifier's name in params (resnet_jax.models.ResNet)
+
+
+# --------------------------------------------------------------------------- #
+# The optimizer's parameter groups
+# --------------------------------------------------------------------------- #
+
+
+def param_labels(params: Any) -> Any:
+    """``'head'`` for the classifier's parameters, ``'backbone'`` for all others
+    (a pytree of ``params``' structure)."""
+
+    def group(name: str, subtree: Any) -> Any:
+        return jax.tree.map(lambda _: HEAD if name == HEAD else "backbone", subtree)
+
+    return {name: group(name, subtree) for name, subtree in params.items()}
+
+
+def uses_groups(config: Any) -> bool:
+    """Whether the config's optimizer treats the backbone apart from the head."""
+    return bool(config.freeze_backbone) or config.backbone_lr_multiplier != 1.0
+
+
+def partition_optimizer(
+    config: Any,
+    make: Callable[[optax.Schedule], optax.GradientTransformation],
+    learning_rate_fn: optax.Schedule,
+) -> optax.GradientTransformation:
+    """``make(learning_rate_fn)`` for the head; for the backbone nothing
+    (``freeze_backbone``) or ``make`` at ``backbone_lr_multiplier`` times the rate.
+
+    ``make`` builds the whole optimizer (weight decay and SGD) for a schedule,
+    so a frozen backbone gets no weight decay either and a slower one gets it
+    at its own rate (L2 decay is part of the gradient).
+    """
+    if config.freeze_backbone:
+        backbone = optax.set_to_zero()
+    else:
+        m = float(config.backbone_lr_multiplier)
+        backbone = make(lambda step: m * learning_rate_fn(step))
+    return optax.multi_transform({HEAD: make(learning_rate_fn), "backbone": backbone}, param_labels)
+
+
+# --------------------------------------------------------------------------- #
+# init_from: reading weights
+# --------------------------------------------------------------------------- #
+
+
+def _is_workdir(path: epath.Path) -> bool:
+    return (path / "checkpoints").is_dir()
+
+
+def read_checkpoint_variables(workdir: str) -> tuple[int, dict[str, Any]]:
+    """``(step, {'params', 'batch_stats'})`` of a resnet_jax workdir's newest
+    checkpoint, as numpy arrays (its optimizer state and step are not read).
+
+    Raises:
+      UserError: the workdir has no checkpoint.
+    """
+    import orbax.checkpoint as ocp
+
+    from resnet_jax import runtime
+
+    # Absolute: orbax reads no tree metadata through a relative path.
+    directory = runtime.workdir_path(workdir) / "checkpoints"
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        step = manager.latest_step()
+    finally:
+        manager.close()
+    if step is None:
+        raise UserError(f"init_from={workdir!r} has no checkpoint in {directory}.")
+    path = directory / str(step) / "state"
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(path).item_metadata
+    tree = getattr(tree, "tree", tree)
+    if tree is None:
+        raise UserError(f"init_from={workdir!r}: the checkpoint {path} has no readable metadata.")
+    item = {k: tree[k] for k in ("params", "batch_stats")}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    restored = checkpointer.restore(
+        path,
+        args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+    )
+    return step, {k: restored[k] for k in ("params", "batch_stats")}
+
+
+def _convert(path: str) -> tuple[Any, dict[str, Any]]:
+    """``(module, variables)`` of a weights file or directory (torchvision or transformers)."""
+    from resnet_jax import weights
+
+    if os.path.isdir(path):
+        return weights.from_transformers(path)
+    try:
+        return weights.from_torchvision(path)
+    except ValueError as e:
+        if "from_transformers" not in str(e):  # the converter says when the names are HF's
+            raise
+        return weights.from_transformers(path)
+
+
+def load_variables(path: str) -> tuple[str, dict[str, Any], Any]:
+    """``(description, {'params', 'batch_stats'}, module or None)`` of ``init_from``.
+
+    A directory with ``checkpoints/`` is a resnet_jax workdir (module None);
+    another directory is a transformers checkpoint; a file is a torchvision or
+    timm state dict (or transformers weights, told apart by their names).
+
+    Raises:
+      UserError: nothing readable there (the converter's message, on one line).
+    """
+    if _is_workdir(epath.Path(path)):
+        step, variables = read_checkpoint_variables(path)
+        return f"resnet_jax checkpoint step {step}", variables, None
+    try:
+        module, variables = _convert(path)
+    except (ValueError, ImportError, OSError) as e:
+        raise UserError(f"init_from={path!r}: {e}") from e
+    variables = {k: variables.get(k, {}) for k in ("params", "batch_stats")}
+    return "converted weights", variables, module
+
+
+# --------------------------------------------------------------------------- #
+# init_from: merging into the config's model
+# --------------------------------------------------------------------------- #
+
+
+def _name(key: tuple[str, ...]) -> str:
+    return "/".join(key)
+
+
+def _model_order(key: tuple[str, ...]) -> tuple:
+    """params before batch_stats, the stem before the stages (pytrees come back
+    with their keys sorted, which would put ``stage1`` before ``stem``)."""
+    return (key[0] != "params", not key[1].startswith("stem"), key)
+
+
+def merge_variables(
+    target: dict[str, Any], loaded: dict[str, Any], *, new_head: bool, source: str
+) -> tuple[dict[str, Any], bool]:
+    """``target`` (the config's fresh ``{'params', 'batch_stats'}``) with every
+    array of ``loaded`` but the classifier; the classifier too when its shapes
+    fit and not ``new_head``. Returns ``(variables, head_loaded)``.
+
+    Raises:
+      UserError: naming the first parameter (stem, then stages) that is
+        missing from ``loaded``, has another shape, or that only ``loaded`` has.
+    """
+    flat_t = dict(
+        sorted(traverse_util.flatten_dict(target).items(), key=lambda kv: _model_order(kv[0]))
+    )
+    flat_l = dict(
+        sorted(traverse_util.flatten_dict(loaded).items(), key=lambda kv: _model_order(kv[0]))
+    )
+
+    def is_head(key):
+        return len(key) > 1 and key[1] == HEAD
+
+    for key, value in flat_t.items():
+        if is_head(key):
+            continue
+        if key not in flat_l:
+            raise UserError(
+                f"init_from={source!r} has no {_name(key)}, which the config's model needs; "
+                "fine-tuning loads every parameter but the classifier ('head'), so "
+                "--config.model and its options must be the weights' network."
+            )
+        if tuple(np.shape(flat_l[key])) != tuple(value.shape):
+            raise UserError(
+                f"init_from={source!r}: {_name(key)} has shape {tuple(np.shape(flat_l[key]))} "
+                f"but the config's model needs {tuple(value.shape)}; every parameter but the "
+                "classifier ('head') must match (--config.model and its options)."
+            )
+    extra = [k for k in flat_l if k not in flat_t and not is_head(k)]
+    if extra:
+        raise UserError(
+            f"init_from={source!r} has {_name(extra[0])}, which the config's model lacks; "
+            "every parameter but the classifier ('head') must match (--config.model and "
+            "its options)."
+        )
+    head_t = {k: v for k, v in flat_t.items() if is_head(k)}
+    head_loaded = (
+        not new_head
+        and bool(head_t)
+        and all(
+            k in flat_l and tuple(np.shape(flat_l[k])) == tuple(v.shape) for k, v in head_t.items()
+        )
+    )
+    merged = {
+        k: (v if is_head(k) and not head_loaded else np.asarray(flat_l[k], dtype=v.dtype))
+        for k, v in flat_t.items()
+    }
+    return traverse_util.unflatten_dict(merged), head_loaded
+
+
+def _check_variant(module: Any, model: Any, source: str) -> None:
+    """Converted bottleneck weights are v1.5 (stride in the 3x3): the same
+    shapes as v1, another function, so the shapes alone cannot tell."""
+    from resnet_jax.models import BottleneckBlock
+
+    if module is None or model.block_cls is not BottleneckBlock:
+        return
+    if module.variant != model.variant:
+        raise UserError(
+            f"init_from={source!r} holds variant {module.variant!r} bottlenecks; set "
+            f"--config.variant={module.variant}."
+        )
+
+
+def initial_state(exp: Any, state: Any) -> Any:
+    """A fresh ``state`` of ``exp`` started from ``exp.config.init_from`` (when set):
+    its params and batch_stats merged in (:func:`merge_variables`), the
+    optimizer state initialised anew for them, step 0."""
+    config = exp.config
+    if not config.init_from:
+        return state
+    source = config.init_from
+    description, loaded, module = load_variables(source)
+    _check_variant(module, exp.model, source)
+    target = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    merged, head_loaded = merge_variables(
+        target, loaded, new_head=bool(config.finetune_new_head), source=source
+    )
+
+    def start(state, variables):
+        return state.replace(
+            params=variables["params"],
+            batch_stats=variables["batch_stats"],
+            opt_state=state.tx.init(variables["params"]),
+        )
+
+    new = jax.jit(start, out_shardings=exp.replicated)(state, merged)
+    n = sum(np.size(x) for x in jax.tree.leaves(merged))
+    log.info(
+        "Initialised from %s (%s): %s values; classifier %s.",
+        source,
+        description,
+        f"{n:,}",
+        "loaded" if head_loaded else "freshly initialised",
+    )
+    return new
+
+
+__all__ = [
+    "initial_state",
+    "load_variables",
+    "merge_variables",
+    "param_labels",
+    "partition_optimizer",
+    "read_checkpoint_variables",
+    "uses_groups",
+]
