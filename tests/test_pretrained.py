@@ -5,7 +5,9 @@ resnet18 ``.pth`` named by its sha256 as torch.hub names files, a
 transformers ResNet repo laid out as the Hugging Face hub serves it (small
 files with their git blob sha1 as ETag; the LFS weights behind a redirect
 carrying ``X-Linked-Etag``), and a timm repo in torchvision's layout. It
-counts requests, so a cached call can be seen to make none.
+counts requests, so a cached call can be seen to make none, and can fail a
+path's next requests (an HTTP status, a connection closed without an answer,
+or in the middle of one).
 """
 
 import hashlib
@@ -13,6 +15,8 @@ import http.server
 import io
 import json
 import os
+import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -44,27 +48,42 @@ class Server(http.server.ThreadingHTTPServer):
 
     def __init__(self):
         super().__init__(("127.0.0.1", 0), Handler)
-        self.routes, self.requests = {}, []
+        self.routes, self.requests, self.failures = {}, [], {}
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
 
     def file(self, path, body, **headers):
         self.routes[path] = (200, headers, body)
 
-    def hub_file(self, path, body, lfs=False):
+    def hub_file(self, path, body, lfs=False, **headers):
         """As the hub serves a repo file: LFS files redirect to storage."""
         if not lfs:
-            return self.file(path, body, ETag=f'"{git_sha1(body)}"')
+            return self.file(path, body, ETag=f'"{git_sha1(body)}"', **headers)
         sha = hashlib.sha256(body).hexdigest()
-        self.routes[path] = (302, {"Location": f"/cdn/{sha}", "X-Linked-Etag": f'"{sha}"'}, b"")
+        redirect = {"Location": f"/cdn/{sha}", "X-Linked-Etag": f'"{sha}"', **headers}
+        self.routes[path] = (302, redirect, b"")
         self.file(f"/cdn/{sha}", body, ETag='"d41d8cd98f00b204e9800998ecf8427e"')
+
+    def fail(self, path, *failures):
+        """The next requests of ``path`` fail: an HTTP status, 'reset' or 'cut'."""
+        self.failures[path] = list(failures)
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.server.requests.append(self.path)
         status, headers, body = self.server.routes.get(self.path, (404, {}, b"not found"))
+        failure = (self.server.failures.get(self.path) or [None]).pop(0)
+        if failure == "reset":  # closed without an answer
+            self.close_connection = True
+            return
+        if failure == "cut":  # closed after half the body
+            self.close_connection = True
+            body = body[: len(body) // 2]
+            headers = {**headers, "Content-Length": str(len(body) * 2)}
+        elif failure is not None:
+            status, headers, body = failure, {}, b""
         self.send_response(status)
-        for k, v in {**headers, "Content-Length": str(len(body))}.items():
+        for k, v in {"Content-Length": str(len(body)), **headers}.items():
             self.send_header(k, v)
         self.end_headers()
         self.wfile.write(body)
@@ -73,14 +92,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def server():
+def serving():
     s = Server()
     thread = threading.Thread(target=s.serve_forever, daemon=True)
     thread.start()
     yield s
     s.shutdown()
     s.server_close()
+
+
+server = pytest.fixture(serving, name="server")
+# Another host (another origin: another port) for the hub's storage redirects.
+cdn = pytest.fixture(serving, name="cdn")
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +139,15 @@ def files(tmp_path_factory):
 def serve_repo(server, repo, directory):
     for f in sorted(directory.iterdir()):
         server.hub_file(f"/{repo}/resolve/main/{f.name}", f.read_bytes(), f.suffix != ".json")
+
+
+def serve_commit(server, repo, directory, commit, *refs):
+    """A repo's files at ``commit``, as the hub serves them: by the commit and by ``refs``."""
+    for at in (commit, *refs):
+        for f in sorted(directory.iterdir()):
+            path = f"/{repo}/resolve/{at}/{f.name}"
+            lfs = f.suffix != ".json"
+            server.hub_file(path, f.read_bytes(), lfs, **{"X-Repo-Commit": commit})
 
 
 def assert_same(a, b):
@@ -210,6 +242,171 @@ def test_wrong_bytes_leave_nothing_under_the_final_name(server, files, tmp_path,
         rj.weights.pretrained(
             "resnet50", source="huggingface", endpoint=server.url, cache_dir=tmp_path
         )
+
+
+def test_checksum_comes_from_the_answer_before_a_redirect_to_another_host(
+    server, cdn, files, tmp_path
+):
+    """As huggingface_hub reads it: same-host redirects (a renamed repo) are followed;
+    at the first redirect to another host (storage, a CDN with its own md5 ETag) that
+    redirect's X-Linked-Etag, else its ETag, is the file's checksum."""
+    config = (files["hf"] / "config.json").read_bytes()
+    server.routes["/old/tiny/resolve/main/config.json"] = (
+        307,
+        {"Location": "/owner/tiny/resolve/main/config.json"},
+        b"",
+    )
+    server.hub_file("/owner/tiny/resolve/main/config.json", config)
+    processor = (files["hf"] / "preprocessor_config.json").read_bytes()
+    server.hub_file("/old/tiny/resolve/main/preprocessor_config.json", processor)
+    weights = (files["hf"] / "model.safetensors").read_bytes()
+    sha = hashlib.sha256(weights).hexdigest()
+    for at, body in (("main", weights), ("v2", b"corrupt")):
+        location = {"Location": f"{cdn.url}/blob/{at}", "ETag": f'"{sha}"'}  # no X-Linked-Etag
+        server.routes[f"/old/tiny/resolve/{at}/model.safetensors"] = (302, location, b"")
+        cdn.file(f"/blob/{at}", body, ETag='"d41d8cd98f00b204e9800998ecf8427e"')
+    get = dict(source="huggingface", endpoint=server.url, cache_dir=tmp_path)
+    got = rj.weights.pretrained("old/tiny", **get)
+    assert_same(got, rj.weights.from_transformers(files["hf"]))
+    assert cdn.requests == ["/blob/main"]
+    server.routes["/old/tiny/resolve/v2/config.json"] = (
+        200,
+        {"ETag": f'"{git_sha1(config)}"'},
+        config,
+    )
+    with pytest.raises(
+        UserError, match=rf"checksum mismatch \(sha256 [0-9a-f]{{64}}, expected {sha}\)"
+    ):
+        rj.weights.pretrained("old/tiny", revision="v2", **get)
+
+
+def test_hub_files_all_come_from_the_commit_of_the_first_answer(server, files, tmp_path):
+    """A branch that moves between two calls cannot pair one commit's config with
+    another's weights: the first answer's X-Repo-Commit pins every other file."""
+    a_dir, b_dir = files["hf"], tmp_path / "b"
+    config = transformers.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], layer_type="basic"
+    )
+    config.num_labels = 5
+    transformers.ResNetForImageClassification(config).save_pretrained(b_dir)
+    a, b = hashlib.sha1(b"a").hexdigest(), hashlib.sha1(b"b").hexdigest()
+    sha_a = hashlib.sha256((a_dir / "model.safetensors").read_bytes()).hexdigest()
+    root = tmp_path / "cache" / "huggingface" / "owner" / "tiny"
+    get = dict(source="huggingface", endpoint=server.url, cache_dir=tmp_path / "cache")
+
+    serve_commit(server, "owner/tiny", a_dir, a, "main")
+    server.file(f"/cdn/{sha_a}", b"interrupted")  # the json files saved, the weights not
+    with pytest.raises(UserError, match="checksum mismatch"):
+        rj.weights.pretrained("owner/tiny", **get)
+    serve_commit(server, "owner/tiny", a_dir, a)  # storage mended,
+    serve_commit(server, "owner/tiny", b_dir, b, "main")  # and main moved on
+    n = len(server.requests)
+    got = rj.weights.pretrained("owner/tiny", **get)
+    assert server.requests[n:] == [f"/owner/tiny/resolve/{a}/model.safetensors", f"/cdn/{sha_a}"]
+    reference = rj.weights.from_transformers(a_dir)
+    assert_same(got, reference)
+    assert sorted(os.listdir(root)) == sorted([a, "refs"])
+    assert (root / "refs" / "main").read_text() == a
+    # A complete set is used without the network, by the branch or by the commit.
+    for revision in ("main", a):
+        assert_same(rj.weights.pretrained("owner/tiny", revision=revision, **get), reference)
+    assert len(server.requests) == n + 2
+    # A fresh cache: the branch's first answer names b; the rest comes from b.
+    get["cache_dir"] = tmp_path / "fresh"
+    assert_same(rj.weights.pretrained("owner/tiny", **get), rj.weights.from_transformers(b_dir))
+    sha_b = hashlib.sha256((b_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert server.requests[n + 2 :] == [
+        "/owner/tiny/resolve/main/config.json",
+        *(
+            f"/owner/tiny/resolve/{b}/{f}"
+            for f in ("preprocessor_config.json", "model.safetensors")
+        ),
+        f"/cdn/{sha_b}",
+    ]
+
+
+def test_cached_files_are_readable_as_the_umask_allows(server, files, tmp_path):
+    """Not mkstemp's 0600: a shared cache's files are 0666 less the umask, as
+    huggingface_hub's."""
+    pth = files["pth"]
+    server.file(f"/models/{pth.name}", pth.read_bytes())
+    serve_commit(server, "owner/tiny", files["hf"], hashlib.sha1(b"a").hexdigest(), "main")
+    for umask in (0o022, 0o002):
+        cache = tmp_path / oct(umask)
+        old = os.umask(umask)
+        try:
+            rj.weights.pretrained(
+                "resnet18", weights=f"{server.url}/models/{pth.name}", cache_dir=cache
+            )
+            rj.weights.pretrained(
+                "owner/tiny", source="huggingface", endpoint=server.url, cache_dir=cache
+            )
+        finally:
+            os.umask(old)
+        saved = [os.path.join(d, f) for d, _, names in os.walk(cache) for f in names]
+        assert {oct(os.stat(f).st_mode & 0o777) for f in saved} == {oct(0o666 & ~umask)}
+        assert len(saved) == 5  # the .pth, the repo's three files, refs/main
+
+
+def test_a_cache_that_cannot_be_written_is_named_as_the_problem(server, files, tmp_path):
+    """A write that fails (here: past RLIMIT_FSIZE, as a full disk) is not a failed download."""
+    pth = files["pth"]
+    server.file(f"/models/{pth.name}", pth.read_bytes())
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, not a killed process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limits[1]))
+    try:
+        with pytest.raises(UserError) as e:
+            rj.weights.pretrained(
+                "resnet18", weights=f"{server.url}/models/{pth.name}", cache_dir=tmp_path
+            )
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    message = str(e.value)
+    assert "\n" not in message and "could not download" not in message
+    assert "cannot write to the cache" in message and "File too large" in message
+    assert str(tmp_path / "torchvision" / pth.name) in message
+    assert os.listdir(tmp_path / "torchvision") == [] and len(server.requests) == 1
+
+
+def test_retries_on_429_5xx_and_dropped_connections(server, files, tmp_path, monkeypatch):
+    pth = files["pth"]
+    path = f"/models/{pth.name}"
+    server.file(path, pth.read_bytes())
+    url = f"{server.url}{path}"
+    server.fail(path, "reset", 503)
+    start = time.monotonic()
+    got = rj.weights.pretrained("resnet18", weights=url, cache_dir=tmp_path / "a")
+    assert time.monotonic() - start >= 3.0  # backed off 1 s, then 2 s
+    assert server.requests == [path] * 3
+    assert_same(got, rj.weights.from_torchvision(pth, name="resnet18"))
+    monkeypatch.setattr("resnet_jax.hub._RETRY_DELAYS", (0.01, 0.01))
+    server.fail(path, "cut", 429, 502)  # three tries, three failures
+    with pytest.raises(UserError, match=r"could not download .*: HTTP 502 .*\(3 tries\)"):
+        rj.weights.pretrained("resnet18", weights=url, cache_dir=tmp_path / "b")
+    assert server.requests == [path] * 6 and os.listdir(tmp_path / "b" / "torchvision") == []
+    server.fail(path, 404)  # not retried
+    with pytest.raises(UserError, match=r"HTTP 404 Not Found\. Nothing"):
+        rj.weights.pretrained("resnet18", weights=url, cache_dir=tmp_path / "b")
+    assert server.requests == [path] * 7
+
+
+def test_temporary_files_of_killed_downloads_are_removed(server, files, tmp_path):
+    """On the next download to the folder, a .part untouched for a day goes; a live
+    download's (recent) stays, as does anything else."""
+    pth = files["pth"]
+    server.file(f"/models/{pth.name}", pth.read_bytes())
+    folder = tmp_path / "torchvision"
+    folder.mkdir()
+    stale, live, other = f".{pth.name}.0a1b2c.part", ".resnet34.pth.3d4e5f.part", "notes.part"
+    for name in (stale, live, other):
+        (folder / name).write_bytes(b"partial")
+    two_days_ago = time.time() - 2 * 86400
+    for name in (stale, other):
+        os.utime(folder / name, (two_days_ago, two_days_ago))
+    rj.weights.pretrained("resnet18", weights=f"{server.url}/models/{pth.name}", cache_dir=tmp_path)
+    assert sorted(os.listdir(folder)) == sorted([pth.name, live, other])
 
 
 def test_offline_fails_fast_naming_the_file_and_where_to_put_it(tmp_path):
