@@ -13,17 +13,32 @@ devices are the bottleneck; near 1, the input pipeline is. Any config key can
 be set as in train.py, ``--config.KEY=VALUE``.
 
 With ``--pipeline_only`` it measures the ImageNet host pipeline alone (no
-model) for ``--steps`` batches, in one command: the pipeline of
-``resnet_jax.data`` (encoded JPEGs shuffled, only the crop window decoded,
-uint8 batches), the full-decode pipeline it replaced (``--decode full``; both
-by default) and torchvision's ``ImageFolder`` + ``DataLoader`` with the same
-augmentation and one worker per core, on the same JPEGs (PyTorch optional;
-``--no-torch`` skips it). It prints images/s, images/s per core and host RSS
-of each, and records images/s, cores and RSS of the first:
+model), ``--designs`` (comma-separated) in one command, on the same JPEGs:
 
-    python -m benchmarks.input_pipeline --config configs/imagenet.py \
-        --config.data_dir=DIR --pipeline_only
+* ``crop``: design (a), the pipeline of ``resnet_jax.data`` (tf.data;
+  encoded JPEGs shuffled, only the crop window decoded, uint8 batches);
+* ``full``: the full-decode tf.data pipeline it replaced;
+* ``grain``: design (b), ``benchmarks.grain_pipeline`` (grain over tfds'
+  ArrayRecord files, Pillow decoding in one worker process per core, uint8),
+  in processes where TensorFlow cannot be imported;
+* ``torchvision``: ``ImageFolder`` + ``DataLoader``, the same augmentation,
+  one worker per core (PyTorch optional).
 
+Each design runs in a fresh (spawned) process, ``--repeats`` times in turn
+(ABAB: every design sees the same load of the machine); it prints and records
+images/s, images/s per core, host RSS (with worker processes), the time to the
+first batch from step 0 and, for (a) and (b), from the step where the timed
+batches ended (``1 + --warmup + --steps``): (a) seeks by reading through the
+epoch's earlier examples, (b) restores grain's iterator state saved there;
+both are checked to give the uninterrupted stream's next batch. The 1-minute
+load average is recorded before the first and after every measurement:
+
+    python -m benchmarks.input_pipeline --config configs/imagenet.py \\
+        --config.data_dir=DIR --pipeline_only --designs crop,grain,torchvision \\
+        --grain-data-dir=DIR2 --repeats 3
+
+``--grain-data-dir``: a tfds data directory where imagenet2012 is (or is to
+be) prepared as ArrayRecord from DIR's archives (default: a temporary one).
 Without ``--config.data_dir`` it writes and prepares a miniature ImageNet
 (``--mini-classes`` x ``--mini-per-class`` JPEGs) in a temporary directory.
 """
@@ -88,7 +103,21 @@ def main(argv: list[str] | None = None) -> dict:
         choices=["crop", "full", "both"],
         help="--pipeline_only: the crop-decode pipeline, the full-decode one before it, or both",
     )
+    p.add_argument(
+        "--designs",
+        default=",".join(DESIGNS),
+        help="--pipeline_only: comma-separated, of " + ", ".join(DESIGNS),
+    )
     p.add_argument("--no-torch", dest="torch", action="store_false", help="skip torchvision")
+    p.add_argument(
+        "--repeats", type=int, default=1, help="--pipeline_only: runs of each design, in turn"
+    )
+    p.add_argument(
+        "--grain-data-dir",
+        default="",
+        help="--pipeline_only: a tfds data_dir with imagenet2012 as ArrayRecord (grain's); "
+        "default: prepared from --config.data_dir's archives in a temporary directory",
+    )
     p.add_argument("--warmup", type=int, default=5, help="--pipeline_only: untimed batches")
     p.add_argument("--mini-classes", type=int, default=20, help="miniature ImageNet classes")
     p.add_argument("--mini-per-class", type=int, default=50, help="its JPEGs per class")
@@ -148,32 +177,59 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def rss_mb(with_children: bool = False) -> float:
-    """Resident memory of this process (and its children, e.g. DataLoader workers), MiB."""
+def _processes() -> list:
+    """This process and its live descendants (e.g. DataLoader or grain workers)."""
     import psutil
 
-    procs = [psutil.Process()]
-    if with_children:
-        procs += procs[0].children(recursive=True)
+    me = psutil.Process()
+    return [me, *me.children(recursive=True)]
+
+
+def rss_mb(with_children: bool = False, kind: str = "rss") -> float:
+    """Resident memory of this process (and its children, e.g. DataLoader
+    workers), MiB. ``kind="pss"``: proportional set size, each shared page
+    divided among the processes that map it (summing RSS counts it in each)."""
+    import psutil
+
     total = 0
-    for proc in procs:
+    for proc in _processes() if with_children else _processes()[:1]:
         try:
-            total += proc.memory_info().rss
+            info = proc.memory_full_info() if kind == "pss" else proc.memory_info()
+            total += getattr(info, kind)
         except psutil.Error:
             pass
     return total / 2**20
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its live descendants, s."""
+    import psutil
+
+    total = 0.0
+    for proc in _processes():
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
 def time_batches(batches, n: int, warmup: int, batch_size: int) -> dict:
-    """Images/s over ``n`` batches of ``batches`` after ``warmup`` untimed ones."""
+    """Images/s over ``n`` batches of ``batches`` after ``warmup`` untimed
+    ones, and images per CPU-second of this process and its workers (on a
+    loaded machine, what a design costs rather than the share it got)."""
     for _ in range(warmup):
         next(batches)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     for _ in range(n):
         next(batches)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     ips = n * batch_size / seconds
-    return {"images_per_sec": ips, "images_per_sec_per_core": ips / cores(), "seconds": seconds}
+    row = {"images_per_sec": ips, "images_per_sec_per_core": ips / cores()}
+    if cpu > 0:  # a few prefetched batches may take no CPU time at 10 ms resolution
+        row["images_per_cpu_second"] = n * batch_size / cpu
+    return {**row, "seconds": seconds, "cpu_seconds": cpu}
 
 
 def full_decode_batches(config):
@@ -210,7 +266,7 @@ def full_decode_batches(config):
                 tf.random.experimental.stateless_split(tf.stack([seed % (2**31), pos]), 3)
             )
             size = tf.random.stateless_uniform([], s1, minval=lo, maxval=hi + 1, dtype=tf.int32)
-            image = data._resize_shorter(tf.cast(ex["image"], tf.float32), size)
+            image = _resize_shorter(tf.cast(ex["image"], tf.float32), size)
             image = tf.image.stateless_random_crop(image, (crop, crop, 3), seed=s2)
             image = tf.image.stateless_random_flip_left_right(image, seed=s3)
             return {"image": image / 255.0 - mean, "label": tf.cast(ex["label"], tf.int32)}
@@ -219,6 +275,18 @@ def full_decode_batches(config):
         ds = ds.batch(config.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
         yield from ds.as_numpy_iterator()
         epoch += 1
+
+
+def _resize_shorter(image, size):
+    """(H, W, C) float32 resized (bilinear, antialiased) to shorter side
+    ``size`` (a tensor) pixels, as the pipeline before did it; kept here so
+    that the reference stays what it was while ``resnet_jax.data`` changes."""
+    import tensorflow as tf
+
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = tf.cast(size, tf.float32) / tf.reduce_min(shape)
+    new = tf.cast(tf.math.round(shape * scale), tf.int32)
+    return tf.image.resize(image, new, method="bilinear", antialias=True)
 
 
 def extract_image_folder(data_dir: str, out: str, limit: int) -> int:
@@ -291,20 +359,153 @@ def torch_pipeline(folder: str, kind: str, crop: int, scale_range, batch: int, w
 def measure_torch(folder: str, kind: str, crop: int, scale_range, batch: int, n: int, warmup: int):
     """:func:`torch_pipeline` timed with one worker per core. Runs in a fresh
     (spawned) process: PyTorch's forked workers crash beside TensorFlow's threads."""
+    t0 = time.perf_counter()
     batches = torch_pipeline(folder, kind, crop, scale_range, batch, cores())
+    next(batches)
+    first = time.perf_counter() - t0
     row = time_batches(batches, n, warmup, batch)
     row["rss_mb"] = rss_mb(with_children=True)
+    row["pss_mb"] = rss_mb(with_children=True, kind="pss")
+    row["first_batch_s"] = first
     return row
 
 
+def measure_tfdata(config, n: int, warmup: int) -> dict:
+    """Design (a), ``resnet_jax.data`` (encoded shuffle, crop decode, uint8),
+    timed in this process: images/s, RSS, the time to the first batch from
+    step 0 and, after ``1 + warmup + n`` batches, from that step (the seek);
+    ``resume_exact``: the resumed batch is the uninterrupted stream's next one."""
+    from resnet_jax import data
+
+    data.configure_tensorflow()
+    b = config.batch_size
+    t0 = time.perf_counter()
+    pipe = data.InputPipeline(config, image_dtype="uint8")
+    batches = pipe.train_batches(0)
+    next(batches)
+    first = time.perf_counter() - t0
+    row = time_batches(batches, n, warmup, b)
+    row["rss_mb"], row["pss_mb"] = rss_mb(), rss_mb(kind="pss")
+    expected = next(batches)
+    del batches
+    step = 1 + warmup + n
+    t0 = time.perf_counter()
+    got = next(pipe.train_batches(step))
+    row["resume_first_batch_s"] = time.perf_counter() - t0
+    row.update(first_batch_s=first, resume_step=step, resume_exact=_same(expected, got))
+    row["steps_per_epoch"] = pipe.steps_per_epoch
+    return row
+
+
+def measure_full(config, n: int, warmup: int) -> dict:
+    """The full-decode pipeline before design (a), timed in this process."""
+    from resnet_jax import data
+
+    data.configure_tensorflow()
+    t0 = time.perf_counter()
+    batches = full_decode_batches(config)
+    next(batches)
+    first = time.perf_counter() - t0
+    row = time_batches(batches, n, warmup, config.batch_size)
+    row.update(rss_mb=rss_mb(), pss_mb=rss_mb(kind="pss"), first_batch_s=first)
+    return row
+
+
+def measure_grain(grain_dir: str, config, n: int, warmup: int) -> dict:
+    """Design (b), ``benchmarks.grain_pipeline`` with one worker process per
+    core, timed like :func:`measure_tfdata` (the resume restores grain's
+    iterator state saved at that step) in a process, and workers, where
+    TensorFlow cannot be imported; RSS includes the workers."""
+    import sys
+
+    from benchmarks import grain_pipeline as gp
+
+    gp.hide_tensorflow()
+    b = config.batch_size
+    ds = gp.train_dataset(
+        grain_dir, b, int(config.seed), int(config.image_size), tuple(config.train_scale_range)
+    )
+
+    def start(state=None):
+        return gp.train_iterator(ds, cores(), state=state, worker_init_fn=gp.hide_tensorflow)
+
+    t0 = time.perf_counter()
+    batches = start()
+    next(batches)
+    first = time.perf_counter() - t0
+    row = time_batches(batches, n, warmup, b)
+    row["rss_mb"] = rss_mb(with_children=True)
+    row["pss_mb"] = rss_mb(with_children=True, kind="pss")
+    state = batches.get_state()
+    expected = next(batches)
+    batches.close()
+    t0 = time.perf_counter()
+    resumed = start(state)
+    got = next(resumed)
+    row["resume_first_batch_s"] = time.perf_counter() - t0
+    resumed.close()
+    row.update(first_batch_s=first, resume_step=1 + warmup + n, resume_exact=_same(expected, got))
+    row["steps_per_epoch"] = gp.steps_per_epoch(grain_dir, b)
+    row["state_bytes"] = len(json.dumps(state))
+    row["tensorflow_imported"] = "tensorflow" in sys.modules
+    return row
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(np.array_equal(a[k], b[k]) for k in ("image", "label"))
+
+
+def prepare_array_record(data_dir: str, out: str) -> str:
+    """``out``: imagenet2012 prepared by tfds as ArrayRecord files from the
+    archives of ``data_dir`` (linked, not copied)."""
+    from benchmarks import grain_pipeline as gp
+
+    manual = os.path.join(data_dir, "downloads", "manual")
+    os.makedirs(os.path.join(out, "downloads", "manual"), exist_ok=True)
+    for name in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"):
+        link = os.path.join(out, "downloads", "manual", name)
+        if not os.path.exists(link):
+            os.symlink(os.path.abspath(os.path.join(manual, name)), link)
+    gp.prepare(out)
+    return out
+
+
+DESIGNS = ("crop", "full", "grain", "torchvision")
+NAMES = {
+    "crop": "(a) tf.data, encoded shuffle, crop decode, uint8",
+    "full": "tf.data, decoded shuffle, full decode (before)",
+    "grain": "(b) grain over ArrayRecord, Pillow, uint8",
+    "torchvision": "torchvision ImageFolder + DataLoader",
+}
+
+
+def chosen_designs(a) -> list[str]:
+    """``--designs``, less what ``--decode`` and ``--no-torch`` leave out."""
+    names = [d for d in a.designs.split(",") if d]
+    unknown = sorted(set(names) - set(DESIGNS))
+    if unknown:
+        raise SystemExit(f"--designs: unknown {', '.join(unknown)}; known: {', '.join(DESIGNS)}.")
+    drop = {"crop": {"full"}, "full": {"crop"}, "both": set()}[a.decode]
+    if not a.torch:
+        drop.add("torchvision")
+    return [d for d in DESIGNS if d in names and d not in drop]
+
+
 def pipeline_only(a, config) -> dict:
-    """Measures the host pipeline alone: the encoded-shuffle, crop-decode
-    pipeline (uint8 out), the full-decode pipeline it replaced, torchvision."""
-    import gc
+    """Measures the host pipeline alone, each design in a fresh (spawned)
+    process, ``--repeats`` times in turn (ABAB: every design sees the same
+    load); every run is kept and each figure summarised as a spread."""
     import shutil
 
     from resnet_jax import data, mini_imagenet
 
+    designs = chosen_designs(a)
+    if "torchvision" in designs and importlib.util.find_spec("torchvision") is None:
+        print("torchvision is not installed: skipping the PyTorch pipeline.")
+        designs.remove("torchvision")
+    if "grain" in designs and importlib.util.find_spec("grain") is None:
+        print("grain is not installed: skipping design (b).")
+        designs.remove("grain")
     tmp = tempfile.mkdtemp(prefix="input_pipeline_")
     try:
         if not config.data_dir:
@@ -312,70 +513,116 @@ def pipeline_only(a, config) -> dict:
             mini_imagenet.write(config.data_dir, a.mini_classes, a.mini_per_class, seed=0)
             print(f"Wrote a miniature ImageNet: {a.mini_classes} x {a.mini_per_class} JPEGs.")
         data.imagenet_preflight(config.data_dir)
+        examples = data.dataset_info(config).train_size
         n, warmup, b = a.steps, a.warmup, config.batch_size
-        print(f"{cores()} cores, batch {b}, {n} timed batches after {warmup}")
-        rows = {}
-        if a.decode in ("crop", "both"):
-            pipe = data.InputPipeline(config, image_dtype="uint8")
-            rows["crop"] = time_batches(pipe.train_batches(0), n, warmup, b)
-            rows["crop"]["rss_mb"] = rss_mb()
-            del pipe
-            gc.collect()
-        if a.decode in ("full", "both"):
-            rows["full"] = time_batches(full_decode_batches(config), n, warmup, b)
-            rows["full"]["rss_mb"] = rss_mb()
-        if a.torch:
-            if importlib.util.find_spec("torchvision") is None:
-                print("torchvision is not installed: skipping the PyTorch pipeline.")
-            else:
-                folder = os.path.join(tmp, "image_folder")
-                extract_image_folder(config.data_dir, folder, (n + warmup + 1) * b)
-                args = (folder, data._train_crop(config), int(config.image_size))
-                args += (tuple(config.train_scale_range), b, n, warmup)
-                spawn = multiprocessing.get_context("spawn")
-                with ProcessPoolExecutor(1, mp_context=spawn) as pool:  # workers may fork
-                    rows["torchvision"] = pool.submit(measure_torch, *args).result()
+        jobs = {
+            "crop": (measure_tfdata, config, n, warmup),
+            "full": (measure_full, config, n, warmup),
+        }
+        if "grain" in designs:
+            grain_dir = a.grain_data_dir or os.path.join(tmp, "array_record")
+            prepare_array_record(config.data_dir, grain_dir)
+            jobs["grain"] = (measure_grain, grain_dir, config, n, warmup)
+        if "torchvision" in designs:
+            folder = os.path.join(tmp, "image_folder")
+            extract_image_folder(config.data_dir, folder, 10**9)  # every training JPEG
+            args = (folder, data._train_crop(config), int(config.image_size))
+            jobs["torchvision"] = (measure_torch, *args, tuple(config.train_scale_range), b, n)
+            jobs["torchvision"] += (warmup,)
+        print(f"{cores()} cores, batch {b}, {n} timed batches after {warmup}, {a.repeats} repeats")
+        load = [os.getloadavg()]
+        runs = {d: [] for d in designs}
+        spawn = multiprocessing.get_context("spawn")  # workers may fork; grain's need no TF
+        for _ in range(a.repeats):
+            for d in designs:
+                with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+                    runs[d].append(pool.submit(*jobs[d]).result())
+                load.append(os.getloadavg())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    names = {
-        "crop": "tf.data, encoded shuffle, crop decode, uint8",
-        "full": "tf.data, decoded shuffle, full decode (before)",
-        "torchvision": f"torchvision ImageFolder + DataLoader ({cores()} workers)",
-    }
-    print(f"{'pipeline':<52} {'images/s':>9} {'per core':>9} {'RSS MiB':>8}")
+    rows = {d: summarise(r) for d, r in runs.items()}
+    print_rows(rows)
+    return pipeline_result(a, config, rows, load, examples)
+
+
+_FIGURES = ("images_per_sec", "images_per_sec_per_core", "images_per_cpu_second")
+_FIGURES += ("rss_mb", "pss_mb", "first_batch_s", "resume_first_batch_s")
+
+
+def summarise(runs: list[dict]) -> dict:
+    """One design's runs: each figure as a spread, the rest of the first run,
+    ``resume_exact`` only if every run resumed exactly; ``runs`` kept."""
+    skip = (*_FIGURES, "seconds", "cpu_seconds", "resume_exact")
+    row = {k: v for k, v in runs[0].items() if k not in skip}
+    for k in _FIGURES:
+        if all(k in r for r in runs):
+            row[k] = common.spread([r[k] for r in runs])
+    if "resume_exact" in runs[0]:
+        row["resume_exact"] = all(r["resume_exact"] for r in runs)
+    row["runs"] = runs
+    return row
+
+
+def print_rows(rows: dict) -> None:
+    print(
+        f"{'pipeline':<50} {'images/s':>9} {'per core':>9} {'per CPU-s':>9} {'RSS MiB':>8} "
+        f"{'PSS MiB':>8} {'first s':>8} {'resume s':>9}"
+    )
     for k, r in rows.items():
+        resume = r.get("resume_first_batch_s")
         print(
-            f"{names[k]:<52} {r['images_per_sec']:>9.0f} "
-            f"{r['images_per_sec_per_core']:>9.0f} {r['rss_mb']:>8.0f}"
+            f"{NAMES[k]:<50} {r['images_per_sec']['median']:>9.0f} "
+            f"{r['images_per_sec_per_core']['median']:>9.0f} "
+            f"{r.get('images_per_cpu_second', {}).get('median', math.nan):>9.0f} "
+            f"{r['rss_mb']['median']:>8.0f} "
+            f"{r['pss_mb']['median']:>8.0f} "
+            f"{r['first_batch_s']['median']:>8.2f} "
+            + (f"{resume['median']:>9.2f}" if resume else f"{'-':>9}")
         )
-    main_row = rows.get("crop") or rows["full"]
-    per_core = main_row["images_per_sec_per_core"]
+
+
+def pipeline_result(a, config, rows: dict, load: list, examples: int) -> dict:
+    """The recorded result: settings, every design's figures, the load average."""
+    from resnet_jax import data
+
+    main_row = rows.get("crop") or next(iter(rows.values()))
+    per_core = main_row["images_per_sec_per_core"]["median"]
     result = {
         "mode": "pipeline_only",
         "config": os.path.basename(a.config),
         "dataset": config.dataset,
         "train_crop": data._train_crop(config),
-        "batch_size": b,
+        "batch_size": config.batch_size,
         "image_size": int(config.image_size),
         "train_scale_range": list(config.train_scale_range),
         "shuffle_buffer": int(config.shuffle_buffer),
-        "steps": n,
-        "warmup": warmup,
+        "train_examples": examples,
+        "steps": a.steps,
+        "warmup": a.warmup,
+        "repeats": a.repeats,
         "cores": cores(),
-        "images_per_sec": main_row["images_per_sec"],
+        "designs": list(rows),
+        "with_grain": "grain" in rows,
+        # 1-minute load average before the first and after every measurement.
+        "load_average_1m": common.spread([x[0] for x in load]),
+        "images_per_sec": main_row["images_per_sec"]["median"],
         "images_per_sec_per_core": per_core,
-        "rss_mb": main_row["rss_mb"],
+        "rss_mb": main_row["rss_mb"]["median"],
         # Cores to feed 8 GPUs at 3,000 images/s each at this per-core rate.
         "cores_for_8x3000": math.ceil(24_000 / per_core),
         "pipelines": rows,
     }
     if "full" in rows and "crop" in rows:
         result["speedup_vs_full_decode"] = (
-            rows["crop"]["images_per_sec"] / rows["full"]["images_per_sec"]
+            rows["crop"]["images_per_sec"]["median"] / rows["full"]["images_per_sec"]["median"]
         )
     if "torchvision" in rows:
         result["per_core_vs_torchvision"] = (
-            per_core / rows["torchvision"]["images_per_sec_per_core"]
+            per_core / rows["torchvision"]["images_per_sec_per_core"]["median"]
+        )
+    if "grain" in rows and "crop" in rows:
+        result["grain_per_core_vs_tfdata"] = (
+            rows["grain"]["images_per_sec_per_core"]["median"] / per_core
         )
     return result
 

@@ -171,6 +171,7 @@ class Table:
     headers: tuple[str, ...]
     rows: Callable[[dict], list[list[str]]]
     benchmark: str | None = None  # the script whose lines it shows (default: the table's name)
+    notes: Callable[[list[dict]], str] | None = None  # a paragraph under the commands
 
 
 def _throughput(r: dict) -> list[list[str]]:
@@ -234,20 +235,158 @@ def _input_pipeline(r: dict) -> list[list[str]]:
     ]
 
 
+def _figure(x: float | dict | None) -> str:
+    """A plain number (older lines) or a spread of repeats; '-' when absent."""
+    if x is None:
+        return "-"
+    return spread(x) if isinstance(x, dict) else num(x)
+
+
 def _pipeline_only(r: dict) -> list[list[str]]:
     p = r["pipelines"]
 
     def per_core(name):
-        return num(p[name]["images_per_sec_per_core"]) if name in p else "-"
+        return _figure(p[name]["images_per_sec_per_core"]) if name in p else "-"
 
     def rss(name):
-        return num(p[name]["rss_mb"]) if name in p else "-"
+        return _figure(p[name]["rss_mb"]) if name in p else "-"
 
     return [
         [r["train_crop"], str(r["batch_size"]), str(r["cores"])]
         + [per_core("crop"), per_core("full"), per_core("torchvision")]
         + [rss("crop"), rss("full"), rss("torchvision"), str(r["cores_for_8x3000"])]
     ]
+
+
+_DESIGN_NAMES = {
+    "crop": "(a) tf.data: encoded shuffle, `decode_and_crop_jpeg`",
+    "full": "tf.data: decoded shuffle, full decode (before)",
+    "grain": "(b) grain over ArrayRecord, Pillow, worker processes",
+    "torchvision": "torchvision `ImageFolder` + `DataLoader`",
+}
+
+
+def _tensorflow(name: str, row: dict) -> str:
+    """Whether the design imports TensorFlow while it trains."""
+    if name == "grain":
+        return "no (import blocked)" if row.get("tensorflow_imported") is False else "?"
+    return "yes" if name in ("crop", "full") else "no"
+
+
+def _resume(row: dict) -> str:
+    if "resume_first_batch_s" not in row:
+        return "-"
+    exact = "exact" if row["resume_exact"] else "**differs**"
+    return f"{spread(row['resume_first_batch_s'])} ({exact})"
+
+
+def _pipeline_designs(r: dict) -> list[list[str]]:
+    setting = [r["train_crop"], str(r["batch_size"]), str(r["cores"])]
+    setting += [f"{r['train_examples']:,}", f"{r['shuffle_buffer']:,}", str(r["repeats"])]
+    setting += [spread(r["load_average_1m"])]
+    rows = []
+    for i, (name, p) in enumerate(r["pipelines"].items()):
+        step = f"step {p['resume_step']} of {p['steps_per_epoch']}" if "resume_step" in p else ""
+        cells = [_DESIGN_NAMES.get(name, name), spread(p["images_per_sec"])]
+        cells += [spread(p["images_per_sec_per_core"]), _figure(p.get("images_per_cpu_second"))]
+        cells += [spread(p["rss_mb"]), _figure(p.get("pss_mb")), spread(p["first_batch_s"])]
+        cells += [_resume(p) + (f", {step}" if step else ""), _tensorflow(name, p)]
+        rows.append((setting if i == 0 else [""] * len(setting)) + cells)
+    return rows
+
+
+def _designs_verdict(lines: list[dict]) -> str:
+    """The paragraphs under the designs table: which design stays and why,
+    every figure read from the newest line that measured (a) and (b)."""
+    both = [x for x in lines if {"crop", "grain"} <= set(x["result"]["pipelines"])]
+    if not both:
+        return ""
+    line = max(both, key=lambda x: x["provenance"]["time_utc"])
+    r = line["result"]
+    a, g = r["pipelines"]["crop"], r["pipelines"]["grain"]
+
+    def med(row, k):
+        return row[k]["median"]
+
+    # Images per CPU-second where recorded: on a loaded machine the wall-clock
+    # rate also measures the share of the cores each design won.
+    cpu = "images_per_cpu_second" in a and "images_per_cpu_second" in g
+    cost = "images_per_cpu_second" if cpu else "images_per_sec_per_core"
+    unit = "images per CPU-second" if cost == "images_per_cpu_second" else "images/s per core"
+    ratio = med(a, cost) / med(g, cost)
+    faster, slower = ("(a)", "(b)") if ratio >= 1 else ("(b)", "(a)")
+    when = line["provenance"]["time_utc"][:16].replace("T", " ")
+    memory = "pss_mb" if "pss_mb" in a else "rss_mb"
+    first = (
+        f"**Which design stays.** Figures of the run of {when} UTC (medians of "
+        f"{r['repeats']} runs in turn; 1-minute load average {num(med(r, 'load_average_1m'))} "
+        f"on {r['cores']} cores). Speed: {faster} is {max(ratio, 1 / ratio):.2f}x cheaper "
+        f"than {slower}, {num(med(a, cost))} {unit} for (a) against {num(med(g, cost))} for "
+        f"(b) (wall clock: {num(med(a, 'images_per_sec_per_core'))} against "
+        f"{num(med(g, 'images_per_sec_per_core'))} images/s per core). Memory "
+        f"({memory[:3].upper()}): {num(med(a, memory))} MiB for (a), one process whose "
+        f"shuffle buffer holds {min(r['shuffle_buffer'], r['train_examples']):,} encoded "
+        f"JPEGs, against {num(med(g, memory))} MiB for (b), a main process and "
+        f"{r['cores']} workers that each import grain, tfds and (through grain's "
+        "profiler) JAX. On ImageNet (a)'s buffer of 16,384 JPEGs of about 110 kB "
+        "holds some 1.8 GB; (b) shuffles indices."
+    )
+    skipped = a["resume_step"] * r["batch_size"]
+    seek = med(a, "resume_first_batch_s") - med(a, "first_batch_s")
+    if r["shuffle_buffer"] >= r["train_examples"]:
+        seek_text = (
+            "the shuffle buffer holds the whole miniature, so the start from step 0 "
+            "reads the whole epoch as well"
+        )
+    elif seek <= 0.1 * med(a, "first_batch_s"):
+        seek_text = (
+            f"reading {skipped:,} encoded examples from the page cache cost nothing "
+            "measurable next to starting the pipeline"
+        )
+    else:
+        seek_text = f"{1e3 * seek / skipped:.2g} ms per skipped example"
+    seek_text += (
+        "; on ImageNet a resume late in an epoch reads up to its 1.28 million records, "
+        "some 140 GB, again"
+    )
+    second = (
+        f"Resume at step {a['resume_step']} of {a['steps_per_epoch']}: (a) rebuilds the "
+        f"pipeline and reads through the epoch's {skipped:,} earlier examples, "
+        f"{num(med(a, 'resume_first_batch_s'))} s to the first batch against "
+        f"{num(med(a, 'first_batch_s'))} s from step 0 ({seek_text}); (b) restores grain's "
+        f"iterator state ({g['state_bytes']} bytes of JSON) and starts its workers, "
+        f"{num(med(g, 'resume_first_batch_s'))} s against {num(med(g, 'first_batch_s'))} s "
+        "from step 0, whatever the step. Both resumed to the uninterrupted stream's next "
+        f"batch exactly: {'yes' if a['resume_exact'] and g['resume_exact'] else '**no**'}."
+    )
+    reasons = _A_STAYS if ratio >= 1 else _B_FASTER
+    return f"{first} {second}\n\n{reasons}\n"
+
+
+_A_STAYS = (
+    "(a) stays as `resnet_jax.data`'s pipeline: it is the cheaper per image, and host "
+    "cores are what an input pipeline costs (the last column of the table above). Its "
+    "speed comes from `decode_and_crop_jpeg`, which skips the inverse DCT and colour "
+    "conversion outside the crop window; Pillow has no such call (it decodes the whole "
+    "image, at 1/2 to 1/8 scale only when the window is at least twice the output) and "
+    "grain's Python map handles one image at a time in each worker. It is also the one "
+    "already built "
+    "out: evaluation, per-host sharding, tfds' mock data. (b) is simpler to resume "
+    "(a small state, whatever the step) and to install on GPU images without "
+    "TensorFlow (its processes ran with `import tensorflow` blocked; preparing the "
+    "ArrayRecord files still takes tfds' builder, which uses TensorFlow). It stays "
+    "in `benchmarks/grain_pipeline.py`, measured by `--designs grain`; a JPEG decoder "
+    "that decodes only a window (libjpeg-turbo's partial decoding) is what could "
+    "close the gap."
+)
+_B_FASTER = (
+    "(b) is the cheaper per image here, as well as the simpler to resume (a small "
+    "state, whatever the step) and to install without TensorFlow (its processes ran "
+    "with `import tensorflow` blocked; preparing the ArrayRecord files still takes "
+    "tfds' builder, which uses TensorFlow): the case for moving it from "
+    "`benchmarks/grain_pipeline.py` into `resnet_jax.data` (evaluation and per-host "
+    "sharding are not built for it yet)."
+)
 
 
 def _host_memory(r: dict) -> list[list[str]]:
@@ -307,6 +446,15 @@ TABLES: dict[str, Table] = {
         _pipeline_only,
         benchmark="input_pipeline",
     ),
+    "input_pipeline_designs": Table(
+        ("mode", "train_crop", "batch_size", "with_grain", "train_examples", "shuffle_buffer"),
+        ("train crop", ">batch", ">cores", ">examples", ">shuffle buffer", ">repeats")
+        + (">load avg", "design", ">images/s", ">img/s/core", ">img/CPU-s", ">RSS MiB")
+        + (">PSS MiB", ">first batch s", ">first batch s, resumed", "TensorFlow at run time"),
+        _pipeline_designs,
+        benchmark="input_pipeline",
+        notes=_designs_verdict,
+    ),
     "host_memory": Table(
         ("model", "batch_size", "steps"),
         ("model", ">batch", ">steps", "devices", ">RSS MiB, first", ">RSS MiB, last")
@@ -336,6 +484,7 @@ def render_table(name: str, filters: dict[str, str], lines: list[dict]) -> str:
         raise SystemExit(f"Unknown table {name!r} in a marker; known: {', '.join(TABLES)}.")
     table = TABLES[name]
     chosen = newest_per_setting(select(lines, table.benchmark or name, filters), table.key)
+    chosen = [line for line in chosen if table.rows(line["result"])]  # lines of another table
     if not chosen:
         return NO_RUN + "\n"
     headers = ("#", *table.headers, "commit", "UTC", "hardware")
@@ -352,7 +501,9 @@ def render_table(name: str, filters: dict[str, str], lines: list[dict]) -> str:
             cite = [f"`{commit}`", when, hardware(line)] if j == 0 else ["", "", ""]
             out.append(_row([str(i) if j == 0 else "", *cells, *cite]))
         commands.append(f"{i}. `{p['command']}`")
-    return "\n".join([*out, "", "Commands:", "", *commands]) + "\n"
+    text = "\n".join([*out, "", "Commands:", "", *commands]) + "\n"
+    notes = table.notes(chosen) if table.notes else ""
+    return text + "\n" + notes if notes else text
 
 
 def render(markdown: str, lines: list[dict]) -> str:
