@@ -10,10 +10,13 @@
 2. For every seed and number of labels per class N (``--labels``), on the
    digits 5-9 (configs/finetune.py: relabelled 0..4, the first N training
    examples per class in an order shuffled by the seed, all 180 test images of
-   5-9, batch 16, 300 steps), three runs with the same labels, seed and step
+   5-9, batch 16, 300 steps), four runs with the same labels, seed and step
    budget, each in ``ROOT/{method}_n{N}_seed{S}``:
 
    * ``finetune``: every layer from the pretrained network, a new classifier;
+   * ``finetune_slow_backbone``: the same with the backbone's learning rate
+     ``SLOW_BACKBONE_LR`` (0.1) times the classifier's
+     (``backbone_lr_multiplier``);
    * ``linear_probe``: the same with the backbone and its BatchNorm
      statistics frozen (only the new classifier trains);
    * ``scratch``: the same network from a random initialisation.
@@ -22,8 +25,10 @@
    accuracy, seed; provenance: command, UTC times, commit, host) and
    ``OUT/results.md`` (the table, generated from the JSON; OUT defaults to ROOT).
 
-Every run goes through ``resnet_jax.train_lib.train_and_evaluate`` in this
-process. Running the same command again skips finished runs (they are only
+Every run, the pretraining included, subtracts the same per-pixel mean: that
+of the whole digits training split, all ten classes
+(``resnet_jax.data.load_in_memory``). Every run goes through
+``resnet_jax.train_lib.train_and_evaluate`` in this process. Running the same command again skips finished runs (they are only
 evaluated) and resumes unfinished ones. ``--pretrain-steps`` and ``--steps``
 shorten the schedules (as ``experiments.sweep --steps``); ``--config.KEY=VALUE``
 overrides a key of every run (not the keys this experiment sets).
@@ -50,7 +55,9 @@ from resnet_jax.errors import UserError
 
 PRETRAIN_CLASSES = (0, 1, 2, 3, 4)
 FINETUNE_CLASSES = (5, 6, 7, 8, 9)
-METHODS = ("finetune", "linear_probe", "scratch")
+METHODS = ("finetune", "finetune_slow_backbone", "linear_probe", "scratch")
+FINETUNES = ("finetune", "finetune_slow_backbone")  # each compared with scratch per seed
+SLOW_BACKBONE_LR = 0.1
 PRETRAIN_CONFIG, FINETUNE_CONFIG = "configs/digits.py", "configs/finetune.py"
 # Keys this experiment sets per run; an override of one would change its design.
 OWN_KEYS = (
@@ -61,6 +68,7 @@ OWN_KEYS = (
     "train_subset_seed",
     "freeze_backbone",
     "freeze_bn_stats",
+    "backbone_lr_multiplier",
     "dataset",
 )
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
@@ -100,6 +108,7 @@ def run_config(
     c.seed = c.train_subset_seed = seed  # the seed also draws the labelled examples
     c.init_from = None if method == "scratch" else pretrain_dir
     c.freeze_backbone = c.freeze_bn_stats = method == "linear_probe"
+    c.backbone_lr_multiplier = SLOW_BACKBONE_LR if method == "finetune_slow_backbone" else 1.0
     return c
 
 
@@ -181,7 +190,7 @@ def run_all(args: argparse.Namespace, overrides: Sequence[str], out=print) -> di
                 s = train(c, workdir)
                 records.append(_record(method, labels, seed, workdir, c, s))
                 out(
-                    f"  {method:>12} n={labels:<3} seed {seed}: "
+                    f"  {method:>22} n={labels:<3} seed {seed}: "
                     f"{100 * s['eval_accuracy']:.2f}% ({s['wall_seconds']:.0f} s)"
                 )
     return {"pretrain": pretrain, "runs": records, "summary": summarize(records)}
@@ -199,7 +208,8 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def summarize(records: Sequence[dict]) -> list[dict[str, Any]]:
     """Per (labels, method): accuracies over seeds, their mean and std; per
-    labels, fine-tune minus scratch paired by seed."""
+    labels, each fine-tuning method minus scratch paired by seed
+    (``{method}_minus_scratch``)."""
     rows = []
     for labels in sorted({r["labels_per_class"] for r in records}):
         by = {
@@ -220,11 +230,11 @@ def summarize(records: Sequence[dict]) -> list[dict[str, Any]]:
                     "mean": mean,
                     "std": std,
                 }
-        seeds = sorted(set(by["finetune"]) & set(by["scratch"]))
-        if seeds:
-            diff = [by["finetune"][k] - by["scratch"][k] for k in seeds]
-            mean, std = _mean_std(diff)
-            row["finetune_minus_scratch"] = {"seeds": seeds, "mean": mean, "std": std}
+        for m in FINETUNES:
+            seeds = sorted(set(by[m]) & set(by["scratch"]))
+            if seeds:
+                mean, std = _mean_std([by[m][k] - by["scratch"][k] for k in seeds])
+                row[f"{m}_minus_scratch"] = {"seeds": seeds, "mean": mean, "std": std}
         rows.append(row)
     return rows
 
@@ -281,28 +291,31 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"Test accuracy (%) on the {results['runs'][0]['eval_count'] if results['runs'] else 0} "
         f"test images of the digits 5-9, mean ± sample std over seeds {', '.join(map(str, seeds))} "
-        "(each seed draws its own labelled examples, initialisation and data order; the three "
+        "(each seed draws its own labelled examples, initialisation and data order; the "
         "methods of a seed share its labelled examples and step budget).",
         "",
-        "| labels per class | train examples | fine-tune | linear probe | scratch | fine-tune − scratch |",
-        "|---:|---:|---:|---:|---:|---:|",
+        f"| labels per class | train examples | fine-tune | fine-tune, backbone lr × "
+        f"{SLOW_BACKBONE_LR:g} | linear probe | scratch | fine-tune − scratch | "
+        f"backbone lr × {SLOW_BACKBONE_LR:g} − scratch |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in results["summary"]:
         n = row["labels_per_class"]
-        lines.append(
-            f"| {n} | {n * len(FINETUNE_CLASSES)} | {_cell(row.get('finetune'))} | "
-            f"{_cell(row.get('linear_probe'))} | {_cell(row.get('scratch'))} | "
-            f"{_cell(row.get('finetune_minus_scratch'), signed=True)} |"
-        )
+        cells = [_cell(row.get(m)) for m in METHODS]
+        cells += [_cell(row.get(f"{m}_minus_scratch"), signed=True) for m in FINETUNES]
+        lines.append(f"| {n} | {n * len(FINETUNE_CLASSES)} | {' | '.join(cells)} |")
     steps = sorted({r["steps"] for r in results["runs"]})
     lines += [
         "",
         f"- Pretrained network: `{PRETRAIN_CONFIG}` on the digits 0-4 ({pre['steps']} steps), "
         f"{100 * pre['eval_accuracy']:.2f}% on their {pre['eval_count']} test images.",
         f"- Every run: `{FINETUNE_CONFIG}`, {', '.join(map(str, steps))} steps; fine-tune: all layers "
-        "from the pretrained network with a new classifier; linear probe: only the new classifier "
-        "(backbone and BatchNorm statistics frozen); scratch: random initialisation. Each run's "
-        "exact overrides are in results.json.",
+        "from the pretrained network with a new classifier; backbone lr × "
+        f"{SLOW_BACKBONE_LR:g}: the same with `backbone_lr_multiplier={SLOW_BACKBONE_LR:g}`; "
+        "linear probe: only the new classifier (backbone and BatchNorm statistics frozen); "
+        "scratch: random initialisation. Every run subtracts the per-pixel mean of the whole "
+        "digits training split (all ten classes), as the pretraining does. Each run's exact "
+        "overrides are in results.json.",
         f"- Command: `{p['command']}`",
         f"- Commit {p['commit']}; {p['started']} to {p['finished']} ({p['wall_seconds']:.0f} s); "
         f"host {p['host']} ({p['machine']}; {p['devices']}); jax {p['versions']['jax']}, "

@@ -25,7 +25,9 @@ rest to a source picked once by dataset name:
 * :class:`InMemorySource` (``digits``, ``cifar10``, ``cifar100``): the split is
   held as one uint8 array; each epoch is a seeded global permutation; global
   batch ``k`` is ``perm[k*B:(k+1)*B]`` and process ``p`` takes its contiguous
-  slice. The data order is the same for any number of processes.
+  slice. The data order is the same for any number of processes. The
+  per-pixel mean is that of the whole training split, before the digits'
+  ``classes`` / ``train_examples_per_class`` selection (:func:`load_in_memory`).
 * :class:`ImageNetSource` (``imagenet2012``): tfds shards split across
   processes with ``tfds.split_for_jax_process``, files and encoded examples
   shuffled with seeds derived from the epoch; a parallel ``map`` decodes only
@@ -166,6 +168,12 @@ def load_digits(
     Raises:
       UserError: a class without N training examples.
     """
+    train, test = _digits_splits(test_fraction, split_seed)
+    return _select_digits(train, test, classes, train_examples_per_class, subset_seed)
+
+
+def _digits_splits(test_fraction: float, split_seed: int) -> tuple[Split, Split]:
+    """The whole stratified train/test split of the digits, all ten classes."""
     from sklearn.datasets import load_digits as sk_load_digits
     from sklearn.model_selection import train_test_split
 
@@ -175,11 +183,17 @@ def load_digits(
     xtr, xte, ytr, yte = train_test_split(
         images, labels, test_size=test_fraction, random_state=split_seed, stratify=labels
     )
-    train, test = Split(xtr, ytr), Split(xte, yte)
+    return Split(xtr, ytr), Split(xte, yte)
+
+
+def _select_digits(
+    train: Split, test: Split, classes: tuple[int, ...], n: int, seed: int
+) -> tuple[Split, Split]:
+    """:func:`load_digits`' ``classes`` and ``train_examples_per_class`` selection."""
     if classes:
         train, test = _keep_classes(train, classes), _keep_classes(test, classes)
-    if train_examples_per_class:
-        train = _first_per_class(train, int(train_examples_per_class), subset_seed)
+    if n:
+        train = _first_per_class(train, int(n), seed)
     return train, test
 
 
@@ -219,14 +233,33 @@ def _tfds_in_memory(name: str, split: str, data_dir: str | None) -> Split:
     return Split(images.astype(np.uint8), labels.astype(np.int32))
 
 
-def load_in_memory(config: Any) -> tuple[Split, Split]:
-    """The train and eval splits of an in-memory dataset (digits, CIFAR)."""
+def pixel_mean(split: Split) -> np.ndarray:
+    """The per-pixel mean of ``split``'s images (Sec. 4.2): (H, W, C) float32 on the 0..1 scale."""
+    return (split.images.astype(np.float64).mean(axis=0) / 255.0).astype(np.float32)
+
+
+def load_in_memory(config: Any) -> tuple[Split, Split, np.ndarray]:
+    """The train and eval splits of an in-memory dataset (digits, CIFAR), and
+    the :func:`pixel_mean` of its whole training split.
+
+    The mean is taken before the digits' ``classes`` and
+    ``train_examples_per_class`` selection, so every subset of a dataset
+    subtracts the same mean: a network pretrained on some classes and
+    fine-tuned on others sees inputs centred alike, and a run's mean does not
+    depend on which few examples it drew. Without a subset it is the mean of
+    the training split itself.
+    """
     if config.dataset == "digits":
-        return load_digits(
-            classes=tuple(config.classes),
-            train_examples_per_class=int(config.train_examples_per_class),
-            subset_seed=int(config.train_subset_seed),
+        train, test = load_digits()  # all ten classes, every training example
+        mean = pixel_mean(train)
+        train, test = _select_digits(
+            train,
+            test,
+            tuple(config.classes),
+            int(config.train_examples_per_class),
+            int(config.train_subset_seed),
         )
+        return train, test, mean
     train_split, eval_split = "train", "test"
     if config.validation_split:
         # The paper's CIFAR analysis split: 45k train / 5k validation.
@@ -234,7 +267,7 @@ def load_in_memory(config: Any) -> tuple[Split, Split]:
         train_split, eval_split = f"train[:-{n_val}]", f"train[-{n_val}:]"
     train = _tfds_in_memory(config.dataset, train_split, config.data_dir)
     test = _tfds_in_memory(config.dataset, eval_split, config.data_dir)
-    return train, test
+    return train, test, pixel_mean(train)
 
 
 def imagenet_preflight(data_dir: str | None, prepare: bool = True) -> bool:
@@ -350,7 +383,7 @@ def _resized_shape(shape, size: int):
     import tensorflow as tf
 
     h, w = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
-    size = tf.constant(float(size), tf.float64)
+    size = tf.cast(size, tf.float64)  # an int or a (random) scalar tensor
     taller = w <= h
     new_h = tf.where(taller, tf.floor(size * h / w), size)
     new_w = tf.where(taller, size, tf.floor(size * w / h))
@@ -567,10 +600,10 @@ class InMemorySource(_Source):
     def __init__(self, config: Any, process_index: int = 0, process_count: int = 1):
         super().__init__(config, process_index, process_count)
         with _mock_data_scope(config):
-            self.train, self.test = load_in_memory(config)
+            # Per-pixel mean over the whole training split (Sec. 4.2), on the 0..1
+            # scale, taken before any class or label subset: subsets share it.
+            self.train, self.test, self.mean = load_in_memory(config)
         self.info = dataset_info(config, self.train, self.test)
-        # Per-pixel mean over the training set (Sec. 4.2), on the 0..1 scale.
-        self.mean = (self.train.images.astype(np.float64).mean(axis=0) / 255.0).astype(np.float32)
         self.max_label = int(max(self.train.labels.max(initial=0), self.test.labels.max(initial=0)))
         self._tf_train = None
 

@@ -111,6 +111,24 @@ def test_digits_class_subset_relabels_and_keeps_the_first_n_per_class():
         data.load_digits(classes=(1, 2), train_examples_per_class=500)
 
 
+def test_a_class_or_label_subset_subtracts_the_whole_training_splits_mean():
+    full = data.InputPipeline(digits.get_config())
+    full_train, _ = data.load_digits()
+    expected = (full_train.images.astype(np.float64).mean(axis=0) / 255.0).astype(np.float32)
+    np.testing.assert_array_equal(full.mean, expected)  # no subset: its own split's mean
+    pretrain = data.InputPipeline(tiny_digits(classes=(0, 1, 2, 3, 4)))
+    assert pretrain.info.train_size < full.info.train_size
+    for seed in (0, 1):
+        sub = data.InputPipeline(tiny_finetune(train_subset_seed=seed))
+        assert sub.info.train_size == 20  # 4 labels of each of 5 classes
+        np.testing.assert_array_equal(sub.mean, full.mean)
+    np.testing.assert_array_equal(pretrain.mean, full.mean)
+    # The batches subtract it.
+    eval_batch = next(sub.eval_batches())
+    expected = sub.test.images[0].astype(np.float32) / 255.0 - full.mean
+    np.testing.assert_allclose(eval_batch["image"][0], expected, atol=1e-6)
+
+
 BAD = [
     ({"classes": (5, 6)}, "digits dataset only, not cifar10"),
     ({"train_examples_per_class": 3}, "digits dataset only"),
@@ -371,7 +389,7 @@ def test_finetune_digits_writes_a_well_formed_results_file(tmp_path, restore_res
     assert {"started", "finished", "commit", "host", "devices", "versions"} <= set(p)
     assert len(p["commit"]) == 40 or p["commit"] == "unknown"
     assert results["pretrain"]["overrides"]["classes"] == [0, 1, 2, 3, 4]
-    assert len(results["runs"]) == 2 * 3
+    assert len(results["runs"]) == 2 * len(finetune_digits.METHODS)
     for r in results["runs"]:
         assert r["labels_per_class"] == 4 and r["steps"] == 2 and r["eval_count"] == 180
         assert 0.0 <= r["eval_accuracy"] <= 1.0
@@ -379,13 +397,17 @@ def test_finetune_digits_writes_a_well_formed_results_file(tmp_path, restore_res
             r["overrides"]["train_examples_per_class"] == 4 and r["overrides"]["seed"] == r["seed"]
         )
         assert (r["overrides"]["init_from"] is None) == (r["method"] == "scratch")
+        slow = r["method"] == "finetune_slow_backbone"
+        assert r["overrides"]["backbone_lr_multiplier"] == (0.1 if slow else 1.0)
     (row,) = results["summary"]
     for m in finetune_digits.METHODS:
         assert row[m]["seeds"] == [0, 1] and np.isclose(
             row[m]["mean"], np.mean(row[m]["accuracies"])
         )
+    for m in finetune_digits.FINETUNES:
+        assert row[f"{m}_minus_scratch"]["seeds"] == [0, 1]
     md = (out / "results.md").read_text()
-    assert "| 4 | 20 |" in md and p["command"] in md
+    assert "| 4 | 20 |" in md and p["command"] in md and "backbone lr × 0.1" in md
     # Again: every run is finished, so nothing trains and the accuracies are the same.
     assert finetune_digits.main(argv) == 0
     again = json.loads((out / "results.json").read_text())
