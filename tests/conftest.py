@@ -14,6 +14,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # One compilation cache for the whole session, shared by the train.py
 # subprocesses (tests/helpers.py) and this process: a program compiles once.
+# Under pytest-xdist (`-n 2`) the workers inherit the controller's variable,
+# so they share its cache, and only the controller removes it.
 _CACHE = os.path.join(
     os.environ.get("PYTEST_CACHE_ROOT", "/tmp"), f"resnet_jax_test_cache_{os.getpid()}"
 )

@@ -20,6 +20,7 @@ torchvision = pytest.importorskip("torchvision")
 from configs import imagenet  # noqa: E402
 from resnet_jax import data as data_lib  # noqa: E402
 from resnet_jax import evaluate, mini_imagenet  # noqa: E402
+from resnet_jax.errors import UserError  # noqa: E402
 from tests.helpers import COMPILE_CACHE_ENV, ROOT, read_metrics, run_train, tiny_config  # noqa: E402
 from tests.test_converters import CifarResNet, randomise  # noqa: E402
 
@@ -134,21 +135,40 @@ def bad_weights(tmp_path_factory):
         ((), "exactly one of --workdir"),
         (("--workdir={run}", "--weights={bad}/text.pth"), "exactly one of --workdir"),
         (("--workdir={bad}/missing",), "holds no checkpoints"),
-        (("--workdir={bad}/empty",), "holds no checkpoints"),
         (("--workdir={run}", "--step=7"), "holds steps 1, 2"),
-        (("--workdir={run}", "--config.model=resnet20"), "different experiment"),
-        (("--workdir={run}", "--ten_crop"), "10-crop"),
         (("--weights={bad}/not_a_resnet.pth",), "cannot be read"),
-        (("--weights={bad}/text.pth",), "cannot be read"),
-        (("--weights={bad}/missing.pth",), "does not exist"),
-        (("--weights={bad}/empty",), "cannot be read"),
     ],
 )
 def test_user_mistakes_are_one_line(run, bad_weights, args, says):
+    """Flag mistakes and UserErrors raised by the evaluation, through the CLI."""
     args = [a.format(run=run, bad=bad_weights) for a in args]
     line = _one_line_error(run_evaluate(*TINY, *args))
     assert says in line
     assert not os.path.exists(bad_weights / "missing")  # nothing created
+
+
+@pytest.mark.parametrize(
+    "kind, target, overrides, ten_crop, says",
+    [
+        ("workdir", "{bad}/empty", {}, None, "holds no checkpoints"),
+        ("workdir", "{run}", {"model": "resnet20"}, None, "different experiment"),
+        ("workdir", "{run}", {}, True, "10-crop"),
+        ("weights", "{bad}/text.pth", {}, None, "cannot be read"),
+        ("weights", "{bad}/missing.pth", {}, None, "does not exist"),
+        ("weights", "{bad}/empty", {}, None, "cannot be read"),
+    ],
+)
+def test_more_mistakes_are_user_errors(run, bad_weights, kind, target, overrides, ten_crop, says):
+    """The other mistakes raise UserError, which the CLI prints as one line
+    (the test above); in this process, to save a Python start each."""
+    c = tiny_config(eval_batch_size=24, **overrides)
+    target = target.format(run=run, bad=bad_weights)
+    with pytest.raises(UserError, match=says):
+        if kind == "workdir":
+            evaluate.evaluate_workdir(c, target, None, ten_crop)
+        else:
+            evaluate.evaluate_weights(c, target, "auto", ten_crop)
+    assert not os.path.exists(bad_weights / "missing")
 
 
 # --------------------------------------------------------------------------- #

@@ -375,7 +375,7 @@ def test_finetune_digits_writes_a_well_formed_results_file(tmp_path, restore_res
         f"--root={root}",
         f"--out={out}",
         "--labels=4",
-        "--seeds=0,1",
+        "--seeds=3",
         "--pretrain-steps=2",
         "--steps=2",
         "--config.model=resnet8",
@@ -389,7 +389,7 @@ def test_finetune_digits_writes_a_well_formed_results_file(tmp_path, restore_res
     assert {"started", "finished", "commit", "host", "devices", "versions"} <= set(p)
     assert len(p["commit"]) == 40 or p["commit"] == "unknown"
     assert results["pretrain"]["overrides"]["classes"] == [0, 1, 2, 3, 4]
-    assert len(results["runs"]) == 2 * len(finetune_digits.METHODS)
+    assert len(results["runs"]) == len(finetune_digits.METHODS)
     for r in results["runs"]:
         assert r["labels_per_class"] == 4 and r["steps"] == 2 and r["eval_count"] == 180
         assert 0.0 <= r["eval_accuracy"] <= 1.0
@@ -401,11 +401,11 @@ def test_finetune_digits_writes_a_well_formed_results_file(tmp_path, restore_res
         assert r["overrides"]["backbone_lr_multiplier"] == (0.1 if slow else 1.0)
     (row,) = results["summary"]
     for m in finetune_digits.METHODS:
-        assert row[m]["seeds"] == [0, 1] and np.isclose(
+        assert row[m]["seeds"] == [3] and np.isclose(
             row[m]["mean"], np.mean(row[m]["accuracies"])
         )
     for m in finetune_digits.FINETUNES:
-        assert row[f"{m}_minus_scratch"]["seeds"] == [0, 1]
+        assert row[f"{m}_minus_scratch"]["seeds"] == [3]
     md = (out / "results.md").read_text()
     assert "| 4 | 20 |" in md and p["command"] in md and "backbone lr × 0.1" in md
     # Again: every run is finished, so nothing trains and the accuracies are the same.
