@@ -46,6 +46,12 @@ def base_config() -> ml_collections.ConfigDict:
     # Host batches are copied to the devices this many steps ahead on a
     # background thread (0: on the training thread, between steps).
     c.prefetch_batches = 2
+    # True: the training batches are a function of (seed, step), so a resumed
+    # run is bit-exact on CPU. False: tf.data yields files and examples in
+    # completion order, which keeps a busy host from stalling on one slow
+    # JPEG; every example still gets its own seeded augmentation, but the
+    # batches (and a resume) are no longer reproducible.
+    c.deterministic_input = True
     # The fast path for in-memory datasets: training set and augmentation on the
     # devices, steps_per_call train steps per host call (lax.scan).
     c.device_data = False

@@ -105,6 +105,10 @@ def _check_model_and_data(config: Any) -> None:
     _require(config.crop_padding >= 0, f"crop_padding={config.crop_padding} must be >= 0.")
     _require(config.validation_split >= 0, "validation_split must be >= 0.")
     _require(
+        isinstance(config.deterministic_input, bool),
+        f"deterministic_input={config.deterministic_input!r} must be True or False.",
+    )
+    _require(
         isinstance(config.prefetch_batches, int) and config.prefetch_batches >= 0,
         f"prefetch_batches={config.prefetch_batches} must be an integer >= 0 (0: no prefetching).",
     )

@@ -649,7 +649,9 @@ class InMemorySource(_Source):
             return {"image": _normalize(image, mean), "label": tf.gather(labels, i)}
 
         ds = tf.data.Dataset.from_tensor_slices(self._order(epoch, count, offset))
-        return ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.map(
+            example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=cfg.deterministic_input
+        )
 
     def eval_examples(self):
         """This host's contiguous share of the eval split, normalised."""
@@ -726,7 +728,9 @@ class ImageNetSource(_Source):
             return {"image": self._output(image), "label": tf.cast(ex["label"], tf.int32)}
 
         ds = ds.take((self.steps_per_epoch - offset) * b)
-        return ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.map(
+            example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=cfg.deterministic_input
+        )
 
     def eval_examples(self):
         """This host's share of the validation split (center or 10 crops)."""
@@ -776,7 +780,9 @@ class ImageNetSource(_Source):
             )
         if seed is not None:
             opts = tf.data.Options()
-            opts.deterministic = True
+            # False: files and the parallel map yield in completion order
+            # (faster when some JPEGs are slow; a resume is no longer exact).
+            opts.deterministic = bool(cfg.deterministic_input)
             ds = ds.with_options(opts).shuffle(int(cfg.shuffle_buffer), seed=seed)
         return ds
 

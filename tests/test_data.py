@@ -241,6 +241,23 @@ def test_imagenet_stream_resumes_exactly_across_pipelines_and_as_uint8():
         data_lib.InputPipeline(tiny_config(), image_dtype="uint8")
 
 
+@pytest.mark.parametrize("dataset", ["imagenet", "cifar"])
+def test_nondeterministic_input_still_sees_every_example_once_per_epoch(dataset):
+    """deterministic_input=False (speed over reproducibility): each epoch is
+    still every example once, each with its own augmentation."""
+    if dataset == "imagenet":
+        c, steps = tiny_imagenet(deterministic_input=False), 3
+    else:
+        c, steps = tiny_config(deterministic_input=False, mock_num_examples=48), 3
+    ref = take(data_lib.InputPipeline(c.copy_and_resolve_references()).train_batches(0), steps)
+    c_det = c.copy_and_resolve_references()
+    c_det.deterministic_input = True
+    det = take(data_lib.InputPipeline(c_det).train_batches(0), steps)
+    labels = sorted(np.concatenate([b["label"] for b in ref]).tolist())
+    assert labels == sorted(np.concatenate([b["label"] for b in det]).tolist())
+    assert all(b["image"].shape == d["image"].shape for b, d in zip(ref, det))
+
+
 def _photo_jpeg(grey=False, size=None):
     """A real photograph (scikit-learn's china.jpg, 427x640, or resized to
     ``size`` (H, W)) as JPEG bytes."""
