@@ -401,9 +401,7 @@ def test_finetune_digits_writes_a_well_formed_results_file(tmp_path, restore_res
         assert r["overrides"]["backbone_lr_multiplier"] == (0.1 if slow else 1.0)
     (row,) = results["summary"]
     for m in finetune_digits.METHODS:
-        assert row[m]["seeds"] == [3] and np.isclose(
-            row[m]["mean"], np.mean(row[m]["accuracies"])
-        )
+        assert row[m]["seeds"] == [3] and np.isclose(row[m]["mean"], np.mean(row[m]["accuracies"]))
     for m in finetune_digits.FINETUNES:
         assert row[f"{m}_minus_scratch"]["seeds"] == [3]
     md = (out / "results.md").read_text()
