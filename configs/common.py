@@ -31,6 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 200
     c.augment = True
     c.validation_split = 0  # >0: hold out the end of the training split for evaluation
+    # '': the recipe's evaluation split (ImageNet validation, CIFAR test);
+    # else a tfds split such as 'validation[:10000]' or 'train[:5000]'.
+    c.eval_split = ""
     c.crop_padding = 4  # in-memory datasets: pad, random crop back
     c.random_flip = True
     # ImageNet-style file datasets

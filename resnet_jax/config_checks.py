@@ -104,6 +104,16 @@ def _check_model_and_data(config: Any) -> None:
     model_from_config(config, 10)  # unknown model names and options raise here
     _require(config.crop_padding >= 0, f"crop_padding={config.crop_padding} must be >= 0.")
     _require(config.validation_split >= 0, "validation_split must be >= 0.")
+    split = config.eval_split
+    _require(
+        isinstance(split, str)
+        and not (split and config.dataset == "digits")
+        and not (split and config.validation_split)
+        and not ("[" in split and config.mock_data),
+        f"eval_split={split!r}: a tfds split name such as 'validation[:10000]' for ImageNet "
+        "or CIFAR ('' for the recipe's); not with the digits (no tfds splits), not with "
+        "validation_split, and not sliced on mock data (tfds' mock data ignores slices).",
+    )
     _require(
         isinstance(config.deterministic_input, bool),
         f"deterministic_input={config.deterministic_input!r} must be True or False.",

@@ -238,6 +238,33 @@ def pixel_mean(split: Split) -> np.ndarray:
     return (split.images.astype(np.float64).mean(axis=0) / 255.0).astype(np.float32)
 
 
+def eval_split(config: Any) -> str:
+    """The tfds split a run evaluates on: ``config.eval_split`` (e.g.
+    ``"validation[:10000]"``, ``"train[:5000]"``), else the recipe's:
+    ImageNet's ``validation``, CIFAR's ``test`` or, with ``validation_split``
+    N, ``train[-N:]``; the digits' is their stratified 20% test split."""
+    if config.eval_split:
+        return str(config.eval_split)
+    if config.dataset == "imagenet2012":
+        return "validation"
+    if config.dataset == "digits":
+        return "test (stratified 20%)"
+    if config.validation_split:
+        return f"train[-{int(config.validation_split)}:]"
+    return "test"
+
+
+def _bad_eval_split(config: Any, error: BaseException) -> Exception:
+    """A user's ``eval_split`` that tfds does not know: one line; else the error itself."""
+    if not config.eval_split or isinstance(error, UserError):
+        return error
+    reason = " ".join(str(error).split())[:200]
+    return UserError(
+        f"eval_split={config.eval_split!r} is not a split of {config.dataset} ({reason}); "
+        "use e.g. 'validation', 'validation[:10000]' or 'train[:5000]'."
+    )
+
+
 def load_in_memory(config: Any) -> tuple[Split, Split, np.ndarray]:
     """The train and eval splits of an in-memory dataset (digits, CIFAR), and
     the :func:`pixel_mean` of its whole training split.
@@ -260,13 +287,15 @@ def load_in_memory(config: Any) -> tuple[Split, Split, np.ndarray]:
             int(config.train_subset_seed),
         )
         return train, test, mean
-    train_split, eval_split = "train", "test"
+    train_split = "train"
     if config.validation_split:
         # The paper's CIFAR analysis split: 45k train / 5k validation.
-        n_val = int(config.validation_split)
-        train_split, eval_split = f"train[:-{n_val}]", f"train[-{n_val}:]"
+        train_split = f"train[:-{int(config.validation_split)}]"
     train = _tfds_in_memory(config.dataset, train_split, config.data_dir)
-    test = _tfds_in_memory(config.dataset, eval_split, config.data_dir)
+    try:
+        test = _tfds_in_memory(config.dataset, eval_split(config), config.data_dir)
+    except (KeyError, ValueError) as e:
+        raise _bad_eval_split(config, e) from e
     return train, test, pixel_mean(train)
 
 
@@ -339,7 +368,10 @@ def dataset_info(config: Any, train: Split | None = None, test: Split | None = N
     else:
         info = _tfds().builder("imagenet2012", data_dir=config.data_dir).info
         n_train = info.splits["train"].num_examples
-        n_eval = info.splits["validation"].num_examples
+        try:
+            n_eval = info.splits[eval_split(config)].num_examples  # a sliced split too
+        except (KeyError, ValueError) as e:
+            raise _bad_eval_split(config, e) from e
     s = int(config.image_size)
     return DatasetInfo(config.dataset, num_classes, (s, s, 3), n_train, n_eval)
 
@@ -759,7 +791,7 @@ class ImageNetSource(_Source):
         import tensorflow as tf
 
         tfds, cfg = _tfds(), self.config
-        name = "train" if split == "train" else "validation"
+        name = "train" if split == "train" else eval_split(cfg)
         read_config = tfds.ReadConfig(
             shuffle_seed=seed, interleave_cycle_length=16, interleave_block_length=1
         )

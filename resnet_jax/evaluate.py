@@ -39,7 +39,8 @@ same crops (tested against torch).
 
 The split is the recipe's evaluation split (ImageNet ``validation``; CIFAR
 ``test``, or the held-out end of ``train`` with ``config.validation_split``;
-digits' stratified test split). Every example is counted once: batches are
+digits' stratified test split), or ``--config.eval_split=`` (any tfds split
+of ImageNet or CIFAR, e.g. ``validation[:10000]``). Every example is counted once: batches are
 padded to a multiple of the devices and the padding is masked
 (:func:`resnet_jax.train_lib.evaluate`), data-parallel over every device
 with the trainer's ``Mesh`` and ``NamedSharding``. ``--ten_crop`` (or
@@ -111,14 +112,10 @@ def _prepare_config(config: Any, ten_crop: bool | None) -> Any:
 
 
 def split_name(config: Any) -> str:
-    """The name of the split a recipe evaluates on."""
-    if config.dataset == "imagenet2012":
-        return "validation"
-    if config.dataset == "digits":
-        return "test (stratified 20%)"
-    if config.validation_split:
-        return f"train[-{int(config.validation_split)}:]"
-    return "test"
+    """The name of the split a recipe evaluates on (``config.eval_split`` if set)."""
+    from resnet_jax import data as data_lib
+
+    return data_lib.eval_split(config)
 
 
 def _run(

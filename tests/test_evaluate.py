@@ -268,10 +268,10 @@ def _config(data_dir, **kw):
     return c
 
 
-def _torch_reference(model, data_dir, ten_crop):
+def _torch_reference(model, data_dir, ten_crop, **kw):
     """Mean loss, top-1, top-5 and count of the torch model on the crops the
     pipeline makes with torchvision's recipe (resize 256, crop 224)."""
-    c = _config(data_dir, image_size=224, eval_resize=256, ten_crop=ten_crop)
+    c = _config(data_dir, image_size=224, eval_resize=256, ten_crop=ten_crop, **kw)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     losses, top1, top5 = [], [], []
@@ -301,6 +301,33 @@ def test_converted_torchvision_weights_equal_torch(mini, resnet18, ten_crop):
     assert result["top1"] == top1 and result["top5"] == top5
     assert 0.0 < result["top5"]  # the classifier's bias makes top-5 non-trivial
     assert result["loss"] == pytest.approx(loss, rel=1e-4)
+
+
+def test_a_sliced_eval_split_is_evaluated_exactly(mini, resnet18):
+    data_dir, _ = mini
+    model, path = resnet18
+    result = evaluate.evaluate_weights(_config(data_dir, eval_split="validation[:7]"), path)
+    loss, top1, top5, count = _torch_reference(model, data_dir, False, eval_split="validation[:7]")
+    assert result["count"] == count == 7 and result["split"] == "validation[:7]"
+    assert result["top1"] == top1 and result["top5"] == top5
+    assert result["loss"] == pytest.approx(loss, rel=1e-4)
+    with pytest.raises(UserError, match="eval_split='valid' is not a split of imagenet2012"):
+        evaluate.evaluate_weights(_config(data_dir, eval_split="valid"), path)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"dataset": "digits", "eval_split": "test"},
+        {"eval_split": "test[:5]"},  # mock data ignores slices
+        {"validation_split": 16, "eval_split": "test"},
+    ],
+)
+def test_eval_split_mistakes_are_refused(overrides):
+    from resnet_jax import config_checks
+
+    with pytest.raises(UserError, match="eval_split="):
+        config_checks.validate_config(tiny_config(**overrides), 8)
 
 
 def test_center_crop_is_torchvisions_to_a_grey_level(mini):
