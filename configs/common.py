@@ -52,8 +52,10 @@ def base_config() -> ml_collections.ConfigDict:
     # True: the training batches are a function of (seed, step), so a resumed
     # run is bit-exact on CPU. False: tf.data yields files and examples in
     # completion order, which keeps a busy host from stalling on one slow
-    # JPEG; every example still gets its own seeded augmentation, but the
-    # batches (and a resume) are no longer reproducible.
+    # JPEG; every example still gets its own seeded augmentation and each
+    # uninterrupted epoch sees every example once, but the batches are not
+    # reproducible, and a resume within an epoch may repeat or skip some of
+    # that epoch's examples.
     c.deterministic_input = True
     # The fast path for in-memory datasets: training set and augmentation on the
     # devices, steps_per_call train steps per host call (lax.scan).

@@ -49,6 +49,16 @@ def fingerprint(config: Any) -> dict[str, Any]:
     elif config.get("backbone_lr_multiplier", 1.0) != 1.0:
         backbone = "scaled"
     fp["backbone_optimizer"] = backbone
+    # The rest of fine-tuning's settings that change the data or the updates
+    # (None at their defaults, for the same reason).
+    fp["backbone_lr_multiplier"] = (
+        float(config.get("backbone_lr_multiplier", 1.0))
+        if config.get("backbone_lr_multiplier", 1.0) != 1.0
+        else None
+    )
+    fp["freeze_bn_stats"] = True if config.get("freeze_bn_stats") else None
+    n = int(config.get("train_examples_per_class") or 0)
+    fp["train_subset"] = [n, int(config.get("train_subset_seed") or 0)] if n else None
     return fp
 
 

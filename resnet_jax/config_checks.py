@@ -138,14 +138,7 @@ def _check_model_and_data(config: Any) -> None:
 
 def _check_finetuning(config: Any) -> None:
     """The fine-tuning keys (resnet_jax/finetune.py) and the digits class subset."""
-    from etils import epath
 
-    if config.init_from:
-        _require(
-            epath.Path(config.init_from).exists(),
-            f"init_from={config.init_from!r} does not exist; give a resnet_jax workdir "
-            "(with checkpoints/) or a torchvision/timm/transformers weights file or directory.",
-        )
     _require(
         config.backbone_lr_multiplier > 0,
         f"backbone_lr_multiplier={config.backbone_lr_multiplier} must be positive (use "

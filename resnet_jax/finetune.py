@@ -140,7 +140,9 @@ def _convert(path: str) -> tuple[Any, dict[str, Any]]:
 
 
 def load_variables(path: str) -> tuple[str, dict[str, Any], Any]:
-    """``(description, {'params', 'batch_stats'}, module or None)`` of ``init_from``.
+    """``(description, {'params', 'batch_stats'}, converted or None)`` of
+    ``init_from``; ``converted`` is the converter's ``Converted`` (module,
+    variables, ``.preprocessing``), None for a workdir.
 
     A directory with ``checkpoints/`` is a resnet_jax workdir (module None);
     another directory is a transformers checkpoint; a file is a torchvision or
@@ -149,15 +151,20 @@ def load_variables(path: str) -> tuple[str, dict[str, Any], Any]:
     Raises:
       UserError: nothing readable there (the converter's message, on one line).
     """
+    if not epath.Path(path).exists():  # checked here: a resume never reads it
+        raise UserError(
+            f"init_from={path!r} does not exist; give a resnet_jax workdir (with "
+            "checkpoints/) or a torchvision/timm/transformers weights file or directory."
+        )
     if _is_workdir(epath.Path(path)):
         step, variables = read_checkpoint_variables(path)
         return f"resnet_jax checkpoint step {step}", variables, None
     try:
-        module, variables = _convert(path)
+        converted = _convert(path)
     except (ValueError, ImportError, OSError) as e:
         raise UserError(f"init_from={path!r}: {e}") from e
-    variables = {k: variables.get(k, {}) for k in ("params", "batch_stats")}
-    return "converted weights", variables, module
+    variables = {k: converted[1].get(k, {}) for k in ("params", "batch_stats")}
+    return "converted weights", variables, converted
 
 
 # --------------------------------------------------------------------------- #
@@ -247,6 +254,29 @@ def _check_variant(module: Any, model: Any, source: str) -> None:
         )
 
 
+def to_trainer_input(loaded: dict[str, Any], preprocessing: Any, source: str) -> dict[str, Any]:
+    """Converted weights expect ``(x/255 - mean) / std``; the trainer feeds
+    ``x/255 - mean`` (no std). Dividing the stem kernel's input channels by
+    ``std`` makes the two the same function (the padding is zero in both).
+
+    Raises:
+      UserError: weights that expect BGR channels (Caffe/Keras).
+    """
+    if preprocessing.channels != "RGB":
+        raise UserError(
+            f"init_from={source!r} expects {preprocessing.channels} input; the trainer "
+            "feeds RGB. Fine-tune from RGB (torchvision, timm, Hugging Face) weights."
+        )
+    params = dict(loaded["params"])
+    stem = dict(params["stem_conv"])
+    std = np.asarray(preprocessing.std, np.float32).reshape(1, 1, -1, 1)
+    stem["kernel"] = (np.asarray(stem["kernel"], np.float32) / std).astype(
+        np.asarray(stem["kernel"]).dtype
+    )
+    params["stem_conv"] = stem
+    return {**loaded, "params": params}
+
+
 def initial_state(exp: Any, state: Any) -> Any:
     """A fresh ``state`` of ``exp`` started from ``exp.config.init_from`` (when set):
     its params and batch_stats merged in (:func:`merge_variables`), the
@@ -255,8 +285,19 @@ def initial_state(exp: Any, state: Any) -> Any:
     if not config.init_from:
         return state
     source = config.init_from
-    description, loaded, module = load_variables(source)
-    _check_variant(module, exp.model, source)
+    description, loaded, converted = load_variables(source)
+    _check_variant(None if converted is None else converted[0], exp.model, source)
+    if converted is not None:
+        p = converted.preprocessing
+        loaded = to_trainer_input(loaded, p, source)
+        mean = np.asarray(exp.pipeline.mean, np.float32)
+        if mean.shape != (3,) or not np.allclose(mean, p.mean, atol=1e-3):
+            log.warning(
+                "init_from=%s was trained on inputs centred on %s; this dataset's "
+                "inputs are centred on their own mean.",
+                source,
+                tuple(round(float(m), 3) for m in p.mean),
+            )
     target = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
     merged, head_loaded = merge_variables(
         target, loaded, new_head=bool(config.finetune_new_head), source=source
@@ -284,6 +325,7 @@ def initial_state(exp: Any, state: Any) -> Any:
 __all__ = [
     "initial_state",
     "load_variables",
+    "to_trainer_input",
     "merge_variables",
     "param_labels",
     "partition_optimizer",

@@ -135,10 +135,17 @@ BAD = [
     ({"dataset": "digits", "classes": (5, 5)}, "two or more distinct digits"),
     ({"dataset": "digits", "classes": (3, 10)}, "two or more distinct digits"),
     ({"dataset": "digits", "train_examples_per_class": -1}, "train_examples_per_class=-1"),
-    ({"init_from": "/nonexistent/run"}, "init_from='/nonexistent/run' does not exist"),
     ({"backbone_lr_multiplier": 0.0}, "backbone_lr_multiplier=0.0 must be positive"),
     ({"freeze_backbone": True, "backbone_lr_multiplier": 0.1}, "set one of them"),
 ]
+
+
+def test_a_missing_init_from_is_refused_on_a_fresh_start_only():
+    # A resume ignores init_from, so the config check lets it be gone ...
+    config_checks.validate_config(tiny_config(init_from="/nonexistent/run"), 8)
+    # ... and the fresh start, which reads it, says so in one line.
+    with pytest.raises(UserError, match="init_from='/nonexistent/run' does not exist"):
+        ft.load_variables("/nonexistent/run")
 
 
 @pytest.mark.parametrize("overrides, fragment", BAD, ids=[str(o) for o, _ in BAD])
@@ -302,9 +309,28 @@ def test_init_from_torchvision_weights(tmp_path):
         ckpt.close()
     assert meta is None and int(state.step) == 0
     got = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    # The stem takes the trainer's x/255 - mean instead of (x/255 - mean) / std.
+    std = np.asarray(rj.weights.IMAGENET_STD, np.float32).reshape(1, 1, 3, 1)
+    want = backbone(variables)
+    want["params/stem_conv/kernel"] = want["params/stem_conv/kernel"] / std
     for k, v in backbone(got).items():
-        np.testing.assert_array_equal(v, backbone(variables)[k], err_msg=k)
+        np.testing.assert_allclose(v, want[k], rtol=1e-6, err_msg=k)
     assert got["params"]["head"]["kernel"].shape == (512, 10)  # 1000 -> 10: a fresh head
+
+
+def test_converted_weights_compute_the_same_function_on_the_trainers_input():
+    import resnet_jax as rj
+
+    module = rj.create_model("resnet18", num_classes=5)
+    variables = module.init(jax.random.key(3), np.zeros((1, 32, 32, 3), np.float32))
+    p = rj.weights.Preprocessing()  # torchvision's: ImageNet mean and std, RGB
+    x = np.random.default_rng(0).uniform(0, 1, (2, 33, 35, 3)).astype(np.float32)
+    centred = x - np.asarray(p.mean, np.float32)
+    want = module.apply(variables, centred / np.asarray(p.std, np.float32), train=False)
+    got = module.apply(ft.to_trainer_input(variables, p, "w"), centred, train=False)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(UserError, match="expects BGR input"):
+        ft.to_trainer_input(variables, rj.weights.Preprocessing(channels="BGR"), "w")
 
 
 def test_init_from_transformers_weights_directory_and_file(tmp_path):
