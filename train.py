@@ -207,23 +207,11 @@ def parse_flags(argv: list[str]) -> list[str]:
         OSError,
         SyntaxError,
     ) as e:
-        print(f"train.py: error: {_flag_error_message(e)}", file=sys.stderr)
+        # Imported here: resnet_jax imports jax, which must wait for --cpu_devices.
+        from resnet_jax.errors import flag_error_message
+
+        print(f"train.py: error: {flag_error_message(e)}", file=sys.stderr)
         sys.exit(2)
-
-
-def _flag_error_message(e: BaseException) -> str:
-    while e.args and isinstance(e.args[0], BaseException):  # ml_collections wraps its errors
-        e = e.args[0]
-    message = str(e.args[0]) if e.args and isinstance(e, KeyError) else str(e)
-    if isinstance(e, LookupError | AttributeError):
-        message = (
-            f"unknown config key {message} Every key a recipe accepts is set in configs/common.py."
-        )
-    elif isinstance(e, OSError) and "config file" in message:
-        message = f"cannot load the config file of --config: {message.splitlines()[-1].strip()}."
-    elif isinstance(e, SyntaxError):
-        message = f"the config file of --config does not parse: {e}."
-    return " ".join(message.split())
 
 
 if __name__ == "__main__":

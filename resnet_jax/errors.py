@@ -35,3 +35,26 @@ class WorkdirInUseError(UserError):
 def one_line(message: str) -> str:
     """``message`` on one line (train.py prints a UserError as one line)."""
     return " ".join(str(message).split())
+
+
+# What absl's flag parsing and ml_collections' config loading raise for a
+# user's mistake (with absl's ``flags.Error``): resnet_jax.evaluate and
+# train.py (which lists them itself, before importing resnet_jax) print them
+# as one line.
+FLAG_PARSE_ERRORS = (LookupError, AttributeError, TypeError, ValueError, OSError, SyntaxError)
+
+
+def flag_error_message(e: BaseException) -> str:
+    """One line for a mistake in the flags or the ``--config`` file."""
+    while e.args and isinstance(e.args[0], BaseException):  # ml_collections wraps its errors
+        e = e.args[0]
+    message = str(e.args[0]) if e.args and isinstance(e, KeyError) else str(e)
+    if isinstance(e, LookupError | AttributeError):
+        message = (
+            f"unknown config key {message} Every key a recipe accepts is set in configs/common.py."
+        )
+    elif isinstance(e, OSError) and "config file" in message:
+        message = f"cannot load the config file of --config: {message.splitlines()[-1].strip()}."
+    elif isinstance(e, SyntaxError):
+        message = f"the config file of --config does not parse: {e}."
+    return one_line(message)

@@ -75,7 +75,7 @@ from jax.sharding import PartitionSpec as P
 import resnet_jax as rj
 from resnet_jax import checkpoints, train_lib
 from resnet_jax.config_checks import pad_eval_batch
-from resnet_jax.errors import UserError
+from resnet_jax.errors import FLAG_PARSE_ERRORS, UserError, flag_error_message
 
 log = logging.getLogger("resnet_jax.evaluate")  # also when run as __main__
 
@@ -530,21 +530,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
         rest = FLAGS(argv)
         if FLAGS.config is not None:
             FLAGS.config.to_dict()  # ml_collections loads the file lazily: load it now
-    except (
-        flags.Error,
-        LookupError,
-        AttributeError,
-        TypeError,
-        ValueError,
-        OSError,
-        SyntaxError,
-    ) as e:
-        while e.args and isinstance(e.args[0], BaseException):  # ml_collections wraps errors
-            e = e.args[0]
-        message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        if isinstance(e, LookupError | AttributeError):
-            message = f"unknown config key {message} Every key is set in configs/common.py."
-        _error(message)
+    except (flags.Error, *FLAG_PARSE_ERRORS) as e:
+        _error(flag_error_message(e))
     _check_flags(FLAGS)
     return rest
 
