@@ -171,12 +171,12 @@ def main(argv):
     jax = _start_jax()
     if jax.process_index() != 0 and not FLAGS.verbose:
         log.setLevel(logging.WARNING)  # one plan on the screen, not one per process
-    from resnet_jax import train_lib
     from resnet_jax.errors import CheckpointSaveError, UserError, one_line
+    from resnet_jax.training import loop
 
     _describe_devices(jax)
     try:
-        summary = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
+        summary = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
     except UserError as e:
         print(f"train.py: error: {one_line(e)}", file=sys.stderr, flush=True)
         if isinstance(e, CheckpointSaveError):
@@ -188,7 +188,7 @@ def main(argv):
             os._exit(2)
         sys.exit(2)
     if jax.process_index() == 0:
-        print(train_lib.summary_line(summary), flush=True)
+        print(loop.summary_line(summary), flush=True)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -27,10 +27,11 @@ def _multi_step(a, repl, shard, unroll: bool):
     """The jitted k-step function of train.py's device-data path."""
     import jax
 
-    from resnet_jax import device_data, train_lib
+    from resnet_jax.data import device as device_data
+    from resnet_jax.training import steps as train_steps
 
     step_fn = functools.partial(
-        train_lib.train_step, learning_rate_fn=lambda s: 0.1, num_classes=10
+        train_steps.train_step, learning_rate_fn=lambda s: 0.1, num_classes=10
     )
     batch_fn = functools.partial(device_data.batch_at, seed=0, batch_size=a.batch_size)
     multi = device_data.make_multi_step(step_fn, batch_fn, a.steps_per_call, shard, unroll=unroll)
@@ -44,7 +45,7 @@ def measure(a) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from resnet_jax import device_data
+    from resnet_jax.data import device as device_data
 
     materialize = common.resolve_materialize(a.materialize)
     unroll = jax.default_backend() == "cpu" if a.unroll == "auto" else a.unroll == "on"

@@ -186,21 +186,21 @@ def setup(
     from jax.sharding import PartitionSpec as P
 
     import resnet_jax as rj
-    from resnet_jax import train_lib
+    from resnet_jax.training import recipe
 
     options: dict[str, Any] = {"materialize": materialize}
     if num_classes is not None:
         options["num_classes"] = num_classes
     net = rj.create_model(model, variant=variant, dtype=getattr(jnp, dtype), **options)
     size = input_size(net, image_size)
-    mesh = train_lib.create_mesh()
+    mesh = recipe.create_mesh()
     if batch_size % mesh.devices.size:
         raise SystemExit(
             f"--batch-size {batch_size} must divide by the {mesh.devices.size} devices."
         )
     repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
-    state = train_lib.create_train_state(net, tx, (size, size, 3), jax.random.key(0), repl)
+    state = recipe.create_train_state(net, tx, (size, size, 3), jax.random.key(0), repl)
     return net, state, repl, data
 
 
@@ -222,11 +222,11 @@ def jit_train_step(num_classes: int, repl, data):
     """train.py's train step, jitted as the trainer does (state donated)."""
     import jax
 
-    from resnet_jax import train_lib
+    from resnet_jax.training import steps as train_steps
 
     return jax.jit(
         functools.partial(
-            train_lib.train_step, learning_rate_fn=lambda s: 0.1, num_classes=num_classes
+            train_steps.train_step, learning_rate_fn=lambda s: 0.1, num_classes=num_classes
         ),
         in_shardings=(repl, data),
         out_shardings=(repl, repl),

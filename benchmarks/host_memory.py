@@ -2,7 +2,7 @@
 
     python -m benchmarks.host_memory --steps 3000
 
-Runs train.py's loop (``train_lib.train_and_evaluate``: CIFAR-10 mock data,
+Runs train.py's loop (``loop.train_and_evaluate``: CIFAR-10 mock data,
 64 examples, so a new tf.data epoch every 64 / ``--batch-size`` steps,
 evaluation and checkpoints every ``--eval-every`` steps) and reads the
 ``host_rss_mb`` the trainer logs every ``--log-every`` steps. A leak shows as
@@ -24,7 +24,7 @@ from benchmarks import common
 def rss_series(a) -> list[tuple[int, float]]:
     """Runs the loop; ``(step, host RSS in MiB)`` of every logging window."""
     from configs import cifar10
-    from resnet_jax import train_lib
+    from resnet_jax.training import loop
 
     c = cifar10.get_config()
     c.update(
@@ -40,7 +40,7 @@ def rss_series(a) -> list[tuple[int, float]]:
         checkpoint_every_steps=a.eval_every,
     )
     with tempfile.TemporaryDirectory() as workdir:
-        train_lib.train_and_evaluate(c, workdir, progress=False)
+        loop.train_and_evaluate(c, workdir, progress=False)
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             return [(m["step"], m["host_rss_mb"]) for m in map(json.loads, f) if "host_rss_mb" in m]
 

@@ -84,10 +84,10 @@ def load_config(path: str, overrides: list[str]) -> Any:
 
 def run_windows(config: Any) -> list[dict]:
     """Runs train.py's loop on ``config``; the metric lines that carry ``data_wait_fraction``."""
-    from resnet_jax import train_lib
+    from resnet_jax.training import loop
 
     with tempfile.TemporaryDirectory() as workdir:
-        train_lib.train_and_evaluate(config, workdir, progress=False)
+        loop.train_and_evaluate(config, workdir, progress=False)
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             return [m for m in map(json.loads, f) if "data_wait_fraction" in m]
 

@@ -23,12 +23,12 @@ from benchmarks import common
 def _step_fn(mode: str, net, repl, data):
     import jax
 
-    from resnet_jax import train_lib
+    from resnet_jax.training import steps as train_steps
 
     if mode == "train":
         return common.jit_train_step(net.num_classes, repl, data)
     return jax.jit(
-        functools.partial(train_lib.eval_step, num_classes=net.num_classes),
+        functools.partial(train_steps.eval_step, num_classes=net.num_classes),
         in_shardings=(repl, data),
         out_shardings=repl,
     )

@@ -10,6 +10,6 @@ training curves of Fig. 1, 4 and 6, the layer responses of Fig. 7.
 Modules: :mod:`~experiments.sweep` (trains), :mod:`~experiments.table6`,
 :mod:`~experiments.plot_curves`, :mod:`~experiments.responses` (analyse),
 :mod:`~experiments.runs` (what they share). Training goes through
-``resnet_jax.train_lib`` unchanged; matplotlib is imported here only (the
+``resnet_jax.training`` unchanged; matplotlib is imported here only (the
 library stays free of plotting).
 """

@@ -28,7 +28,7 @@
 Every run, the pretraining included, subtracts the same per-pixel mean: that
 of the whole digits training split, all ten classes
 (``resnet_jax.data.load_in_memory``). Every run goes through
-``resnet_jax.train_lib.train_and_evaluate`` in this process. Running the same command again skips finished runs (they are only
+``resnet_jax.training.loop.train_and_evaluate`` in this process. Running the same command again skips finished runs (they are only
 evaluated) and resumes unfinished ones. ``--pretrain-steps`` and ``--steps``
 shorten the schedules (as ``experiments.sweep --steps``); ``--config.KEY=VALUE``
 overrides a key of every run (not the keys this experiment sets).
@@ -135,10 +135,10 @@ def _check_overrides(overrides: Sequence[str]) -> None:
 
 def train(config: Any, workdir: str) -> dict[str, Any]:
     """Trains (or resumes, or only evaluates a finished) run; its summary."""
-    from resnet_jax import train_lib
+    from resnet_jax.training import loop
 
     runs.write_config(workdir, config)
-    summary = train_lib.train_and_evaluate(config, workdir, progress=False)
+    summary = loop.train_and_evaluate(config, workdir, progress=False)
     if summary.get("preempted"):
         raise UserError(
             f"stopped by a signal in {workdir} at step {summary['step']} (checkpoint saved); "

@@ -1,7 +1,7 @@
 """What the experiments share: runs (workdirs), their configs and metrics, their
 trained state, and starting JAX as train.py does.
 
-A *run* is a workdir of :func:`resnet_jax.train_lib.train_and_evaluate`
+A *run* is a workdir of :func:`resnet_jax.training.loop.train_and_evaluate`
 (``metrics.jsonl``, ``checkpoints/STEP``). The sweep names its runs
 ``{kind}{depth}_seed{seed}`` (``plain20_seed1``, ``resnet56_seed0``) and writes
 each run's config beside them (``config.json``) and, once the run is finished
@@ -345,14 +345,14 @@ def restore(config: Any, workdir: str) -> tuple[Any, Any]:
     Raises:
       UserError: no checkpoint, or one of another experiment.
     """
-    from resnet_jax import train_lib
+    from resnet_jax.training import experiment
 
     if not checkpoint_steps(workdir):
         raise UserError(f"{workdir} has no checkpoint (checkpoints/STEP) to analyse.")
-    exp = train_lib.build_experiment(analysis_config(config), workdir)
-    ckpt = train_lib.open_checkpointer(exp)
+    exp = experiment.build_experiment(analysis_config(config), workdir)
+    ckpt = experiment.open_checkpointer(exp)
     try:
-        state, meta = train_lib.restore_or_init(exp, ckpt)
+        state, meta = experiment.restore_or_init(exp, ckpt)
     finally:
         ckpt.close()
     if meta is None:
@@ -384,7 +384,7 @@ def train_split_error(exp: Any, state: Any) -> dict[str, float] | None:
     import jax
 
     from resnet_jax import data as data_lib
-    from resnet_jax import train_lib
+    from resnet_jax.training import experiment
 
     if exp.config.dataset not in data_lib.IN_MEMORY or jax.process_count() > 1:
         return None
@@ -392,7 +392,7 @@ def train_split_error(exp: Any, state: Any) -> dict[str, float] | None:
     batches = _train_split_batches(
         split.images, split.labels, exp.pipeline.mean, int(exp.config.eval_batch_size)
     )
-    m = train_lib.evaluate(state, batches, exp.eval_fn, exp.data_sharding)
+    m = experiment.evaluate(state, batches, exp.eval_fn, exp.data_sharding)
     return {
         "train_error": 1.0 - m["eval_accuracy"],
         "train_loss": m["eval_loss"],

@@ -6,7 +6,7 @@
         --root runs/sweep_cifar10
 
 Every run trains in its own workdir ``ROOT/{kind}{depth}_seed{seed}`` through
-``resnet_jax.train_lib.train_and_evaluate``, in this process (one JAX start-up
+``resnet_jax.training.loop.train_and_evaluate``, in this process (one JAX start-up
 and compilation cache for the whole sweep), with the paper's recipe:
 
 * ``cifar10`` (and ``cifar100``): configs/cifar10.py, 64k steps of batch 128,
@@ -172,7 +172,7 @@ def run_config(
 
 def check_config(config: Any, num_devices: int) -> None:
     """Everything train_and_evaluate would refuse, before the sweep starts."""
-    from resnet_jax import train_lib
+    from resnet_jax.training import checks
 
     if int(config.num_train_steps) <= 0:
         raise UserError("The sweep needs num_train_steps > 0 (a schedule in steps).")
@@ -183,7 +183,7 @@ def check_config(config: Any, num_devices: int) -> None:
             f"{', '.join(bad)} must be multiples of steps_per_call={k} (the fast path runs K "
             "steps per call); change them or set --config.steps_per_call."
         )
-    train_lib.validate_config(config, num_devices)
+    checks.validate_config(config, num_devices)
 
 
 def plan(args: argparse.Namespace, overrides: Sequence[str], platform: str, num_devices: int):
@@ -252,12 +252,12 @@ class SweepStopped(Exception):
 def train_run(run: PlannedRun, state: str) -> dict[str, Any]:
     """Trains ``run`` to its end (unless it is already trained), then analyses
     it; returns its result (also in ``RUN/result.json``)."""
-    from resnet_jax import train_lib
+    from resnet_jax.training import loop
 
     runs.write_config(run.workdir, run.config)
     summary: dict[str, Any] = {}
     if state != "trained":
-        summary = train_lib.train_and_evaluate(run.config, run.workdir, progress=False)
+        summary = loop.train_and_evaluate(run.config, run.workdir, progress=False)
         if summary.get("preempted"):
             raise SweepStopped(
                 f"stopped by a signal during {run.label} at step {summary['step']} (checkpoint "

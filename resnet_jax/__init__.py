@@ -4,12 +4,12 @@
 >>> model = rj.create_model("resnet50", num_classes=1000)
 
 Importing this package needs only jax and flax. TensorFlow is imported only by
-the training input pipeline (``resnet_jax.data``) and the TensorBoard writer;
+the training input pipeline (``resnet_jax.data``) and the TensorBoard writer
+(``resnet_jax.training.runtime``);
 Keras is never imported (``rj.weights.from_keras`` receives a Keras model).
 """
 
 from resnet_jax import weights
-from resnet_jax.flops import count_macs
 from resnet_jax.models import (
     BasicBlock,
     BottleneckBlock,
@@ -23,6 +23,7 @@ from resnet_jax.models import (
     ResNet101,
     ResNet152,
     Shortcut,
+    count_macs,
     create_model,
     list_models,
     materialize,

@@ -7,7 +7,7 @@ r"""Evaluates a trained or converted ResNet on a dataset's evaluation split.
 * ``--workdir``: the newest (or ``--step``) checkpoint of a training run of
   ``train.py``. Give the run's own ``--config`` and overrides: the model is
   built from them and the checkpoint must match their fingerprint (model,
-  dataset, classes, ...; see :mod:`resnet_jax.checkpoints`). The input is the
+  dataset, classes, ...; see :mod:`resnet_jax.training.checkpoints`). The input is the
   pipeline's own (``image / 255 - mean``), and the numbers are those the
   trainer's evaluation reports for that checkpoint, exactly.
 * ``--weights``: a file or directory converted with
@@ -42,7 +42,7 @@ The split is the recipe's evaluation split (ImageNet ``validation``; CIFAR
 digits' stratified test split), or ``--config.eval_split=`` (any tfds split
 of ImageNet or CIFAR, e.g. ``validation[:10000]``). Every example is counted once: batches are
 padded to a multiple of the devices and the padding is masked
-(:func:`resnet_jax.train_lib.evaluate`), data-parallel over every device
+(:func:`resnet_jax.training.experiment.evaluate`), data-parallel over every device
 with the trainer's ``Mesh`` and ``NamedSharding``. ``--ten_crop`` (or
 ``--config.ten_crop=True``, ImageNet only) averages the softmax of 10 crops.
 
@@ -73,9 +73,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import resnet_jax as rj
-from resnet_jax import checkpoints, train_lib
-from resnet_jax.config_checks import pad_eval_batch
 from resnet_jax.errors import FLAG_PARSE_ERRORS, UserError, flag_error_message
+from resnet_jax.training import checkpoints, experiment, recipe
+from resnet_jax.training import steps as train_steps
+from resnet_jax.training.checks import pad_eval_batch
 
 log = logging.getLogger("resnet_jax.evaluate")  # also when run as __main__
 
@@ -83,7 +84,7 @@ SOURCES = ("auto", "torchvision", "transformers")
 
 
 class EvalState(struct.PyTreeNode):
-    """What :func:`resnet_jax.train_lib.eval_step` reads of a train state."""
+    """What :func:`resnet_jax.training.steps.eval_step` reads of a train state."""
 
     params: Any
     batch_stats: Any
@@ -123,7 +124,7 @@ def _run(
 ) -> dict[str, float | int | str]:
     """One exact pass over the eval split; the result's common keys."""
     t0 = time.perf_counter()
-    m = train_lib.evaluate(
+    m = experiment.evaluate(
         state, pipeline.eval_batches(), eval_fn, NamedSharding(mesh, P("data")), top5=True
     )
     seconds = time.perf_counter() - t0
@@ -158,12 +159,12 @@ class _StepCheckpointer(checkpoints.Checkpointer):
         return [s for s in super().all_steps() if s == self._only]
 
 
-def _abstract_state(exp: train_lib.Experiment) -> Any:
+def _abstract_state(exp: experiment.Experiment) -> Any:
     """Shapes, dtypes and (replicated) shardings of the run's TrainState."""
 
     def init(rng):
         shape = exp.pipeline.info.image_shape
-        return train_lib.create_train_state(exp.model, exp.tx, shape, rng, exp.replicated)
+        return recipe.create_train_state(exp.model, exp.tx, shape, rng, exp.replicated)
 
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=exp.replicated),
@@ -198,7 +199,7 @@ def checkpoint_steps(workdir: str, step: int | None = None) -> list[int]:
     return steps
 
 
-def restore_checkpoint(exp: train_lib.Experiment, step: int | None = None) -> tuple[Any, int]:
+def restore_checkpoint(exp: experiment.Experiment, step: int | None = None) -> tuple[Any, int]:
     """The newest readable checkpoint of ``exp.workdir`` (or the one of ``step``).
 
     Returns ``(state, step)``. Nothing is created; an unreadable checkpoint is
@@ -241,7 +242,7 @@ def evaluate_workdir(
     # training set of the fast path is not needed to evaluate.
     c.device_data, c.steps_per_call = False, 1
     checkpoint_steps(workdir, step)  # before the pipeline is built: a mistake stops at once
-    exp = train_lib.build_experiment(c, workdir)
+    exp = experiment.build_experiment(c, workdir)
     state, restored_step = restore_checkpoint(exp, step)
     log.info(
         "Evaluating %s at step %d of %s on %s %s (%d examples).",
@@ -374,7 +375,7 @@ def evaluate_weights(
     converted, kind = load_weights(path, source)
     module, variables = converted
     c = _weights_config(_prepare_config(config, ten_crop), converted, path)
-    mesh = train_lib.create_mesh()
+    mesh = recipe.create_mesh()
     c = pad_eval_batch(c, mesh.devices.size)
     pi, pc = jax.process_index(), jax.process_count()
     data_lib.prepare_for_processes(c, pi, pc)
@@ -400,7 +401,7 @@ def evaluate_weights(
     state = jax.device_put(state, replicated)
     step_kw = {"mean": zero} if uint8 else {}
     eval_fn = jax.jit(
-        functools.partial(train_lib.eval_step, num_classes=module.num_classes, **step_kw),
+        functools.partial(train_steps.eval_step, num_classes=module.num_classes, **step_kw),
         in_shardings=(replicated, data),
         out_shardings=replicated,
     )

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from resnet_jax import errors, train_lib
+from resnet_jax import errors
+from resnet_jax.training import loop, recipe
 from tests.helpers import (
     CLI_TINY,
     ROOT,
@@ -67,7 +68,7 @@ BAD_SETTINGS = [
 def test_every_bad_setting_is_refused_before_any_work(tmp_path, overrides, fragment):
     """In process; the command-line path is tested below on a sample."""
     with pytest.raises(errors.UserError, match=re.escape(fragment)):
-        train_lib.train_and_evaluate(tiny_config(**overrides), str(tmp_path / "w"), progress=False)
+        loop.train_and_evaluate(tiny_config(**overrides), str(tmp_path / "w"), progress=False)
     assert not (tmp_path / "w").exists()
 
 
@@ -145,12 +146,12 @@ def test_a_second_run_on_the_same_workdir_is_refused_and_kill_9_leaves_no_lock(t
 
 
 def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path):
-    train_lib.train_and_evaluate(tiny_config(), str(tmp_path / "ref"), progress=False)
+    loop.train_and_evaluate(tiny_config(), str(tmp_path / "ref"), progress=False)
     cut = tmp_path / "cut"
-    train_lib.train_and_evaluate(tiny_config(num_train_steps=3), str(cut), progress=False)
+    loop.train_and_evaluate(tiny_config(num_train_steps=3), str(cut), progress=False)
     with open(cut / "metrics.jsonl", "a") as f:  # a kill in the middle of a write
         f.write('{"step": 4, "train_loss": 2.3')
-    train_lib.train_and_evaluate(tiny_config(), str(cut), progress=False)
+    loop.train_and_evaluate(tiny_config(), str(cut), progress=False)
     timing = {"images_per_sec", "data_wait_fraction", "host_rss_mb"}
 
     def kept(workdir):  # training lines (the cut run also evaluated at its end, step 3)
@@ -211,7 +212,7 @@ def _simulated_full_disk(workdir, monkeypatch):
     monkeypatch.setattr(ocp.CheckpointManager, "save", save)
     c = tiny_config(num_train_steps=12, checkpoint_every_steps=1, keep_checkpoints=20)
     with pytest.raises(errors.CheckpointSaveError) as e:
-        train_lib.train_and_evaluate(c, str(workdir), progress=False)
+        loop.train_and_evaluate(c, str(workdir), progress=False)
     return f"train.py: error: {errors.one_line(e.value)}"
 
 
@@ -219,10 +220,10 @@ def _simulated_full_disk(workdir, monkeypatch):
     "key, value", [("dataset", "cifar100"), ("shortcut", "B"), ("variant", "v1.5")]
 )
 def test_a_checkpoint_of_another_experiment_is_refused(tmp_path, key, value):
-    train_lib.train_and_evaluate(tiny_config(num_train_steps=1), str(tmp_path), progress=False)
+    loop.train_and_evaluate(tiny_config(num_train_steps=1), str(tmp_path), progress=False)
     before = sorted(os.listdir(tmp_path / "checkpoints"))
     with pytest.raises(errors.UserError, match=f"{key}: checkpoint .* vs config '{value}'"):
-        train_lib.train_and_evaluate(
+        loop.train_and_evaluate(
             tiny_config(num_train_steps=2, **{key: value}), str(tmp_path), progress=False
         )
     assert sorted(os.listdir(tmp_path / "checkpoints")) == before
@@ -247,7 +248,7 @@ def test_progress_bar_and_the_default_compilation_cache(tmp_path):
 
 
 def test_bn_groups_reach_the_model_from_the_config():
-    model = train_lib.model_from_config(tiny_config(bn_groups=8), 10)
+    model = recipe.model_from_config(tiny_config(bn_groups=8), 10)
     assert model.bn_groups == 8
 
 

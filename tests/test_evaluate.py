@@ -324,7 +324,7 @@ def test_a_sliced_eval_split_is_evaluated_exactly(mini, resnet18):
     ],
 )
 def test_eval_split_mistakes_are_refused(overrides):
-    from resnet_jax import config_checks
+    from resnet_jax.training import checks as config_checks
 
     with pytest.raises(UserError, match="eval_split="):
         config_checks.validate_config(tiny_config(**overrides), 8)

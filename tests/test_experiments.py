@@ -17,8 +17,8 @@ from matplotlib import image as mpimg  # noqa: E402
 import resnet_jax as rj  # noqa: E402
 from configs import imagenet  # noqa: E402
 from experiments import plot_curves, responses, runs, sweep  # noqa: E402
-from resnet_jax import train_lib  # noqa: E402
 from resnet_jax.errors import UserError  # noqa: E402
+from resnet_jax.training import experiment, loop  # noqa: E402
 
 CACHE = f"--compilation-cache-dir={os.environ.get('RESNET_JAX_TEST_COMPILE_CACHE', '')}"
 # plain8 and resnet8 on digits, 4 steps, evaluated every 2.
@@ -253,8 +253,8 @@ def test_sweep_table_and_figures_end_to_end_and_a_rerun_trains_nothing(
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(train_lib, "train_and_evaluate", no_training)
-    monkeypatch.setattr(train_lib, "build_experiment", no_training)
+    monkeypatch.setattr(loop, "train_and_evaluate", no_training)
+    monkeypatch.setattr(experiment, "build_experiment", no_training)
     assert sweep.main(argv) == 0
     out = capsys.readouterr().out
     assert "run 1 of 2: plain8 seed 0: skipped (finished at step 4)" in out
@@ -309,7 +309,7 @@ def test_fig4_from_imagenet_runs_named_by_their_workdirs(tmp_path):
             checkpoint_every_steps=2,
             shuffle_buffer=16,
         )
-        train_lib.train_and_evaluate(c, str(tmp_path / model), progress=False)
+        loop.train_and_evaluate(c, str(tmp_path / model), progress=False)
     out = tmp_path / "fig4.png"
     assert plot_curves.main([str(tmp_path), "--out", str(out)]) == 0
     _image(out, 450, 1200)

@@ -1,6 +1,6 @@
 """Fine-tuning: start a run from trained weights, freeze or slow down parts of it.
 
-The trainer (:mod:`resnet_jax.train_lib`) asks this module for three things,
+The trainer (:mod:`resnet_jax.training`) asks this module for three things,
 each driven by a config key (``configs/common.py``, recipe ``configs/finetune.py``):
 
 * ``init_from``: on a fresh start, the params and batch_stats of a resnet_jax
@@ -11,13 +11,13 @@ each driven by a config key (``configs/common.py``, recipe ``configs/finetune.py
   not is named in a one-line :class:`UserError`. The classifier is the loaded
   one when its shape fits and ``finetune_new_head`` is False, else the fresh
   initialisation. A workdir that already has a checkpoint resumes from it and
-  ignores ``init_from`` (:func:`resnet_jax.train_lib.restore_or_init`).
+  ignores ``init_from`` (:func:`resnet_jax.training.experiment.restore_or_init`).
 * ``freeze_backbone`` / ``backbone_lr_multiplier``: two parameter groups,
   ``head`` and ``backbone`` (everything else), in one ``optax.multi_transform``:
   the backbone gets ``optax.set_to_zero()`` (no update, weight decay included)
   or the head's optimizer at a scaled learning rate (:func:`partition_optimizer`).
 * ``freeze_bn_stats``: BatchNorm in inference mode in the training step (in
-  :func:`resnet_jax.train_lib.train_step`), so it normalises with the running
+  :func:`resnet_jax.training.steps.train_step`), so it normalises with the running
   statistics and never changes them.
 """
 
@@ -31,10 +31,14 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
 
 from resnet_jax.errors import UserError
+from resnet_jax.models import BottleneckBlock
+from resnet_jax.training import workdir as layout
+from resnet_jax.weights import from_torchvision, from_transformers
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +90,6 @@ def partition_optimizer(
 # --------------------------------------------------------------------------- #
 
 
-def _is_workdir(path: epath.Path) -> bool:
-    return (path / "checkpoints").is_dir()
-
-
 def read_checkpoint_variables(workdir: str) -> tuple[int, dict[str, Any]]:
     """``(step, {'params', 'batch_stats'})`` of a resnet_jax workdir's newest
     checkpoint, as numpy arrays (its optimizer state and step are not read).
@@ -97,12 +97,8 @@ def read_checkpoint_variables(workdir: str) -> tuple[int, dict[str, Any]]:
     Raises:
       UserError: the workdir has no checkpoint.
     """
-    import orbax.checkpoint as ocp
-
-    from resnet_jax import runtime
-
     # Absolute: orbax reads no tree metadata through a relative path.
-    directory = runtime.workdir_path(workdir) / "checkpoints"
+    directory = layout.checkpoints_dir(workdir)
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
     try:
         step = manager.latest_step()
@@ -127,16 +123,14 @@ def read_checkpoint_variables(workdir: str) -> tuple[int, dict[str, Any]]:
 
 def _convert(path: str) -> tuple[Any, dict[str, Any]]:
     """``(module, variables)`` of a weights file or directory (torchvision or transformers)."""
-    from resnet_jax import weights
-
     if os.path.isdir(path):
-        return weights.from_transformers(path)
+        return from_transformers(path)
     try:
-        return weights.from_torchvision(path)
+        return from_torchvision(path)
     except ValueError as e:
         if "from_transformers" not in str(e):  # the converter says when the names are HF's
             raise
-        return weights.from_transformers(path)
+        return from_transformers(path)
 
 
 def load_variables(path: str) -> tuple[str, dict[str, Any], Any]:
@@ -156,7 +150,7 @@ def load_variables(path: str) -> tuple[str, dict[str, Any], Any]:
             f"init_from={path!r} does not exist; give a resnet_jax workdir (with "
             "checkpoints/) or a torchvision/timm/transformers weights file or directory."
         )
-    if _is_workdir(epath.Path(path)):
+    if layout.is_workdir(path):
         step, variables = read_checkpoint_variables(path)
         return f"resnet_jax checkpoint step {step}", variables, None
     try:
@@ -243,8 +237,6 @@ def merge_variables(
 def _check_variant(module: Any, model: Any, source: str) -> None:
     """Converted bottleneck weights are v1.5 (stride in the 3x3): the same
     shapes as v1, another function, so the shapes alone cannot tell."""
-    from resnet_jax.models import BottleneckBlock
-
     if module is None or model.block_cls is not BottleneckBlock:
         return
     if module.variant != model.variant:
@@ -277,20 +269,23 @@ def to_trainer_input(loaded: dict[str, Any], preprocessing: Any, source: str) ->
     return {**loaded, "params": params}
 
 
-def initial_state(exp: Any, state: Any) -> Any:
-    """A fresh ``state`` of ``exp`` started from ``exp.config.init_from`` (when set):
+def initial_state(config: Any, model: Any, pixel_mean: Any, sharding: Any, state: Any) -> Any:
+    """A fresh ``state`` of ``model`` started from ``config.init_from`` (when set):
     its params and batch_stats merged in (:func:`merge_variables`), the
-    optimizer state initialised anew for them, step 0."""
-    config = exp.config
+    optimizer state initialised anew for them, step 0, placed with ``sharding``.
+
+    ``pixel_mean`` is the mean the training pipeline subtracts (a converted
+    model's own mean is compared with it).
+    """
     if not config.init_from:
         return state
     source = config.init_from
     description, loaded, converted = load_variables(source)
-    _check_variant(None if converted is None else converted[0], exp.model, source)
+    _check_variant(None if converted is None else converted[0], model, source)
     if converted is not None:
         p = converted.preprocessing
         loaded = to_trainer_input(loaded, p, source)
-        mean = np.asarray(exp.pipeline.mean, np.float32)
+        mean = np.asarray(pixel_mean, np.float32)
         if mean.shape != (3,) or not np.allclose(mean, p.mean, atol=1e-3):
             log.warning(
                 "init_from=%s was trained on inputs centred on %s; this dataset's "
@@ -310,7 +305,7 @@ def initial_state(exp: Any, state: Any) -> Any:
             opt_state=state.tx.init(variables["params"]),
         )
 
-    new = jax.jit(start, out_shardings=exp.replicated)(state, merged)
+    new = jax.jit(start, out_shardings=sharding)(state, merged)
     n = sum(np.size(x) for x in jax.tree.leaves(merged))
     log.info(
         "Initialised from %s (%s): %s values; classifier %s.",

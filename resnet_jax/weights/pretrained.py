@@ -30,10 +30,13 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from typing import Any
 
-# A cycle: weights re-exports pretrained; its names are looked up at call time only.
-from resnet_jax import weights as _converters
 from resnet_jax.errors import UserError, one_line
 from resnet_jax.models import model_spec
+
+# A cycle: weights re-exports pretrained; its names are looked up at call time only.
+from resnet_jax.weights.hf_layout import from_transformers
+from resnet_jax.weights.preprocessing import Converted, Preprocessing
+from resnet_jax.weights.torch_layout import from_torchvision
 
 SOURCES = ("torchvision", "huggingface", "timm")
 DEFAULT_ENDPOINTS = {
@@ -86,7 +89,7 @@ def pretrained(
     cache_dir: str | os.PathLike | None = None,
     timeout: float = 10.0,
     **options: Any,
-) -> _converters.Converted:
+) -> Converted:
     """Downloads published weights (once, into a cache, checksum verified) and converts them.
 
     >>> model, variables = rj.weights.pretrained("resnet50", source="torchvision")
@@ -180,7 +183,7 @@ def pretrained(
 # --------------------------------------------------------------------------- #
 
 
-def _torchvision(name, weights, endpoint, cache, timeout, options) -> _converters.Converted:
+def _torchvision(name, weights, endpoint, cache, timeout, options) -> Converted:
     weights = weights or "IMAGENET1K_V1"
     if "://" in weights:  # any torchvision-layout file: the converter checks it is `name`
         try:
@@ -217,10 +220,10 @@ def _torchvision(name, weights, endpoint, cache, timeout, options) -> _converter
     path = os.path.join(cache, "torchvision", filename)
     if not os.path.exists(path):
         _download(url, path, timeout=timeout, expected=("sha256", digest[1]))
-    return _converters.from_torchvision(path, name=name, **options)
+    return from_torchvision(path, name=name, **options)
 
 
-def _huggingface(name, revision, endpoint, cache, timeout, options) -> _converters.Converted:
+def _huggingface(name, revision, endpoint, cache, timeout, options) -> Converted:
     repo = HUGGINGFACE_REPOS.get(name, name if "/" in name else None)
     if repo is None:
         raise UserError(
@@ -228,10 +231,10 @@ def _huggingface(name, revision, endpoint, cache, timeout, options) -> _converte
             f"{', '.join(HUGGINGFACE_REPOS)} (microsoft/resnet-*), or a repo id 'owner/name'."
         )
     directory = _hub_repo(repo, revision, ("preprocessor_config.json",), endpoint, cache, timeout)
-    return _converters.from_transformers(directory, **options)
+    return from_transformers(directory, **options)
 
 
-def _timm(name, revision, endpoint, cache, timeout, options) -> _converters.Converted:
+def _timm(name, revision, endpoint, cache, timeout, options) -> Converted:
     tag = name.removeprefix("timm/")
     if not re.fullmatch(r"[\w-]+\.[\w-]+", tag):
         raise UserError(
@@ -244,9 +247,9 @@ def _timm(name, revision, endpoint, cache, timeout, options) -> _converters.Conv
     # timm's config.json: {'architecture', 'num_classes', 'pretrained_cfg': {...}};
     # older ones are a single dict (timm.models._hub._parse_model_cfg).
     cfg = config.get("pretrained_cfg", config)
-    options.setdefault("preprocessing", _converters.Preprocessing.from_timm(cfg))
+    options.setdefault("preprocessing", Preprocessing.from_timm(cfg))
     found = next(n for n in _WEIGHT_FILES if os.path.exists(os.path.join(directory, n)))
-    return _converters.from_torchvision(os.path.join(directory, found), **options)
+    return from_torchvision(os.path.join(directory, found), **options)
 
 
 def _require_torch(what: str, instead: str = "") -> None:

@@ -9,7 +9,9 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from resnet_jax import device_data, train_lib
+from resnet_jax.data import device as device_data
+from resnet_jax.training import loop, recipe
+from resnet_jax.training import steps as train_steps
 from tests.helpers import read_metrics, run_train, tiny_config, train_losses
 
 
@@ -71,9 +73,9 @@ losses = train_losses
 
 
 def test_fast_path_on_eight_devices_resumes_exactly(tmp_path):
-    train_lib.train_and_evaluate(tiny(), str(tmp_path / "ref"), progress=False)
-    train_lib.train_and_evaluate(tiny(num_train_steps=3), str(tmp_path / "cut"), progress=False)
-    summary = train_lib.train_and_evaluate(tiny(), str(tmp_path / "cut"), progress=False)
+    loop.train_and_evaluate(tiny(), str(tmp_path / "ref"), progress=False)
+    loop.train_and_evaluate(tiny(num_train_steps=3), str(tmp_path / "cut"), progress=False)
+    summary = loop.train_and_evaluate(tiny(), str(tmp_path / "cut"), progress=False)
     assert summary["step"] == 6 and summary["eval_count"] == 64
     assert losses(tmp_path / "cut") == losses(tmp_path / "ref")
 
@@ -82,15 +84,15 @@ def test_steps_per_call_must_divide_the_intervals(tmp_path):
     with pytest.raises(
         ValueError, match="log_every_steps=2 must be a multiple of steps_per_call=3"
     ):
-        train_lib.train_and_evaluate(tiny(log_every_steps=2), str(tmp_path), progress=False)
+        loop.train_and_evaluate(tiny(log_every_steps=2), str(tmp_path), progress=False)
     with pytest.raises(ValueError, match="needs --config.device_data=True"):
-        train_lib.train_and_evaluate(tiny(device_data=False), str(tmp_path), progress=False)
+        loop.train_and_evaluate(tiny(device_data=False), str(tmp_path), progress=False)
 
 
 def test_rolled_scan_gives_the_unrolled_losses():
     # GPUs and TPUs run the rolled lax.scan (unroll=False); CPU tests train unrolled.
     c = tiny_config()
-    mesh = train_lib.create_mesh()
+    mesh = recipe.create_mesh()
     repl, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     rng = np.random.default_rng(0)
     data = device_data.put_on_devices(
@@ -99,14 +101,14 @@ def test_rolled_scan_gives_the_unrolled_losses():
         np.full((8, 8, 3), 0.5, np.float32),
         repl,
     )
-    lr_fn = train_lib.create_learning_rate_fn(c)
-    step_fn = functools.partial(train_lib.train_step, learning_rate_fn=lr_fn, num_classes=10)
+    lr_fn = recipe.create_learning_rate_fn(c)
+    step_fn = functools.partial(train_steps.train_step, learning_rate_fn=lr_fn, num_classes=10)
     batch_fn = functools.partial(device_data.batch_at, seed=0, batch_size=16, pad=2)
-    model = train_lib.model_from_config(c, 10)
-    tx = train_lib.create_optimizer(c, lr_fn)
+    model = recipe.model_from_config(c, 10)
+    tx = recipe.create_optimizer(c, lr_fn)
     losses, params = {}, {}
     for unroll in (False, True):
-        state = train_lib.create_train_state(model, tx, (8, 8, 3), jax.random.key(0), repl)
+        state = recipe.create_train_state(model, tx, (8, 8, 3), jax.random.key(0), repl)
         multi = jax.jit(device_data.make_multi_step(step_fn, batch_fn, 3, shard, unroll=unroll))
         if not unroll:
             assert "stablehlo.while" in multi.lower(state, data, jnp.int32(0)).as_text()

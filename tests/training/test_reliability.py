@@ -15,7 +15,7 @@ import pytest
 
 from configs import imagenet
 from resnet_jax import data as data_lib
-from resnet_jax import train_lib
+from resnet_jax.training import experiment, loop
 from tests.helpers import CLI_TINY, run_train, start_train, tiny_config, train_losses
 from tests.helpers import read_metrics as metrics
 
@@ -27,10 +27,10 @@ def tiny(**overrides):
 def restored_state(config, workdir):
     """The newest checkpoint of ``workdir``, read back as a run of ``config`` on
     this process's 8 devices would read it."""
-    exp = train_lib.build_experiment(config, str(workdir))
-    ckpt = train_lib.open_checkpointer(exp)
+    exp = experiment.build_experiment(config, str(workdir))
+    ckpt = experiment.open_checkpointer(exp)
     try:
-        state, meta = train_lib.restore_or_init(exp, ckpt)
+        state, meta = experiment.restore_or_init(exp, ckpt)
     finally:
         ckpt.close()
     assert meta is not None, f"no checkpoint in {workdir}"
@@ -97,12 +97,12 @@ def test_signal_saves_at_the_current_step_and_resumes_exactly(tmp_path, sig, uni
 
 
 def test_nonfinite_step_stops_and_never_overwrites_a_good_checkpoint(tmp_path):
-    train_lib.train_and_evaluate(tiny(num_train_steps=3), str(tmp_path), progress=False)
+    loop.train_and_evaluate(tiny(num_train_steps=3), str(tmp_path), progress=False)
     good = sorted(os.listdir(tmp_path / "checkpoints"))
     assert good == ["3"]
     with pytest.raises(FloatingPointError, match=r"at step 4\. The last good checkpoint is step 3"):
         # 1e39 overflows float32: the first step's update is infinite.
-        train_lib.train_and_evaluate(
+        loop.train_and_evaluate(
             tiny(learning_rate=1e39, checkpoint_every_steps=1), str(tmp_path), progress=False
         )
     assert sorted(os.listdir(tmp_path / "checkpoints")) == good
@@ -126,9 +126,9 @@ def insert_nan_batch(monkeypatch, before):
 
 def test_nonfinite_steps_can_be_skipped_and_are_counted(tmp_path, monkeypatch):
     config = tiny(skip_nonfinite_steps=True)
-    train_lib.train_and_evaluate(config, str(tmp_path / "clean"), progress=False)
+    loop.train_and_evaluate(config, str(tmp_path / "clean"), progress=False)
     insert_nan_batch(monkeypatch, before=3)
-    summary = train_lib.train_and_evaluate(config, str(tmp_path / "nan"), progress=False)
+    summary = loop.train_and_evaluate(config, str(tmp_path / "nan"), progress=False)
     windows = [m for m in metrics(tmp_path / "nan") if "learning_rate" in m]  # every log line
     assert [(m["step"], m.get("skipped_steps", 0)) for m in windows] == [
         (1, 0),
@@ -163,7 +163,7 @@ def test_nonfinite_steps_can_be_skipped_and_are_counted(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("damage", ["truncate", "remove_dir"])
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage, caplog):
-    train_lib.train_and_evaluate(tiny(), str(tmp_path), progress=False)
+    loop.train_and_evaluate(tiny(), str(tmp_path), progress=False)
     undamaged = metrics(tmp_path)
     newest = tmp_path / "checkpoints" / "6"
     if damage == "truncate":
@@ -174,7 +174,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, dama
     else:
         shutil.rmtree(newest / "state")
     with caplog.at_level(logging.INFO):
-        summary = train_lib.train_and_evaluate(tiny(), str(tmp_path), progress=False)
+        summary = loop.train_and_evaluate(tiny(), str(tmp_path), progress=False)
     assert "Checkpoint at step 6 cannot be read" in caplog.text
     assert "resuming from step 3" in caplog.text
     assert (tmp_path / "checkpoints_corrupt" / "6").is_dir()  # kept for inspection
@@ -199,10 +199,10 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, dama
 
 
 def test_restore_on_fewer_devices_gives_the_same_state_and_continues(tmp_path):
-    train_lib.train_and_evaluate(tiny(num_train_steps=3), str(tmp_path / "w8"), progress=False)
+    loop.train_and_evaluate(tiny(num_train_steps=3), str(tmp_path / "w8"), progress=False)
     for devices in (1, 4):
         shutil.copytree(tmp_path / "w8", tmp_path / f"w{devices}")
-    train_lib.train_and_evaluate(tiny(), str(tmp_path / "w8"), progress=False)
+    loop.train_and_evaluate(tiny(), str(tmp_path / "w8"), progress=False)
     ref = dict(train_losses(tmp_path / "w8"))
     ref_eval = {m["step"]: m["eval_loss"] for m in metrics(tmp_path / "w8") if "eval_loss" in m}
     ref_state = restored_state(tiny(), tmp_path / "w8")
@@ -288,7 +288,7 @@ def test_two_processes_match_one_process(tmp_path):
 )
 def test_bad_config_is_refused_before_any_work(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
-        train_lib.train_and_evaluate(tiny(**overrides), str(tmp_path / "w"), progress=False)
+        loop.train_and_evaluate(tiny(**overrides), str(tmp_path / "w"), progress=False)
     assert not (tmp_path / "w").exists()
 
 

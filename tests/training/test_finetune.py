@@ -19,9 +19,12 @@ from jax.sharding import PartitionSpec as P
 
 from configs import digits, finetune
 from experiments import finetune_digits
-from resnet_jax import config_checks, data, train_lib
-from resnet_jax import finetune as ft
+from resnet_jax import data
 from resnet_jax.errors import UserError
+from resnet_jax.training import checks as config_checks
+from resnet_jax.training import experiment, loop, recipe
+from resnet_jax.training import finetune as ft
+from resnet_jax.training import steps as train_steps
 from tests.helpers import tiny_config
 
 
@@ -65,7 +68,7 @@ def pretrained(tmp_path_factory):
     """A resnet8 workdir trained 3 steps on the digits 0-4."""
     workdir = str(tmp_path_factory.mktemp("pretrain"))
     c = tiny_digits(classes=(0, 1, 2, 3, 4), num_train_steps=3, eval_every_steps=3)
-    train_lib.train_and_evaluate(c, workdir, progress=False)
+    loop.train_and_evaluate(c, workdir, progress=False)
     return workdir
 
 
@@ -177,7 +180,7 @@ def test_backbone_learning_rate_multiplier_scales_its_update():
     updates = {}
     for m in (1.0, 0.1):
         c = tiny_config(momentum=0.0, weight_decay=0.0, backbone_lr_multiplier=m)
-        tx = train_lib.create_optimizer(c, optax.constant_schedule(0.2))
+        tx = recipe.create_optimizer(c, optax.constant_schedule(0.2))
         updates[m], _ = tx.update(grads, tx.init(params), params)
     for k, v in flat(updates[1.0]).items():
         ratio = flat(updates[0.1])[k] / v
@@ -188,7 +191,7 @@ def test_backbone_learning_rate_multiplier_scales_its_update():
 def test_frozen_backbone_gets_no_update_not_even_weight_decay():
     params = _params()
     grads = jax.tree.map(lambda x: np.full_like(x, 0.5), params)
-    tx = train_lib.create_optimizer(
+    tx = recipe.create_optimizer(
         tiny_config(freeze_backbone=True, weight_decay=0.1), optax.constant_schedule(0.2)
     )
     state = tx.init(params)
@@ -199,12 +202,12 @@ def test_frozen_backbone_gets_no_update_not_even_weight_decay():
 
 
 def _state_and_batch(c):
-    mesh = train_lib.create_mesh()
+    mesh = recipe.create_mesh()
     repl, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    model = train_lib.model_from_config(c, 5)
-    lr_fn = train_lib.create_learning_rate_fn(c)
-    tx = train_lib.create_optimizer(c, lr_fn)
-    state = train_lib.create_train_state(model, tx, (8, 8, 1), jax.random.key(0), repl)
+    model = recipe.model_from_config(c, 5)
+    lr_fn = recipe.create_learning_rate_fn(c)
+    tx = recipe.create_optimizer(c, lr_fn)
+    state = recipe.create_train_state(model, tx, (8, 8, 1), jax.random.key(0), repl)
     rng = np.random.default_rng(0)
     batch = {
         "image": jax.device_put(rng.normal(size=(16, 8, 8, 1)).astype(np.float32), shard),
@@ -212,7 +215,7 @@ def _state_and_batch(c):
     }
     step = jax.jit(
         functools.partial(
-            train_lib.train_step,
+            train_steps.train_step,
             learning_rate_fn=lr_fn,
             num_classes=5,
             freeze_bn_stats=bool(c.freeze_bn_stats),
@@ -249,7 +252,7 @@ def test_init_from_a_workdir_loads_all_but_the_new_head(pretrained, tmp_path, ca
     monkeypatch.chdir(os.path.dirname(pretrained))  # a relative init_from, as users write it
     c = tiny_finetune(os.path.basename(pretrained), freeze_backbone=True, freeze_bn_stats=True)
     with caplog.at_level(logging.INFO, logger="resnet_jax"):
-        train_lib.train_and_evaluate(c, str(tmp_path), progress=False)
+        loop.train_and_evaluate(c, str(tmp_path), progress=False)
     assert "classifier freshly initialised" in caplog.text
     tuned = ft.read_checkpoint_variables(str(tmp_path))[1]
     # Frozen backbone and statistics: still the pretrained network's, exactly.
@@ -285,7 +288,7 @@ def test_init_from_another_network_names_the_first_mismatch(pretrained, tmp_path
     with pytest.raises(
         UserError, match="has no params/stage1_block2/bn1/bias, which the config.s model needs"
     ):
-        train_lib.train_and_evaluate(
+        loop.train_and_evaluate(
             tiny_finetune(pretrained, model="resnet14"), str(tmp_path), progress=False
         )
 
@@ -301,10 +304,10 @@ def test_init_from_torchvision_weights(tmp_path):
     path = str(tmp_path / "resnet18.safetensors")
     save_file(rj.weights.to_torchvision(module, variables), path)
     c = tiny_config(model="resnet18", init_from=path)
-    exp = train_lib.build_experiment(c, str(tmp_path / "w"))
-    ckpt = train_lib.open_checkpointer(exp)
+    exp = experiment.build_experiment(c, str(tmp_path / "w"))
+    ckpt = experiment.open_checkpointer(exp)
     try:
-        state, meta = train_lib.restore_or_init(exp, ckpt)
+        state, meta = experiment.restore_or_init(exp, ckpt)
     finally:
         ckpt.close()
     assert meta is None and int(state.step) == 0
@@ -361,14 +364,14 @@ def test_init_from_transformers_weights_directory_and_file(tmp_path):
 def test_resume_ignores_init_from_and_is_exact(pretrained, tmp_path, caplog):
     whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
     c = tiny_finetune(pretrained, backbone_lr_multiplier=0.1)
-    s_whole = train_lib.train_and_evaluate(c, whole, progress=False)
-    train_lib.train_and_evaluate(
+    s_whole = loop.train_and_evaluate(c, whole, progress=False)
+    loop.train_and_evaluate(
         tiny_finetune(pretrained, backbone_lr_multiplier=0.1, num_train_steps=3),
         parts,
         progress=False,
     )
     with caplog.at_level(logging.INFO, logger="resnet_jax"):
-        s_parts = train_lib.train_and_evaluate(c, parts, progress=False)
+        s_parts = loop.train_and_evaluate(c, parts, progress=False)
     assert "init_from is ignored" in caplog.text
     assert s_parts["step"] == s_whole["step"] == 6
     assert s_parts["eval_loss"] == s_whole["eval_loss"]

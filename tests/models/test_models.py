@@ -747,7 +747,8 @@ def test_train_steps_and_fast_path_import_without_tensorflow():
     import sys
 
     code = (
-        "import sys, resnet_jax.train_lib, resnet_jax.device_data, resnet_jax.runtime; "
+        "import sys, resnet_jax.training.steps, resnet_jax.training.recipe, resnet_jax.training.loop, "
+        "resnet_jax.data.device, resnet_jax.training.runtime; "
         "assert 'tensorflow' not in sys.modules, 'tensorflow imported'"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -16,7 +16,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import cifar10, imagenet, imagenet_modern
-from resnet_jax import checkpoints, config_checks, train_lib
+from resnet_jax.training import checkpoints, loop, recipe
+from resnet_jax.training import checks as config_checks
+from resnet_jax.training import steps as train_steps
 from tests.helpers import read_metrics, tiny_config
 
 
@@ -32,7 +34,7 @@ def test_eight_devices_are_simulated():
 def test_cifar10_mock_run_on_eight_devices(tmp_path):
     # Checkpoints at 2, 4 and 6; keep_checkpoints=2 leaves the two newest.
     c = tiny_cifar(checkpoint_every_steps=2, keep_checkpoints=2)
-    summary = train_lib.train_and_evaluate(c, str(tmp_path), progress=False)
+    summary = loop.train_and_evaluate(c, str(tmp_path), progress=False)
     lines = read_metrics(tmp_path)
     train = [m for m in lines if "train_loss" in m]
     evals = [m for m in lines if "eval_loss" in m]
@@ -64,7 +66,7 @@ def test_imagenet_mock_run_reports_top5(tmp_path):
         checkpoint_every_steps=2,
         shuffle_buffer=16,
     )
-    summary = train_lib.train_and_evaluate(c, str(tmp_path), progress=False)
+    summary = loop.train_and_evaluate(c, str(tmp_path), progress=False)
     assert summary["eval_count"] == 21
     assert 0.0 <= summary["eval_accuracy"] <= summary["eval_top5_accuracy"] <= 1.0
     assert len([m for m in read_metrics(tmp_path) if "train_loss" in m]) == 2
@@ -72,13 +74,13 @@ def test_imagenet_mock_run_reports_top5(tmp_path):
 
 def _state_and_batch(c, image_size=32, batch_size=16):
     """A fresh TrainState of ``c`` (init key 0) and a random sharded batch."""
-    mesh = train_lib.create_mesh()
+    mesh = recipe.create_mesh()
     repl, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    model = train_lib.model_from_config(c, 10)
-    lr_fn = train_lib.create_learning_rate_fn(c)
+    model = recipe.model_from_config(c, 10)
+    lr_fn = recipe.create_learning_rate_fn(c)
     shape = (image_size, image_size, 3)
-    state = train_lib.create_train_state(
-        model, train_lib.create_optimizer(c, lr_fn), shape, jax.random.key(0), repl
+    state = recipe.create_train_state(
+        model, recipe.create_optimizer(c, lr_fn), shape, jax.random.key(0), repl
     )
     rng = np.random.default_rng(0)
     batch = {
@@ -86,7 +88,7 @@ def _state_and_batch(c, image_size=32, batch_size=16):
         "label": jax.device_put(rng.integers(0, 10, batch_size).astype(np.int32), shard),
     }
     step = jax.jit(
-        functools.partial(train_lib.train_step, learning_rate_fn=lr_fn, num_classes=10),
+        functools.partial(train_steps.train_step, learning_rate_fn=lr_fn, num_classes=10),
         donate_argnums=0,
     )
     return state, batch, step
@@ -105,12 +107,12 @@ def test_overfitting_one_batch_drives_the_loss_down():
 
 def test_step_schedule_and_resnet110_warmup():
     c = cifar10.get_config()
-    lr = train_lib.create_learning_rate_fn(c)
+    lr = recipe.create_learning_rate_fn(c)
     assert [float(lr(s)) for s in (0, 31_999, 32_000, 47_999, 48_000, 63_999)] == pytest.approx(
         [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
     )
     c.warmup_steps = 400
-    lr = train_lib.create_learning_rate_fn(c)
+    lr = recipe.create_learning_rate_fn(c)
     assert [float(lr(s)) for s in (0, 399, 400, 32_000)] == pytest.approx([0.01, 0.01, 0.1, 0.01])
 
 
@@ -119,12 +121,12 @@ def test_modern_recipe_schedule_and_scaling():
     c = config_checks.resolve_schedule(imagenet_modern.get_config(), 1_281_167)
     steps_per_epoch = 1_281_167 // 1024
     assert (c.num_train_steps, c.warmup_steps) == (90 * steps_per_epoch, 5 * steps_per_epoch)
-    lr = train_lib.create_learning_rate_fn(c)
+    lr = recipe.create_learning_rate_fn(c)
     peak = 0.1 * c.batch_size / 256
     assert float(lr(0)) == 0.0
     assert float(lr(c.warmup_steps)) == pytest.approx(peak, rel=1e-5)
     assert float(lr(c.num_train_steps)) == pytest.approx(0.0, abs=1e-7)
-    model = train_lib.model_from_config(c, 1000)
+    model = recipe.model_from_config(c, 1000)
     assert model.dtype == jnp.bfloat16 and model.variant == "v1.5" and model.zero_init_residual
 
 
@@ -137,7 +139,7 @@ def test_weight_decay_is_l2_and_can_exclude_batchnorm_and_biases():
     for exclude, expect_bn in ((False, -0.1 * 1e-4), (True, 0.0)):
         c = cifar10.get_config()
         c.weight_decay_exclude_bn_bias = exclude
-        tx = train_lib.create_optimizer(c, optax.constant_schedule(0.1))
+        tx = recipe.create_optimizer(c, optax.constant_schedule(0.1))
         updates, _ = tx.update(zeros, tx.init(params), params)
         assert float(updates["conv"]["kernel"][0]) == pytest.approx(-0.1 * 1e-4)
         assert float(updates["bn"]["scale"][0]) == pytest.approx(expect_bn)
@@ -146,12 +148,12 @@ def test_weight_decay_is_l2_and_can_exclude_batchnorm_and_biases():
 
 def test_batch_not_divisible_by_devices_is_refused(tmp_path):
     with pytest.raises(ValueError, match="divisible by the number of devices \\(8\\)"):
-        train_lib.train_and_evaluate(tiny_cifar(batch_size=12), str(tmp_path), progress=False)
+        loop.train_and_evaluate(tiny_cifar(batch_size=12), str(tmp_path), progress=False)
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
 def test_bfloat16_run(tmp_path):
-    summary = train_lib.train_and_evaluate(
+    summary = loop.train_and_evaluate(
         tiny_cifar(
             dtype="bfloat16", num_train_steps=2, checkpoint_every_steps=2, eval_every_steps=2
         ),
@@ -189,15 +191,15 @@ def test_bfloat16_convolutions_and_loss_tracking_float32():
 
 
 def test_resume_continues_and_refuses_another_experiment(tmp_path):
-    train_lib.train_and_evaluate(tiny_cifar(num_train_steps=3), str(tmp_path), progress=False)
-    summary = train_lib.train_and_evaluate(tiny_cifar(), str(tmp_path), progress=False)
+    loop.train_and_evaluate(tiny_cifar(num_train_steps=3), str(tmp_path), progress=False)
+    summary = loop.train_and_evaluate(tiny_cifar(), str(tmp_path), progress=False)
     assert summary["step"] == 6
     steps = [m["step"] for m in read_metrics(tmp_path) if "train_loss" in m]
     assert steps == [2, 3, 4, 6]  # the first run ended (and logged) at step 3
     # Running the finished command again trains nothing, changes nothing, and
     # still reports the evaluation.
     lines = read_metrics(tmp_path)
-    again = train_lib.train_and_evaluate(tiny_cifar(), str(tmp_path), progress=False)
+    again = loop.train_and_evaluate(tiny_cifar(), str(tmp_path), progress=False)
     assert again["step"] == 6 and again["eval_accuracy"] == summary["eval_accuracy"]
     assert read_metrics(tmp_path) == lines
     before = sorted(os.listdir(tmp_path / "checkpoints"))
@@ -205,7 +207,7 @@ def test_resume_continues_and_refuses_another_experiment(tmp_path):
         checkpoints.IncompatibleCheckpointError,
         match="model: checkpoint 'resnet8' vs config 'resnet14'",
     ):
-        train_lib.train_and_evaluate(
+        loop.train_and_evaluate(
             tiny_cifar(model="resnet14", num_train_steps=9), str(tmp_path), progress=False
         )
     assert sorted(os.listdir(tmp_path / "checkpoints")) == before
@@ -213,18 +215,18 @@ def test_resume_continues_and_refuses_another_experiment(tmp_path):
 
 def test_ten_crop_eval_step_averages_softmax_over_crops():
     c = tiny_cifar()
-    mesh = train_lib.create_mesh()
+    mesh = recipe.create_mesh()
     repl = NamedSharding(mesh, P())
-    model = train_lib.model_from_config(c, 10)
-    lr_fn = train_lib.create_learning_rate_fn(c)
-    state = train_lib.create_train_state(
-        model, train_lib.create_optimizer(c, lr_fn), (16, 16, 3), jax.random.key(0), repl
+    model = recipe.model_from_config(c, 10)
+    lr_fn = recipe.create_learning_rate_fn(c)
+    state = recipe.create_train_state(
+        model, recipe.create_optimizer(c, lr_fn), (16, 16, 3), jax.random.key(0), repl
     )
     rng = np.random.default_rng(0)
     crops = rng.normal(size=(8, 10, 16, 16, 3)).astype(np.float32)
     labels = rng.integers(0, 10, 8).astype(np.int32)
     mask = np.array([1, 1, 1, 1, 1, 1, 0, 0], np.float32)
-    out = train_lib.eval_step(
+    out = train_steps.eval_step(
         state, {"image": crops, "label": labels, "mask": mask}, num_classes=10
     )
     logits = model.apply(
@@ -246,7 +248,7 @@ def _logits_state(num_classes):
         logits = images.reshape(len(images), num_classes) * variables["params"]["scale"]
         return (logits, {"batch_stats": {}}) if mutable else logits
 
-    return train_lib.TrainState.create(
+    return train_steps.TrainState.create(
         apply_fn=apply_fn, params={"scale": jnp.ones(())}, batch_stats={}, tx=optax.sgd(0.1)
     )
 
@@ -267,7 +269,7 @@ def test_ten_crop_eval_step_averages_probabilities_not_logits():
     labels = np.array([0, 1], np.int32)
     probs = np.exp(_log_softmax(crops)).mean(axis=1)
     assert probs[1].argmax() == 1 and crops[1].mean(0).argmax() == 0
-    out = train_lib.eval_step(
+    out = train_steps.eval_step(
         _logits_state(3),
         {"image": crops[:, :, None, None, :], "label": labels, "mask": np.ones(2, np.float32)},
         num_classes=3,
@@ -287,7 +289,7 @@ def test_label_smoothing_is_the_smoothed_cross_entropy():
         eps: -(targets * _log_softmax(logits)).sum(-1).mean(),
     }
     for smoothing, want in expected.items():
-        _, m = train_lib.train_step(
+        _, m = train_steps.train_step(
             _logits_state(k),
             batch,
             learning_rate_fn=optax.constant_schedule(0.1),
@@ -303,7 +305,7 @@ def test_eval_step_counts_top5_and_masks():
     logits = np.tile(np.arange(8, 0, -1, dtype=np.float32), (4, 1))  # class i ranks i+1
     labels = np.array([2, 5, 0, 0], np.int32)
     mask = np.array([1, 1, 1, 0], np.float32)
-    out = train_lib.eval_step(
+    out = train_steps.eval_step(
         _logits_state(8), {"image": logits, "label": labels, "mask": mask}, num_classes=8
     )
     assert float(out["correct_top5"]) == 2
@@ -328,7 +330,7 @@ def test_nesterov_momentum_is_the_nesterov_update():
     for nesterov, want in expected.items():
         c = cifar10.get_config()
         c.update(nesterov=nesterov, momentum=m, weight_decay=0.0)
-        tx = train_lib.create_optimizer(c, optax.constant_schedule(lr))
+        tx = recipe.create_optimizer(c, optax.constant_schedule(lr))
         opt_state = tx.init(params)
         for g, w in zip(grads, want):
             updates, opt_state = tx.update({"w": jnp.asarray(g)}, opt_state, params)

@@ -25,19 +25,10 @@ from typing import Any
 import jax
 from etils import epath
 
-from resnet_jax.errors import UserError, WorkdirInUseError
+from resnet_jax.errors import WorkdirInUseError
+from resnet_jax.training import workdir as layout
 
 log = logging.getLogger(__name__)
-
-
-def is_remote(path: str | os.PathLike) -> bool:
-    """True for URLs such as ``gs://bucket/run``."""
-    return "://" in os.fspath(path)
-
-
-def workdir_path(path: str | os.PathLike) -> epath.Path:
-    """``path`` as an ``epath.Path``: a local path made absolute, a URL kept as given."""
-    return epath.Path(path) if is_remote(path) else epath.Path(path).resolve()
 
 
 def host_rss_mb() -> float:
@@ -47,35 +38,6 @@ def host_rss_mb() -> float:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except OSError:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def prepare_workdir(workdir: str) -> None:
-    """Creates a local workdir, or says why it cannot be one.
-
-    A remote workdir is left as it is: an object store has no directories to
-    create (and creating a bucket is the user's decision, not a side effect);
-    only its bucket must exist.
-    """
-    if is_remote(workdir):
-        scheme, rest = os.fspath(workdir).split("://", 1)
-        bucket = f"{scheme}://{rest.split('/', 1)[0]}"
-        if not epath.Path(bucket).exists():
-            raise UserError(
-                f"The bucket of --workdir {workdir} ({bucket}) does not exist or cannot be "
-                "read with these credentials; create it or fix the path."
-            )
-        return
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise UserError(
-            f"--workdir {workdir} exists and is not a directory; give a directory path "
-            "(it is created if missing)."
-        )
-    try:
-        os.makedirs(workdir, exist_ok=True)
-    except OSError as e:
-        raise UserError(
-            f"Cannot create the workdir {workdir} ({e.strerror}); choose a writable --workdir."
-        ) from e
 
 
 class WorkdirLock:
@@ -89,12 +51,12 @@ class WorkdirLock:
     """
 
     def __init__(self, workdir: str, enabled: bool = True):
-        self.workdir, self.enabled = workdir, enabled and not is_remote(workdir)
+        self.workdir, self.enabled = workdir, enabled and not layout.is_remote(workdir)
         self._fd: int | None = None
 
     def __enter__(self) -> WorkdirLock:
         if jax.process_index() == 0:  # the others write only through orbax, which creates its own
-            prepare_workdir(self.workdir)
+            layout.prepare_workdir(self.workdir)
         if not self.enabled:
             return self
         path = os.path.join(self.workdir, ".lock")
@@ -145,8 +107,8 @@ class MetricWriter:
 
     def __init__(self, workdir: str, resume_step: int | None, enabled: bool = True):
         self.enabled = enabled
-        self.remote = is_remote(workdir)
-        self._path = epath.Path(workdir) / "metrics.jsonl"
+        self.remote = layout.is_remote(workdir)
+        self._path = layout.metrics_path(workdir)
         self.path = os.fspath(self._path)
         if not enabled:
             return

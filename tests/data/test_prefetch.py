@@ -1,4 +1,4 @@
-"""resnet_jax.prefetch: global batches assembled ahead on a background thread,
+"""resnet_jax.data.prefetch: global batches assembled ahead on a background thread,
 and what the trainer builds on it (uint8 batches normalised on the devices,
 data-wait and images/s accounting)."""
 
@@ -12,7 +12,9 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from resnet_jax import prefetch, train_lib
+from resnet_jax.data import prefetch
+from resnet_jax.training import experiment, loop, recipe
+from resnet_jax.training import steps as train_steps
 from tests.helpers import read_metrics, tiny_config
 
 
@@ -22,12 +24,12 @@ def _threads():
 
 @pytest.mark.parametrize("size", [0, 1, 3])
 def test_batches_come_out_in_order_as_device_arrays(size):
-    mesh = train_lib.create_mesh()
+    mesh = recipe.create_mesh()
     sharding = NamedSharding(mesh, P("data"))
     host = ({"x": np.full((8, 2), i, np.float32)} for i in range(7))
 
     def to_global(b):
-        return train_lib.host_batch_to_global(b, sharding)
+        return experiment.host_batch_to_global(b, sharding)
 
     with prefetch.prefetch(host, to_global, size) as it:
         out = list(it)
@@ -88,19 +90,19 @@ def test_the_wait_includes_the_copy_to_the_devices():
 def test_uint8_batches_are_normalised_inside_the_step():
     """A uint8 batch with the mean equals the host-normalised float batch."""
     c = tiny_config()
-    mesh = train_lib.create_mesh()
-    model = train_lib.model_from_config(c, 10)
-    lr = train_lib.create_learning_rate_fn(c)
-    tx = train_lib.create_optimizer(c, lr)
+    mesh = recipe.create_mesh()
+    model = recipe.model_from_config(c, 10)
+    lr = recipe.create_learning_rate_fn(c)
+    tx = recipe.create_optimizer(c, lr)
     replicated = NamedSharding(mesh, P())
-    state = train_lib.create_train_state(model, tx, (32, 32, 3), jax.random.key(0), replicated)
+    state = recipe.create_train_state(model, tx, (32, 32, 3), jax.random.key(0), replicated)
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, (16,), dtype=np.int32)
     mean = np.array([0.49, 0.48, 0.45], np.float32)
     as_float = (pixels.astype(np.float32) / np.float32(255.0) - mean).astype(np.float32)
     step = jax.jit(
-        lambda s, b, m: train_lib.train_step(s, b, learning_rate_fn=lr, num_classes=10, mean=m)
+        lambda s, b, m: train_steps.train_step(s, b, learning_rate_fn=lr, num_classes=10, mean=m)
     )
     s8, m8 = step(state, {"image": pixels, "label": labels}, mean)
     sf, mf = step(state, {"image": as_float, "label": labels}, None)
@@ -108,7 +110,7 @@ def test_uint8_batches_are_normalised_inside_the_step():
     for a, b in zip(jax.tree.leaves(s8.params), jax.tree.leaves(sf.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="mean"):
-        train_lib.model_input(jnp.asarray(pixels), None)
+        train_steps.model_input(jnp.asarray(pixels), None)
     # The program that runs takes uint8: 4x fewer bytes cross to the devices.
     hlo = step.lower(state, {"image": pixels, "label": labels}, mean).as_text()
     assert "tensor<16x32x32x3xui8>" in hlo
@@ -117,15 +119,15 @@ def test_uint8_batches_are_normalised_inside_the_step():
 def test_images_per_sec_leaves_out_evaluation_and_the_first_step(tmp_path, monkeypatch):
     """An evaluation that takes 1.5 s at steps 2 and 4 must not count as
     training time (before this was fixed, train_seconds held both)."""
-    real = train_lib.EvalAction.__call__
+    real = loop.EvalAction.__call__
 
     def slow_eval(self, step, state):
         time.sleep(1.5)
         real(self, step, state)
 
-    monkeypatch.setattr(train_lib.EvalAction, "__call__", slow_eval)
+    monkeypatch.setattr(loop.EvalAction, "__call__", slow_eval)
     c = tiny_config(eval_every_steps=2, log_every_steps=3, checkpoint_every_steps=1000)
-    summary = train_lib.train_and_evaluate(c, str(tmp_path), progress=False)
+    summary = loop.train_and_evaluate(c, str(tmp_path), progress=False)
     train_lines = [m for m in read_metrics(tmp_path) if "images_per_sec" in m]
     assert [m["step"] for m in train_lines] == [3, 6]
     assert summary["eval_seconds"] >= 3 * 1.5  # steps 2, 4 and 6
@@ -168,13 +170,11 @@ def test_close_returns_soon_when_the_producer_is_stuck_in_the_pipeline():
 
 
 def test_a_finished_run_reads_no_training_batch(tmp_path, monkeypatch):
-    train_lib.train_and_evaluate(tiny_config(num_train_steps=2), str(tmp_path), progress=False)
+    loop.train_and_evaluate(tiny_config(num_train_steps=2), str(tmp_path), progress=False)
     calls = []
-    real = train_lib.HostStepRunner.start
+    real = experiment.HostStepRunner.start
     monkeypatch.setattr(
-        train_lib.HostStepRunner, "start", lambda self, *a: calls.append(a) or real(self, *a)
+        experiment.HostStepRunner, "start", lambda self, *a: calls.append(a) or real(self, *a)
     )
-    summary = train_lib.train_and_evaluate(
-        tiny_config(num_train_steps=2), str(tmp_path), progress=False
-    )
+    summary = loop.train_and_evaluate(tiny_config(num_train_steps=2), str(tmp_path), progress=False)
     assert calls == [] and summary["step"] == 2 and summary["eval_count"] == 64

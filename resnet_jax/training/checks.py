@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from resnet_jax.data.datasets import IN_MEMORY, check_dataset
 from resnet_jax.errors import UserError
+from resnet_jax.training.recipe import model_from_config
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +89,7 @@ def _check_boundaries(config: Any) -> None:
 
 
 def _check_model_and_data(config: Any) -> None:
-    from resnet_jax import data as data_lib
-
-    data_lib.check_dataset(config.dataset)
+    check_dataset(config.dataset)
     _require(
         config.num_classes >= 0,
         f"num_classes={config.num_classes} must be >= 0 (0: the dataset's classes).",
@@ -99,8 +99,6 @@ def _check_model_and_data(config: Any) -> None:
         f"bn_momentum={config.bn_momentum} must be in [0, 1) (PyTorch's 0.1 is 0.9 here).",
     )
     _require(config.bn_epsilon > 0, f"bn_epsilon={config.bn_epsilon} must be positive.")
-    from resnet_jax.train_lib import model_from_config
-
     model_from_config(config, 10)  # unknown model names and options raise here
     _require(config.crop_padding >= 0, f"crop_padding={config.crop_padding} must be >= 0.")
     _require(config.validation_split >= 0, "validation_split must be >= 0.")
@@ -137,7 +135,7 @@ def _check_model_and_data(config: Any) -> None:
 
 
 def _check_finetuning(config: Any) -> None:
-    """The fine-tuning keys (resnet_jax/finetune.py) and the digits class subset."""
+    """The fine-tuning keys (resnet_jax/training/finetune.py) and the digits class subset."""
 
     _require(
         config.backbone_lr_multiplier > 0,
@@ -248,17 +246,15 @@ def resolve_schedule(config: Any, train_size: int) -> Any:
 
 
 def check_fast_path(config: Any) -> None:
-    from resnet_jax import data as data_lib
-
     k = int(config.steps_per_call)
     _require(k >= 1, f"steps_per_call={k} must be >= 1.")
     if not config.device_data:
         _require(k == 1, "steps_per_call > 1 needs --config.device_data=True.")
         return
     _require(
-        config.dataset in data_lib.IN_MEMORY,
+        config.dataset in IN_MEMORY,
         f"device_data=True holds the training set on the devices; it supports "
-        f"{', '.join(data_lib.IN_MEMORY)}, not {config.dataset}.",
+        f"{', '.join(IN_MEMORY)}, not {config.dataset}.",
     )
     for key in _INTERVALS:
         _require(

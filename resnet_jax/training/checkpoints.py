@@ -20,8 +20,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from resnet_jax import runtime
 from resnet_jax.errors import CheckpointSaveError, UserError
+from resnet_jax.training import workdir as layout
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def fingerprint(config: Any) -> dict[str, Any]:
     fp = {k: config.get(k) for k in FINGERPRINT_KEYS}
     # Fine-tuning's keys, None at their defaults so that checkpoints written
     # before them still match: a class subset is another dataset, and a
-    # frozen or scaled backbone another optimizer state (resnet_jax.finetune).
+    # frozen or scaled backbone another optimizer state (resnet_jax.training.finetune).
     fp["classes"] = list(config.get("classes") or ()) or None
     backbone = None
     if config.get("freeze_backbone"):
@@ -93,7 +93,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3, async_save: bool = True):
-        self.path = runtime.workdir_path(directory)
+        self.path = layout.workdir_path(directory)
         self.directory = os.fspath(self.path)
         self.max_to_keep = max_to_keep
         self.async_save = async_save
@@ -220,7 +220,7 @@ class Checkpointer:
 
     def _quarantine(self, step: int, error: Exception) -> None:
         src = self.path / str(step)
-        dst = self.path.with_name(self.path.name + "_corrupt") / str(step)
+        dst = layout.quarantine_dir(self.path) / str(step)
         if jax.process_index() == 0:
             _move_tree(src, dst)
         log.warning(
@@ -242,7 +242,7 @@ def _move_tree(src: epath.Path, dst: epath.Path) -> None:
     """Moves the directory ``src`` to ``dst``, replacing ``dst``, on any filesystem epath opens."""
     if dst.exists():
         dst.rmtree()
-    if not runtime.is_remote(src):
+    if not layout.is_remote(src):
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(os.fspath(src), os.fspath(dst))  # a rename
         return

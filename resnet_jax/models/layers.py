@@ -1,0 +1,333 @@
+"""The layers of a ResNet: BatchNorm over groups, the shortcut, the basic and
+bottleneck blocks, and :func:`materialize`.
+
+A block receives ``conv``/``norm``/``act`` factories from the network, so it
+never knows about dtype or train mode (as in Flax's ImageNet example).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+ModuleDef = Any
+Dtype = Any
+
+SHORTCUTS = ("A", "B", "C")
+VARIANTS = ("v1", "v1.5")
+
+
+# He normal, as in [13] of the paper; fan_out like torchvision so that the
+# backward signal keeps unit variance (both modes are "as in [13]").
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def check_shortcut(shortcut: str | None) -> None:
+    if shortcut is not None and shortcut not in SHORTCUTS:
+        raise ValueError(
+            f"Unknown shortcut {shortcut!r}; valid options are 'A' (identity, zero-padded "
+            "channels), 'B' (projection where the shape changes), 'C' (projection "
+            "everywhere) or None (a plain network without shortcuts)."
+        )
+
+
+def check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(
+            f"Unknown variant {variant!r}; valid: 'v1' (paper: stride in the bottleneck's "
+            "first 1x1) or 'v1.5' (stride in its 3x3)."
+        )
+
+
+def check_bn_groups(groups: int, field: str) -> None:
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(
+            f"{field} must be an int >= 1 (1: statistics over the whole batch), got {groups!r}."
+        )
+
+
+def check_batch_divides(batch: int, groups: int, field: str) -> None:
+    if batch % groups:
+        raise ValueError(
+            f"The training batch of {batch} examples does not divide into {field}={groups} "
+            f"equal groups; use a batch size that is a multiple of {groups}."
+        )
+
+
+class GroupedBatchNorm(nn.Module):
+    """BatchNorm whose training statistics are computed over equal groups of the batch.
+
+    "Ghost" batch normalisation, as in tuned large-batch ImageNet runs (MLPerf):
+    in training, an ``(N, ..., C)`` input is split along its first axis into
+    ``groups`` consecutive groups of ``N / groups`` examples, and each group is
+    normalised with the float32 mean and (biased) variance of its own
+    examples, exactly as :class:`flax.linen.BatchNorm` would normalise that
+    group on its own. When the groups line up with the devices of a batch
+    sharded over a mesh axis (``groups`` a multiple of the device count), no
+    statistic of the forward or backward pass crosses a device.
+
+    The running statistics are updated with the mean over the groups of their
+    statistics: ``ra_mean = m * ra_mean + (1 - m) * mean_g(mean_g)`` and
+    ``ra_var = m * ra_var + (1 - m) * mean_g(var_g)``, the mean of the groups'
+    variances (not the variance of the whole batch, which also counts the
+    spread of the group means). Both are the average of the updates the
+    groups would make separately from the same running statistics. This
+    average is the one cross-group (cross-device) reduction, one per layer,
+    and nothing else in the step waits on it.
+
+    With ``use_running_average`` (evaluation) it is :class:`flax.linen.BatchNorm`.
+    Variables have flax's names and shapes: params ``scale`` and ``bias``,
+    batch_stats ``mean`` and ``var``, each ``(C,)`` float32, so checkpoints
+    move freely between grouped and ungrouped models.
+
+    Maps ``(N, ..., C)`` to the same shape in ``dtype``. Training raises
+    ValueError when ``N`` does not divide by ``groups``.
+
+    Attributes:
+      groups: number of equal groups of the batch (1: the whole batch).
+      use_running_average: normalise with the running statistics (evaluation);
+        may also be given at call time, as for ``nn.BatchNorm``.
+      momentum: decay of the running statistics, as ``nn.BatchNorm``'s.
+      epsilon: added to the variance.
+      dtype: the output dtype (None: from the input and parameters); the
+        statistics are at least float32 whatever it is.
+      param_dtype: storage dtype of ``scale`` and ``bias``.
+      use_bias, use_scale, bias_init, scale_init: as ``nn.BatchNorm``'s.
+    """
+
+    groups: int = 1
+    use_running_average: bool | None = None
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Callable = nn.initializers.zeros
+    scale_init: Callable = nn.initializers.ones
+
+    def __post_init__(self) -> None:
+        check_bn_groups(self.groups, "groups")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        """Normalises ``x`` (``(N, ..., C)``) over all axes but the last."""
+        use_running_average = nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
+        features = (x.shape[-1],)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
+        scale = bias = None
+        if self.use_scale:
+            scale = self.param("scale", self.scale_init, features, self.param_dtype)
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, features, self.param_dtype)
+        out_dtype = nn.dtypes.canonicalize_dtype(
+            *(a for a in (x, scale, bias) if a is not None), dtype=self.dtype
+        )
+
+        if use_running_average:
+            y = _affine(x, ra_mean.value, ra_var.value, self.epsilon, scale, bias)
+            return jnp.asarray(y, out_dtype)
+
+        n = x.shape[0]
+        check_batch_divides(n, self.groups, "groups")
+        # (N, ..., C) -> (G, N/G, ..., C): with the batch sharded over devices
+        # and G a multiple of their number, each group lives on one device.
+        xg = x.reshape(self.groups, n // self.groups, *x.shape[1:])
+        stats_dtype = jnp.promote_types(self.dtype or x.dtype, jnp.float32)
+        xs = xg.astype(stats_dtype)
+        axes = tuple(range(1, xg.ndim - 1))
+        # E[x^2] - E[x]^2 in one pass, clipped at 0, as nn.BatchNorm's default.
+        mean = xs.mean(axes)
+        var = jnp.maximum(0.0, jnp.square(xs).mean(axes) - jnp.square(mean))
+        if not self.is_initializing():
+            m = self.momentum
+            ra_mean.value = m * ra_mean.value + (1 - m) * mean.mean(0)
+            ra_var.value = m * ra_var.value + (1 - m) * var.mean(0)
+        shape = (self.groups,) + (1,) * len(axes) + features
+        y = _affine(xg, mean.reshape(shape), var.reshape(shape), self.epsilon, scale, bias)
+        return jnp.asarray(y, out_dtype).reshape(x.shape)
+
+
+def _affine(x, mean, var, epsilon, scale, bias):
+    """``(x - mean) * rsqrt(var + epsilon) * scale + bias``, in flax's order of operations."""
+    y = x - mean
+    mul = lax.rsqrt(var + epsilon)
+    if scale is not None:
+        mul = mul * scale
+    y = y * mul
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+class Shortcut(nn.Module):
+    """The identity path of a residual block, projected or padded as needed.
+
+    Maps ``(N, H, W, C_in)`` to ``(N, ceil(H/s), ceil(W/s), out_features)``.
+
+    Attributes:
+      out_features: channels of the block's output.
+      strides: spatial stride ``s`` of the block.
+      option: 'A' (parameter-free: subsample by striding, zero-pad the new
+        channels, split evenly on both sides), 'B' (1x1 projection + BatchNorm
+        only where the shape changes) or 'C' (projection in every block).
+    """
+
+    out_features: int
+    strides: int
+    option: str
+    conv: ModuleDef
+    norm: ModuleDef
+
+    def __post_init__(self) -> None:
+        if self.option not in SHORTCUTS:
+            raise ValueError(
+                f"Unknown shortcut option {self.option!r}; valid: 'A', 'B' or 'C' (a plain "
+                "block, shortcut=None, has no Shortcut module)."
+            )
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x):
+        in_features = x.shape[-1]
+        shape_changes = self.strides != 1 or in_features != self.out_features
+        if self.option == "C" or (self.option == "B" and shape_changes):
+            x = self.conv(self.out_features, (1, 1), strides=self.strides, name="proj_conv")(x)
+            return self.norm(name="proj_bn")(x)
+        if not shape_changes:
+            return x
+        # Option A: x[:, ::s, ::s] keeps the top-left sample of each stride
+        # window, the sample a stride-s 1x1 convolution would see.
+        x = x[:, :: self.strides, :: self.strides, :]
+        extra = self.out_features - in_features
+        if extra < 0:
+            raise ValueError(
+                f"Shortcut option A cannot reduce channels ({in_features} -> "
+                f"{self.out_features}); use shortcut='B' or 'C'."
+            )
+        return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions (Fig. 2 / Fig. 5 left of the paper).
+
+    Maps ``(N, H, W, C)`` to ``(N, ceil(H/strides), ceil(W/strides), filters)``.
+
+    Attributes:
+      filters: output channels of both convolutions.
+      conv, norm: module factories (``nn.Conv``/``nn.BatchNorm`` or
+        :class:`GroupedBatchNorm`, with dtype and train mode bound), called
+        as ``conv(features, kernel_size, strides=, name=)``.
+      act: the activation function.
+      strides: stride of the first convolution.
+      shortcut: 'A', 'B', 'C' or None for a plain block without a shortcut.
+      zero_init_residual: start the last BatchNorm scale at zero.
+    """
+
+    filters: int
+    conv: ModuleDef
+    norm: ModuleDef
+    act: Callable = nn.relu
+    strides: int = 1
+    shortcut: str | None = "B"
+    zero_init_residual: bool = False
+
+    def __post_init__(self) -> None:
+        check_shortcut(self.shortcut)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x):
+        residual = x
+        y = self.conv(self.filters, (3, 3), strides=self.strides, name="conv1")(x)
+        y = self.act(self.norm(name="bn1")(y))
+        y = self.conv(self.filters, (3, 3), name="conv2")(y)
+        scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+        y = self.norm(scale_init=scale_init, name="bn2")(y)
+        if self.shortcut is not None:
+            y = y + Shortcut(
+                self.filters, self.strides, self.shortcut, self.conv, self.norm, name="shortcut"
+            )(residual)
+        return self.act(y)
+
+
+class BottleneckBlock(nn.Module):
+    """1x1 reduce, 3x3, 1x1 expand (Fig. 5 right of the paper).
+
+    Maps ``(N, H, W, C)`` to ``(N, ceil(H/strides), ceil(W/strides), 4 * filters)``.
+    Fields as :class:`BasicBlock`, plus ``variant``: ``'v1'`` puts the stride in
+    the first 1x1 convolution, as in the paper and Keras; ``'v1.5'`` puts it in
+    the 3x3, as in torchvision (more accurate, about 6% more multiply-adds for
+    ResNet-50, as counted by :func:`resnet_jax.count_macs`).
+    """
+
+    filters: int
+    conv: ModuleDef
+    norm: ModuleDef
+    act: Callable = nn.relu
+    strides: int = 1
+    shortcut: str | None = "B"
+    zero_init_residual: bool = False
+    variant: str = "v1"
+
+    def __post_init__(self) -> None:
+        check_shortcut(self.shortcut)
+        check_variant(self.variant)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x):
+        residual = x
+        s1, s2 = (self.strides, 1) if self.variant == "v1" else (1, self.strides)
+        y = self.conv(self.filters, (1, 1), strides=s1, name="conv1")(x)
+        y = self.act(self.norm(name="bn1")(y))
+        y = self.conv(self.filters, (3, 3), strides=s2, name="conv2")(y)
+        y = self.act(self.norm(name="bn2")(y))
+        y = self.conv(self.filters * 4, (1, 1), name="conv3")(y)
+        scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+        y = self.norm(scale_init=scale_init, name="bn3")(y)
+        if self.shortcut is not None:
+            y = y + Shortcut(
+                self.filters * 4, self.strides, self.shortcut, self.conv, self.norm, name="shortcut"
+            )(residual)
+        return self.act(y)
+
+
+def materialize(x: jax.Array) -> jax.Array:
+    """Returns ``x`` unchanged (any shape and dtype), computed once and stored.
+
+    XLA fuses cheap elementwise producers into every consumer. For the kernel
+    gradient of a convolution, XLA:CPU transposes the input activation; fused
+    with the BatchNorm + residual + ReLU chain that produced it, that transpose
+    recomputes the chain, several blocks deep, with strided reads (its share
+    of the step time is in BENCHMARKS.md). A ``lax.cond`` is a boundary
+    XLA does not fuse across (``lax.optimization_barrier`` is removed before
+    fusion on XLA:CPU). Its predicate is read from ``x`` so that it cannot be
+    folded at compile time, and the two branches differ (``x`` and ``x + 0``)
+    so that they are not merged; both return ``x``'s values, NaN included.
+    """
+    first = x[(0,) * x.ndim]
+    return lax.cond(first == first, lambda t: t, lambda t: t + jnp.zeros((), t.dtype), x)
+
+
+def materialized(act: Callable) -> Callable:
+    def wrapped(x):
+        return materialize(act(x))
+
+    return wrapped
+
+
+def padded_conv(features: int, kernel_size: tuple[int, int], strides: int = 1, **kw) -> nn.Conv:
+    """``nn.Conv`` with the paper's (and torchvision's, Keras') symmetric ``k // 2``
+    padding; XLA's 'SAME' pads stride-2 convolutions asymmetrically."""
+    pads = tuple((k // 2, k // 2) for k in kernel_size)
+    return nn.Conv(features, kernel_size, strides=strides, padding=pads, **kw)

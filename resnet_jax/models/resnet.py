@@ -1,0 +1,271 @@
+"""ResNet modules: the blocks, the network, and the table of named depths.
+
+Every network of He et al., *Deep Residual Learning for Image Recognition*
+(CVPR 2016) is one :class:`ResNet` configured by ``stage_sizes``, ``widths``,
+a block class and a stem:
+
+* ImageNet nets (Table 1): 7x7/2 stem + 3x3/2 max-pool, four stages of
+  widths 64/128/256/512, basic blocks (18, 34) or bottleneck blocks
+  (50, 101, 152).
+* CIFAR nets (Section 4.2): 3x3 stem with 16 filters, three stages of widths
+  16/32/64 with ``n`` basic blocks each, depth ``6n + 2``.
+
+Inputs are NHWC arrays. Parameter names (``stem_conv``, ``stage2_block1/conv1``,
+``head``, ...) are the checkpoint format and the weight converters' contract.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from resnet_jax.models.layers import (
+    Dtype,
+    GroupedBatchNorm,
+    ModuleDef,
+    check_batch_divides,
+    check_bn_groups,
+    check_shortcut,
+    check_variant,
+    conv_kernel_init,
+    materialized,
+    padded_conv,
+)
+
+STEMS = ("imagenet", "cifar")
+IMAGENET_WIDTHS = (64, 128, 256, 512)
+CIFAR_WIDTHS = (16, 32, 64)
+
+
+class Features(NamedTuple):
+    """Intermediate outputs of :class:`ResNet`, from ``apply(..., features=True)``.
+
+    A NamedTuple, so a pytree: it passes through ``jax.jit`` and ``jax.eval_shape``.
+    For ``(N, H, W, C)`` inputs:
+
+    Attributes:
+      stem: ``(N, ceil(H/4), ceil(W/4), stem_width)`` after the ImageNet stem's
+        max-pool, ``(N, H, W, stem_width)`` after the CIFAR stem; compute dtype.
+      stages: one ``(N, H_i, W_i, C_i)`` output per stage, compute dtype; the
+        spatial size halves at the start of every stage after the first, and
+        ``C_i`` is ``widths[i]`` (basic blocks) or ``4 * widths[i]`` (bottleneck).
+      pooled: ``(N, C_last)`` global average of the last stage, float32.
+      logits: ``(N, num_classes)`` float32, or None when ``num_classes == 0``.
+    """
+
+    stem: jax.Array
+    stages: tuple[jax.Array, ...]
+    pooled: jax.Array
+    logits: jax.Array | None
+
+
+def _check_resnet_fields(m: ResNet) -> None:
+    """Raises ValueError for a field of ``m`` that names no valid network."""
+    check_shortcut(m.shortcut)
+    check_variant(m.variant)
+    if m.stem not in STEMS:
+        raise ValueError(
+            f"Unknown stem {m.stem!r}; valid: 'imagenet' (7x7/2 conv + 3x3/2 max-pool) "
+            "or 'cifar' (3x3 conv)."
+        )
+    if not isinstance(m.num_classes, int) or m.num_classes < 0:
+        raise ValueError(
+            f"num_classes must be an int >= 0 (0 drops the classifier), got {m.num_classes!r}."
+        )
+    if len(m.stage_sizes) != len(m.widths):
+        raise ValueError(
+            f"stage_sizes {tuple(m.stage_sizes)} and widths {tuple(m.widths)} must have "
+            "the same length: one width per stage."
+        )
+    if not m.stage_sizes or min(m.stage_sizes) < 1:
+        raise ValueError(
+            f"stage_sizes must list at least one stage of >= 1 blocks, got {m.stage_sizes!r}."
+        )
+    check_bn_groups(m.bn_groups, "bn_groups")
+
+
+class ResNet(nn.Module):
+    """A residual (or plain) network.
+
+    Construction raises ValueError for an unknown ``shortcut``, ``variant`` or
+    ``stem``, a negative ``num_classes``, or ``stage_sizes`` and ``widths`` of
+    different lengths.
+
+    Attributes:
+      stage_sizes: blocks per stage, e.g. ``(3, 4, 6, 3)`` for ResNet-50.
+      block_cls: :class:`BasicBlock` or :class:`BottleneckBlock` (or any module
+        with the same fields; ``variant`` is passed only to a block that declares it).
+      widths: base filters per stage (a bottleneck block outputs 4x that).
+      stem: ``'imagenet'`` (7x7/2 conv + 3x3/2 max-pool) or ``'cifar'`` (3x3 conv).
+      stem_width: filters of the stem convolution.
+      num_classes: classifier outputs; 0 drops the classifier and returns the
+        pooled features ``(N, C)``.
+      shortcut: 'A', 'B', 'C', or None for a plain network (no shortcuts).
+      variant: 'v1' (paper) or 'v1.5' (stride in the bottleneck's 3x3).
+      zero_init_residual: start the last BatchNorm scale of each block at 0.
+      bn_momentum: decay of the running statistics, ``ra = m * ra + (1 - m) *
+        batch``. PyTorch's ``momentum`` is ``1 - bn_momentum`` (0.1 <-> 0.9).
+      bn_epsilon: BatchNorm epsilon.
+      bn_groups: in training, each BatchNorm computes its statistics over
+        ``bn_groups`` equal groups of the batch ("ghost" BatchNorm, see
+        :class:`GroupedBatchNorm`); the batch size must divide by it. With a
+        batch sharded over devices and ``bn_groups`` a multiple of their
+        number, no BatchNorm statistic crosses a device. 1 (default): over the
+        whole batch, with ``nn.BatchNorm``. Evaluation and the variables'
+        names and shapes do not depend on it.
+      dtype: compute dtype (e.g. ``jnp.bfloat16``). BatchNorm statistics, the
+        pooled features and the logits stay float32.
+      param_dtype: storage dtype of the parameters.
+      act: the activation function (ReLU).
+      materialize: in training, pass every activation through
+        :func:`materialize` (an identity XLA cannot fuse across) so that the
+        convolution kernel gradients read it from memory instead of
+        recomputing it. Only on request: it helps XLA:CPU (see BENCHMARKS.md),
+        so the trainer and benchmarks ask for it there. Values and gradients
+        are the same either way.
+    """
+
+    stage_sizes: Sequence[int]
+    block_cls: ModuleDef
+    widths: Sequence[int] = IMAGENET_WIDTHS
+    stem: str = "imagenet"
+    stem_width: int = 64
+    num_classes: int = 1000
+    shortcut: str | None = "B"
+    variant: str = "v1"
+    zero_init_residual: bool = False
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    bn_groups: int = 1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    act: Callable = nn.relu
+    materialize: bool = False
+
+    def __post_init__(self) -> None:
+        _check_resnet_fields(self)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, features: bool = False):
+        """Runs the network on a batch of NHWC images.
+
+        Args:
+          x: ``(N, H, W, C)`` images.
+          train: use batch statistics (of each of the ``bn_groups`` groups)
+            and update ``batch_stats`` (apply with ``mutable=['batch_stats']``);
+            False uses the running statistics.
+          features: return a :class:`Features` record of the intermediate
+            outputs (stem, every stage, pooled, logits or None) instead.
+
+        Returns:
+          ``(N, num_classes)`` float32 logits, ``(N, C)`` float32 pooled
+          features when ``num_classes == 0``, or :class:`Features`.
+
+        Raises:
+          ValueError: for inputs that are not NHWC with the initialised
+            channels, or in training when ``N`` does not divide by ``bn_groups``.
+        """
+        _check_input(x, self.variables.get("params", {}))
+        if train:
+            check_batch_divides(x.shape[0], self.bn_groups, "bn_groups")
+        conv, norm, act = self._layers(train)
+        x = _stem(jnp.asarray(x, self.dtype), self.stem, self.stem_width, conv, norm, act)
+        stem = x
+        stages = []
+        block_options = self._block_options()
+        for i, (size, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
+            for j in range(size):
+                x = self.block_cls(
+                    width,
+                    conv=conv,
+                    norm=norm,
+                    act=act,
+                    strides=2 if i > 0 and j == 0 else 1,
+                    name=f"stage{i + 1}_block{j + 1}",
+                    **block_options,
+                )(x)
+            stages.append(x)
+        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        logits = None
+        if self.num_classes > 0:
+            logits = nn.Dense(
+                self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype, name="head"
+            )(pooled)
+        if features:
+            return Features(stem=stem, stages=tuple(stages), pooled=pooled, logits=logits)
+        return pooled if logits is None else logits
+
+    @nn.nowrap
+    def _layers(self, train: bool) -> tuple[Callable, Callable, Callable]:
+        """The conv and norm factories and the activation the blocks share."""
+        conv = functools.partial(
+            padded_conv,
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=conv_kernel_init,
+        )
+        # nn.BatchNorm for one group keeps the ungrouped numerics bit for bit.
+        bn = (
+            nn.BatchNorm
+            if self.bn_groups == 1
+            else functools.partial(GroupedBatchNorm, groups=self.bn_groups)
+        )
+        norm = functools.partial(
+            bn,
+            use_running_average=not train,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        act = materialized(self.act) if train and self.materialize else self.act
+        return conv, norm, act
+
+    @nn.nowrap
+    def _block_options(self) -> dict[str, Any]:
+        """The fields every block gets; ``variant`` only where the block declares it."""
+        options: dict[str, Any] = dict(
+            shortcut=self.shortcut, zero_init_residual=self.zero_init_residual
+        )
+        if "variant" in getattr(self.block_cls, "__dataclass_fields__", {}):
+            options["variant"] = self.variant
+        return options
+
+
+def _check_input(x: jax.Array, params: Mapping[str, Any]) -> None:
+    """Raises ValueError for inputs that are not NHWC with the initialised channels."""
+    if x.ndim != 4:
+        raise ValueError(
+            f"ResNet expects NHWC images of rank 4, got shape {x.shape}; add a batch "
+            "axis with x[None] or transpose NCHW inputs with x.transpose(0, 2, 3, 1)."
+        )
+    if "stem_conv" not in params:
+        return
+    expected = params["stem_conv"]["kernel"].shape[2]
+    if x.shape[-1] != expected:
+        hint = (
+            " The input looks like NCHW: transpose it with x.transpose(0, 2, 3, 1)."
+            if x.shape[1] == expected
+            else ""
+        )
+        raise ValueError(
+            f"Input has {x.shape[-1]} channels in its last axis but the model was "
+            f"initialised for {expected} (inputs are NHWC).{hint}"
+        )
+
+
+def _stem(x: jax.Array, kind: str, width: int, conv, norm, act) -> jax.Array:
+    """The stem, in the calling module's scope (``stem_conv``, ``stem_bn``)."""
+    if kind == "imagenet":
+        x = conv(width, (7, 7), strides=2, name="stem_conv")(x)
+        x = act(norm(name="stem_bn")(x))
+        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = conv(width, (3, 3), name="stem_conv")(x)
+    return act(norm(name="stem_bn")(x))

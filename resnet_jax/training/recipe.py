@@ -1,0 +1,152 @@
+"""The recipe: the model, the optimizer, the schedule, the mesh and the first
+train state, each built from a config (``configs/common.py`` names every key)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from resnet_jax import models
+from resnet_jax.errors import UserError
+from resnet_jax.training import finetune
+from resnet_jax.training.steps import TrainState
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def model_from_config(config: Any, num_classes: int, *, materialize: bool = False) -> models.ResNet:
+    """The configured network (``config.model`` and its options).
+
+    ``materialize`` is the trainer's choice for the platform (see
+    :func:`resolve_materialize`), not a property of the network.
+    """
+    if config.dtype not in DTYPES:
+        hint = (
+            " float16 needs loss scaling, which this trainer does not do;"
+            if config.dtype == "float16"
+            else ""
+        )
+        raise UserError(
+            f"Unknown dtype {config.dtype!r};{hint} valid: {', '.join(DTYPES)} "
+            "(use --config.dtype=bfloat16 for reduced precision)."
+        )
+    options = dict(
+        num_classes=num_classes,
+        dtype=DTYPES[config.dtype],
+        variant=config.variant,
+        zero_init_residual=config.zero_init_residual,
+        bn_momentum=config.bn_momentum,
+        bn_epsilon=config.bn_epsilon,
+        bn_groups=config.bn_groups,
+        materialize=materialize,
+    )
+    if config.shortcut:
+        options["shortcut"] = config.shortcut
+    try:
+        return models.create_model(config.model, **options)
+    except UserError:
+        raise
+    except ValueError as e:  # the library's checks of names and options
+        raise UserError(f"{e} (from --config.model and its options)") from e
+
+
+def resolve_materialize(config: Any, platform: str) -> bool:
+    """``config.materialize``, or when unset (None): on for CPU devices only,
+    where storing activations made training faster (BENCHMARKS.md)."""
+    return platform == "cpu" if config.materialize is None else bool(config.materialize)
+
+
+def effective_learning_rate(config: Any) -> float:
+    """``learning_rate``, scaled by ``batch_size / lr_batch_base`` when that is set."""
+    base = config.lr_batch_base
+    return config.learning_rate * (config.batch_size / base if base else 1.0)
+
+
+def create_learning_rate_fn(config: Any) -> optax.Schedule:
+    """The configured schedule, in steps.
+
+    ``lr_schedule='step'``: ``learning_rate`` times ``lr_decay_factor`` at
+    each of ``lr_boundaries``; the first ``warmup_steps`` use the constant
+    ``warmup_learning_rate`` (the paper's ResNet-110 warm-up: 0.01 for ~400
+    iterations). ``'cosine'``: linear warm-up over ``warmup_steps`` from 0,
+    then cosine decay to 0 at ``num_train_steps``.
+    """
+    lr = effective_learning_rate(config)
+    warmup = int(config.warmup_steps)
+    if config.lr_schedule == "step":
+        main = optax.piecewise_constant_schedule(
+            lr, {int(b): float(config.lr_decay_factor) for b in config.lr_boundaries}
+        )
+        if not warmup:
+            return main
+        warm_lr = float(config.warmup_learning_rate)
+        # Not optax.join_schedules: it restarts the second schedule's step count
+        # at the boundary, which would shift the paper's 32k/48k boundaries.
+        return lambda step: jnp.where(step < warmup, warm_lr, main(step))
+    if config.lr_schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, lr, max(warmup, 1), int(config.num_train_steps), end_value=0.0
+        )
+    raise UserError(f"Unknown lr_schedule {config.lr_schedule!r}; valid: 'step', 'cosine'.")
+
+
+def _decay_mask(params: Any) -> Any:
+    """True for convolution and dense kernels; False for BatchNorm scales and biases."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) == "kernel", params
+    )
+
+
+def create_optimizer(config: Any, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+    """SGD with momentum and L2 weight decay added to the gradient (as in the paper).
+
+    With ``freeze_backbone`` or ``backbone_lr_multiplier``, the head and the
+    backbone are two groups of an ``optax.multi_transform``
+    (:func:`resnet_jax.training.finetune.partition_optimizer`).
+    """
+    mask = _decay_mask if config.weight_decay_exclude_bn_bias else None
+
+    def sgd(lr_fn: optax.Schedule) -> optax.GradientTransformation:
+        return optax.chain(
+            optax.add_decayed_weights(config.weight_decay, mask=mask),
+            optax.sgd(lr_fn, momentum=config.momentum, nesterov=config.nesterov),
+        )
+
+    if finetune.uses_groups(config):
+        return finetune.partition_optimizer(config, sgd, learning_rate_fn)
+    return sgd(learning_rate_fn)
+
+
+def create_mesh(devices: Any = None) -> Mesh:
+    """A 1-D mesh with axis ``'data'`` over every device of every process."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    return Mesh(devices.reshape(-1), ("data",))
+
+
+def create_train_state(
+    model: models.ResNet,
+    tx: optax.GradientTransformation,
+    image_shape: tuple[int, ...],
+    rng: jax.Array,
+    sharding: NamedSharding,
+) -> TrainState:
+    """Initialises the replicated state directly on the devices."""
+
+    def init(rng):
+        variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+        return TrainState.create(
+            apply_fn=model.apply,
+            params=variables["params"],
+            batch_stats=variables["batch_stats"],
+            tx=tx,
+        )
+
+    return jax.jit(init, out_shardings=sharding)(rng)

@@ -1,0 +1,444 @@
+"""PyTorch state dicts in torchvision's layout: torchvision and timm's plain
+``resnet*``, and the option-A/B CIFAR ResNets of PyTorch reproductions
+(:func:`from_torchvision`), with the reading and mapping that the transformers
+converter and the torchvision export share.
+
+``.safetensors`` files are read with safetensors and numpy; torch is imported
+only to read ``.pth``/``.bin`` pickles (it is a test- and user-side
+dependency, not one of this package's).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from resnet_jax.models import BasicBlock, BottleneckBlock, ResNet, model_spec
+from resnet_jax.weights.preprocessing import Converted, Preprocessing, preprocessing_record
+
+TORCH_BN_EPSILON = 1e-5
+TORCH_BN_MOMENTUM = 0.1
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".th", ".ckpt", ".tar")
+# ResNet fields a caller may set on a converted model; the rest come from the weights.
+CONVERTER_OPTIONS = (
+    "dtype",
+    "param_dtype",
+    "bn_momentum",
+    "bn_epsilon",
+    "bn_groups",
+    "materialize",
+)
+_SUPPORTED_TORCH = (
+    "torchvision resnet18/34/50/101/152 and timm's plain resnet* (7x7 stem, v1.5 "
+    "bottlenecks or basic blocks, 1x1 projection shortcuts 'downsample.0/1'), and CIFAR "
+    "ResNets with a 3x3 stem (conv1, bn1, layer1..3, linear; option-A shortcuts, or option B "
+    "as shortcut.0/1)"
+)
+
+
+class _Refused(ValueError):
+    """A state dict the converters cannot convert; the message names the tensor."""
+
+
+def _is_tensor(v: Any) -> bool:
+    return hasattr(v, "shape") and hasattr(v, "dtype")
+
+
+def _to_numpy(v: Any) -> np.ndarray:
+    if hasattr(v, "detach"):  # a torch.Tensor: torch was imported by whoever made it
+        v = v.detach().cpu()
+        if v.is_floating_point():
+            v = v.float()  # exact for float16/bfloat16, which numpy cannot take from torch
+        return v.numpy()
+    return np.asarray(v)
+
+
+def read_source(source: Any, who: str) -> tuple[Mapping[str, Any], str | None]:
+    """The raw state dict of ``source`` and the checkpoint directory it came from."""
+    if hasattr(source, "state_dict") and callable(source.state_dict):
+        return source.state_dict(), None  # a torch.nn.Module
+    if isinstance(source, Mapping):
+        return source, None
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(
+            f"{who} takes a state dict (names to tensors or arrays), a torch module or a "
+            f"path, got {type(source).__name__}."
+        )
+    path = os.fspath(source)
+    directory = None
+    if os.path.isdir(path):
+        directory = path
+        names = ("model.safetensors", "pytorch_model.bin")
+        found = [n for n in names if os.path.exists(os.path.join(path, n))]
+        if not found:
+            raise FileNotFoundError(f"{who}: {path} holds neither of {', '.join(names)}.")
+        path = os.path.join(path, found[0])
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.numpy import load_file
+        except ImportError as e:
+            raise ImportError(
+                f"{who}: reading {path} needs the safetensors package (pip install "
+                "safetensors); torch is not needed."
+            ) from e
+        return load_file(path), directory
+    if path.endswith(_TORCH_SUFFIXES):
+        try:
+            import torch
+        except ImportError as e:
+            raise ImportError(
+                f"{who}: {path} is a PyTorch pickle, and reading it needs torch (pip install "
+                "torch). A .safetensors file of the same weights is read without torch."
+            ) from e
+        return torch.load(path, map_location="cpu", weights_only=True), directory
+    raise ValueError(
+        f"{who}: cannot read {path!r}: expected a .safetensors file, a PyTorch file "
+        f"({', '.join(_TORCH_SUFFIXES)}) or a Hugging Face checkpoint directory."
+    )
+
+
+def state_dict_arrays(raw: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Numpy arrays by name, unwrapped from training checkpoints and DataParallel."""
+    for key in ("state_dict", "model", "model_state_dict"):
+        inner = raw.get(key)
+        if isinstance(inner, Mapping) and not _is_tensor(inner):
+            raw = inner
+            break
+    state = {str(k): _to_numpy(v) for k, v in raw.items() if _is_tensor(v)}
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def _refuse_variants(state: Mapping[str, np.ndarray], name: Callable[[str], str]) -> None:
+    """Raises _Refused for ResNet relatives whose tensors have other roles or shapes."""
+    for k in sorted(state):
+        if re.match(r"conv1\.\d+\.", k):
+            raise _Refused(f"tensor {name(k)} belongs to a deep (ResNet-C/D) stem")
+        if re.search(r"\.(se|se_module|attn|eca)\.", k):
+            raise _Refused(f"tensor {name(k)} belongs to a squeeze-and-excitation/attention block")
+        if re.search(r"\.(downsample|shortcut)\.2\.", k) or (
+            re.search(r"\.(downsample|shortcut)\.1\.weight$", k) and state[k].ndim == 4
+        ):
+            raise _Refused(
+                f"tensor {name(k)} belongs to an average-pool downsample (ResNet-D shortcut)"
+            )
+    for k in sorted(state):
+        m = re.match(r"(layer\d+\.\d+)\.conv2\.weight$", k)
+        first = m and state.get(f"{m[1]}.conv1.weight")
+        if first is not None and state[k].ndim == 4 and state[k].shape[1] != first.shape[0]:
+            raise _Refused(
+                f"tensor {name(k)} of shape {state[k].shape} is a grouped convolution "
+                f"({first.shape[0]} input channels, {state[k].shape[1]} per group: ResNeXt)"
+            )
+        m = re.match(r"(layer\d+\.\d+)\.conv3\.weight$", k)
+        first = m and state.get(f"{m[1]}.conv1.weight")
+        if first is not None and state[k].shape[0] != 4 * first.shape[0]:
+            raise _Refused(
+                f"tensor {name(k)} has {state[k].shape[0]} output channels, not 4x the "
+                f"bottleneck width {first.shape[0]} (a wide ResNet)"
+            )
+
+
+def _require(state: Mapping[str, np.ndarray], key: str, name: Callable[[str], str]) -> np.ndarray:
+    if key not in state:
+        raise _Refused(f"tensor {name(key)} is missing")
+    return state[key]
+
+
+def _infer(state: Mapping[str, np.ndarray], name: Callable[[str], str]) -> dict[str, Any]:
+    """ResNet fields read off a state dict in torchvision's naming.
+
+    The stem from ``conv1.weight``, the block type from the presence of
+    ``conv3``, stage sizes from the ``layer{s}.{b}`` indices, widths from the
+    shapes, the shortcut option from where ``downsample``/``shortcut``
+    tensors are (none: A; in every block: C; else B).
+    """
+    stem = _require(state, "conv1.weight", name)
+    if stem.ndim != 4 or stem.shape[2:] not in ((7, 7), (3, 3)):
+        raise _Refused(
+            f"tensor {name('conv1.weight')} of shape {stem.shape} is neither a 7x7 (ImageNet) "
+            "nor a 3x3 (CIFAR) stem"
+        )
+    blocks: dict[int, int] = {}
+    for k in state:
+        m = re.match(r"layer(\d+)\.(\d+)\.", k)
+        if m:
+            blocks[int(m[1])] = max(blocks.get(int(m[1]), 0), int(m[2]) + 1)
+    if not blocks:
+        raise _Refused(f"no tensor of a residual stage (e.g. {name('layer1.0.conv1.weight')})")
+    stages = range(1, max(blocks) + 1)
+    stage_sizes = tuple(blocks.get(s, 0) for s in stages)
+    if min(stage_sizes) == 0:
+        missing = next(s for s in stages if s not in blocks)
+        raise _Refused(f"tensor {name(f'layer{missing}.0.conv1.weight')} is missing")
+    widths = tuple(int(_require(state, f"layer{s}.0.conv1.weight", name).shape[0]) for s in stages)
+    bottleneck = "layer1.0.conv3.weight" in state
+    projected = {
+        m[1] for k in state if (m := re.match(r"(layer\d+\.\d+)\.(downsample|shortcut)\.0\.", k))
+    }
+    n_blocks = sum(stage_sizes)
+    shortcut = "A" if not projected else "C" if len(projected) == n_blocks else "B"
+    return dict(
+        stage_sizes=stage_sizes,
+        block_cls=BottleneckBlock if bottleneck else BasicBlock,
+        widths=widths,
+        stem="imagenet" if stem.shape[2] == 7 else "cifar",
+        stem_width=int(stem.shape[0]),
+        shortcut=shortcut,
+    )
+
+
+_LEAF_NAMES = {
+    ("params", "kernel"): "weight",
+    ("params", "scale"): "weight",
+    ("params", "bias"): "bias",
+    ("batch_stats", "mean"): "running_mean",
+    ("batch_stats", "var"): "running_var",
+}
+
+
+def torch_name(path: tuple[str, ...], classifier: str = "fc", projection: str = "downsample"):
+    """The torchvision-layout name of the variable at ``(collection, *module_path, leaf)``."""
+    collection, *modules, leaf = path
+    parts = []
+    for p in modules:
+        block = re.fullmatch(r"stage(\d+)_block(\d+)", p)
+        if block:
+            parts.append(f"layer{block[1]}.{int(block[2]) - 1}")
+        elif p != "shortcut":
+            parts.append(
+                {
+                    "stem_conv": "conv1",
+                    "stem_bn": "bn1",
+                    "head": classifier,
+                    "proj_conv": f"{projection}.0",
+                    "proj_bn": f"{projection}.1",
+                }.get(p, p)
+            )
+    return ".".join([*parts, _LEAF_NAMES[collection, leaf]])
+
+
+def _to_flax(torch_value: np.ndarray) -> np.ndarray:
+    """OIHW convolution -> HWIO, (out, in) linear -> (in, out); vectors as they are."""
+    if torch_value.ndim == 4:
+        return torch_value.transpose(2, 3, 1, 0)
+    if torch_value.ndim == 2:
+        return torch_value.T
+    return torch_value
+
+
+def to_torch_array(flax_value: Any) -> np.ndarray:
+    """HWIO -> OIHW, (in, out) -> (out, in): a new, writable, C-contiguous float32 array."""
+    value = np.asarray(flax_value, np.float32)
+    if value.ndim == 4:
+        value = value.transpose(3, 2, 0, 1)
+    elif value.ndim == 2:
+        value = value.T
+    return np.array(value, np.float32, order="C")
+
+
+def _torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+    if len(flax_shape) == 4:
+        return tuple(flax_shape[i] for i in (3, 2, 0, 1))
+    return tuple(reversed(flax_shape))
+
+
+def variable_shapes(module: ResNet, in_channels: int) -> dict[tuple[str, ...], Any]:
+    """The module's variables, flattened, as shapes: nothing is computed."""
+    shapes = jax.eval_shape(
+        lambda: module.init(jax.random.key(0), jnp.zeros((1, 32, 32, in_channels)))
+    )
+    return traverse_util.flatten_dict(shapes)
+
+
+def _convert(
+    state: dict[str, np.ndarray],
+    *,
+    name: Callable[[str], str],
+    model: str | None,
+    num_classes: int | None,
+    variant: str,
+    options: Mapping[str, Any],
+) -> tuple[ResNet, dict[str, Any]]:
+    """The module and variables of a state dict in torchvision's naming."""
+    unknown = sorted(set(options) - set(CONVERTER_OPTIONS))
+    if unknown:
+        raise ValueError(f"Unknown option(s) {unknown}; valid: {', '.join(CONVERTER_OPTIONS)}.")
+    _refuse_variants(state, name)
+    fields = _infer(state, name)
+    if model is not None:
+        spec = model_spec(model)
+        shortcut = fields["shortcut"] if spec.residual else None
+        fields = dict(spec.resnet_fields(), shortcut=shortcut)
+    classifier = "linear" if "linear.weight" in state else "fc"
+    projection = "shortcut" if any(".shortcut.0." in k for k in state) else "downsample"
+    state, num_classes = _classifier(state, classifier, num_classes, name)
+    module = ResNet(
+        **fields,
+        num_classes=num_classes,
+        variant=variant,
+        **{"bn_momentum": 1 - TORCH_BN_MOMENTUM, "bn_epsilon": TORCH_BN_EPSILON, **options},
+    )
+    in_channels = int(state["conv1.weight"].shape[1])
+    flat: dict[tuple[str, ...], np.ndarray] = {}
+    # In torchvision's order, so that the first tensor named is the first one off.
+    named = {
+        torch_name(path, classifier, projection): (path, shape)
+        for path, shape in variable_shapes(module, in_channels).items()
+    }
+    for key in sorted(named, key=torchvision_order):
+        path, shape = named[key]
+        value = _to_flax(_require(state, key, name))
+        if value.shape != shape.shape:
+            raise _Refused(
+                f"tensor {name(key)} has shape {state[key].shape}, but "
+                f"{model or 'the network the other tensors describe'} needs "
+                f"{_torch_shape(shape.shape)}"
+            )
+        # A copy: numpy views of torch tensors would change with the torch model.
+        flat[path] = np.array(value, np.float32, order="C")
+    extra = sorted(
+        (k for k in state if k not in named and not k.endswith(".num_batches_tracked")),
+        key=torchvision_order,
+    )
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise _Refused(f"tensor {name(extra[0])}{more} has no place in {model or 'the network'}")
+    return module, traverse_util.unflatten_dict(flat)
+
+
+def _classifier(
+    state: dict[str, np.ndarray], classifier: str, num_classes: int | None, name: Callable
+) -> tuple[dict[str, np.ndarray], int]:
+    """The state dict (less the classifier for num_classes=0) and the number of classes."""
+    weight = f"{classifier}.weight"
+    available = int(state[weight].shape[0]) if weight in state else 0
+    if num_classes is None:
+        return state, available
+    if num_classes == 0:
+        return {k: v for k, v in state.items() if not k.startswith(f"{classifier}.")}, 0
+    if num_classes != available:
+        raise ValueError(
+            f"num_classes={num_classes}, but the weights have a {available}-class classifier "
+            f"(tensor {name(weight)}); pass num_classes=0 to drop it and train a new one."
+        )
+    return state, num_classes
+
+
+def convert_or_refuse(who: str, supported: str, **kw) -> tuple[ResNet, dict[str, Any]]:
+    try:
+        return _convert(**kw)
+    except _Refused as e:
+        raise ValueError(
+            f"{who} cannot convert this state dict: {e}. Supported: {supported}."
+        ) from None
+
+
+def from_torchvision(
+    source: Any,
+    *,
+    name: str | None = None,
+    num_classes: int | None = None,
+    preprocessing: Preprocessing | str | None = None,
+    **options: Any,
+) -> Converted:
+    """Converts a torchvision / timm ResNet, or a PyTorch CIFAR ResNet, to Flax.
+
+    Reads torchvision's ``resnet18/34/50/101/152`` (V1 and V2 weights), timm's
+    plain ``resnet*`` (e.g. ``resnet50.a1_in1k``, ``resnet26``) and the CIFAR
+    ResNets of akamaster/pytorch_resnet_cifar10 and most reproductions (3x3
+    stem, ``layer1..3``, ``linear``; option-A shortcuts, taken as such when
+    there are no projections: pass ``name='plain20'`` etc. for a plain net; or
+    option B as ``shortcut.0/1``). The architecture is read off the tensors;
+    bottlenecks are ``variant='v1.5'``, as in torchvision and timm. The result
+    computes the same function as the source in both modes (module docstring).
+
+    Args:
+      source: a state dict (names to torch tensors or numpy arrays; a
+        checkpoint's ``{'state_dict': ...}`` or ``{'model': ...}`` and
+        DataParallel's ``module.`` prefix are unwrapped), a torch module, or a
+        path: ``.safetensors`` (read without torch) or ``.pth``/``.pt``/
+        ``.bin``/``.th`` (needs torch). Nothing is downloaded.
+      name: check the weights against a named model (``'resnet50'``,
+        ``'resnet20'``, ``'plain20'``, ...) instead of reading the
+        architecture off them alone; a mismatch names the first tensor off.
+      num_classes: None keeps the classifier (``fc``/``linear``) or its
+        absence; 0 drops it (the module returns pooled features); any other
+        value must match the weights'.
+      preprocessing: the :class:`Preprocessing` (or name in ``PREPROCESSING``)
+        the result carries. Default: 'torchvision' (V1 weights) for ImageNet
+        nets, 'cifar' for CIFAR nets; torchvision's V2 weights want
+        'torchvision-v2', timm's ``Preprocessing.from_timm(cfg)``.
+      **options: ResNet fields for the converted module, one of
+        ``CONVERTER_OPTIONS`` (``dtype``, ``param_dtype``, ``bn_momentum``,
+        ``bn_epsilon``, ``bn_groups``, ``materialize``).
+
+    Returns:
+      A :class:`Converted` ``(module, {'params', 'batch_stats'})`` of float32
+      numpy arrays, with ``.preprocessing``.
+
+    Raises:
+      ValueError: for a layout this converter does not support (deep stems,
+        ResNet-D shortcuts, ResNeXt, SE blocks, wide ResNets), a missing or an
+        extra tensor, or a shape that does not fit; the message names the tensor.
+      ImportError: for a ``.pth``/``.bin`` file without torch installed.
+    """
+    who = "from_torchvision"
+    raw, _ = read_source(source, who)
+    module, variables = convert_or_refuse(
+        who,
+        _SUPPORTED_TORCH,
+        state=_torchvision_state(raw, who),
+        name=lambda k: k,
+        model=name,
+        num_classes=num_classes,
+        variant="v1.5",
+        options=options,
+    )
+    if preprocessing is None:
+        preprocessing = "torchvision" if module.stem == "imagenet" else "cifar"
+    return Converted(module, variables, preprocessing_record(preprocessing))
+
+
+def _torchvision_state(raw: Mapping[str, Any], who: str) -> dict[str, np.ndarray]:
+    """The state dict as numpy arrays; refuses transformers' layout, naming the converter."""
+    state = state_dict_arrays(raw)
+    if any(k.startswith(("embedder.embedder.", "resnet.embedder.")) for k in state):
+        raise ValueError(
+            f"{who}: these are Hugging Face transformers weights (embedder.*, encoder.*); "
+            "use rj.weights.from_transformers."
+        )
+    return state
+
+
+_TORCHVISION_RANKS = {
+    **{n: i for i, n in enumerate(("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample"))},
+    **{n: i for i, n in enumerate(("weight", "bias", "running_mean", "running_var"))},
+    "num_batches_tracked": 4,
+    "shortcut": 6,
+    "fc": 1000,
+    "linear": 1000,
+}
+
+
+def torchvision_order(key: str) -> tuple[int, ...]:
+    """Sorts names as torchvision's state_dict() lists them (layer10 after layer9)."""
+    ranks = []
+    for part in key.split("."):
+        layer = re.fullmatch(r"layer(\d+)", part)
+        ranks.append(
+            10 + int(layer[1])
+            if layer
+            else int(part)
+            if part.isdigit()
+            else _TORCHVISION_RANKS.get(part, 999)
+        )
+    return tuple(ranks)
