@@ -38,9 +38,12 @@ from typing import Any
 
 import numpy as np
 
+from configs.common import base_config
+from resnet_jax import launch
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results", "results.jsonl")
-CACHE = os.path.expanduser("~/.cache/resnet_jax/jax_compilation_cache")
+CACHE = launch.DEFAULT_CACHE
 DTYPES = ("float32", "bfloat16")
 MATERIALIZE = ("auto", "on", "off")
 PROVENANCE_KEYS = (
@@ -98,43 +101,22 @@ def parser(doc: str, **defaults: Any) -> argparse.ArgumentParser:
 
 
 def _add_device_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--cpu-devices",
-        type=int,
-        default=0,
-        help="on a CPU host, split it into this many XLA devices (0: one device)",
-    )
-    p.add_argument(
-        "--cpu-conv",
-        default="eigen",
-        choices=["eigen", "ynn"],
-        help="XLA:CPU convolution kernels (resnet_jax.xla_cpu); no effect on GPU/TPU",
-    )
+    launch.add_argparse_flags(p)  # --cpu-devices, --cpu-conv, --compilation-cache-dir, ...
     p.add_argument(
         "--materialize",
         default="auto",
         choices=MATERIALIZE,
         help="ResNet(materialize=...); auto: on when JAX's default backend is the CPU",
     )
-    p.add_argument(
-        "--compilation-cache-dir",
-        default=CACHE,
-        help="JAX's persistent compilation cache ('' disables it)",
-    )
 
 
 def configure(a: argparse.Namespace) -> None:
-    """Applies ``--cpu-devices``/``--cpu-conv`` (before JAX starts) and the compile cache."""
-    from resnet_jax import xla_cpu
-
-    flags = xla_cpu.configure(a.cpu_devices, a.cpu_conv)
-    if flags:
-        print(f"XLA_FLAGS={flags}")
-    import jax
-
-    if a.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", a.compilation_cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    """Starts JAX as train.py does (resnet_jax.launch: the platform's XLA flags
+    before its backends start, the cluster, the compile cache) and prints the
+    XLA flags it runs with."""
+    launch.start(launch.options_from(a), log_level=None)
+    if os.environ.get("XLA_FLAGS"):
+        print(f"XLA_FLAGS={os.environ['XLA_FLAGS']}")
 
 
 def resolve_materialize(choice: str) -> bool:
@@ -174,14 +156,13 @@ def setup(
     variant: str = "v1",
     num_classes: int | None = None,
 ):
-    """The network and its replicated train state (SGD momentum 0.9, weight decay
-    1e-4, as the recipes) over every device.
+    """The network and its replicated train state (the trainer's optimizer:
+    SGD momentum 0.9, weight decay 1e-4, learning rate 0.1) over every device.
 
     Returns ``(module, state, replicated_sharding, batch_sharding)``.
     """
     import jax
     import jax.numpy as jnp
-    import optax
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -199,7 +180,7 @@ def setup(
             f"--batch-size {batch_size} must divide by the {mesh.devices.size} devices."
         )
     repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
+    tx = recipe.create_optimizer(base_config(), lambda step: 0.1)
     state = recipe.create_train_state(net, tx, (size, size, 3), jax.random.key(0), repl)
     return net, state, repl, data
 

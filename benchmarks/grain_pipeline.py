@@ -20,7 +20,7 @@ come back through shared memory. Batch ``k`` of the stream is global step
 grain's iterator state (a small dict of positions) restores it exactly, and so
 does ``dataset[k:]``.
 
-The crop window has the distribution of ``resnet_jax.data._imagenet_train_window``
+The crop window has the distribution of ``resnet_jax.data.transforms.imagenet_train_window``
 (``train_crop="scale"``): shorter side ``s`` uniform in ``scale_range``, a
 random ``image_size`` square of the image rescaled to ``s`` taken in source
 pixels (side ``image_size * shorter / s``), a horizontal flip with

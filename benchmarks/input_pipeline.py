@@ -241,13 +241,13 @@ def full_decode_batches(config):
 
     from resnet_jax import data
 
-    tfds = data._tfds()
+    tfds = data.tfds_module()
     mean = np.asarray(data.IMAGENET_MEAN_RGB, np.float32)
     lo, hi = config.train_scale_range
     crop = int(config.image_size)
     epoch = 0
     while True:
-        seed = data._epoch_seed(config.seed, epoch)
+        seed = data.epoch_seed(config.seed, epoch)
         ds = tfds.load(
             "imagenet2012",
             split="train",
@@ -526,7 +526,7 @@ def pipeline_only(a, config) -> dict:
         if "torchvision" in designs:
             folder = os.path.join(tmp, "image_folder")
             extract_image_folder(config.data_dir, folder, 10**9)  # every training JPEG
-            args = (folder, data._train_crop(config), int(config.image_size))
+            args = (folder, data.transforms.train_crop(config), int(config.image_size))
             jobs["torchvision"] = (measure_torch, *args, tuple(config.train_scale_range), b, n)
             jobs["torchvision"] += (warmup,)
         print(f"{cores()} cores, batch {b}, {n} timed batches after {warmup}, {a.repeats} repeats")
@@ -591,7 +591,7 @@ def pipeline_result(a, config, rows: dict, load: list, examples: int) -> dict:
         "mode": "pipeline_only",
         "config": os.path.basename(a.config),
         "dataset": config.dataset,
-        "train_crop": data._train_crop(config),
+        "train_crop": data.transforms.train_crop(config),
         "batch_size": config.batch_size,
         "image_size": int(config.image_size),
         "train_scale_range": list(config.train_scale_range),

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import logging
 import os
 import platform
 import socket
@@ -51,6 +52,7 @@ from typing import Any
 from etils import epath
 
 from experiments import runs, sweep
+from resnet_jax import launch
 from resnet_jax.errors import UserError
 
 PRETRAIN_CLASSES = (0, 1, 2, 3, 4)
@@ -361,7 +363,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument(
         "--steps", type=int, default=0, help="each run's steps; 0: the recipe's 300"
     )
-    runs.add_jax_flags(parser)
+    launch.add_argparse_flags(parser)
     args = parser.parse_args(own)
     _check_overrides(overrides)
     return args, overrides
@@ -370,8 +372,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, overrides = parse_args(argv)
-    runs.setup_logging(args.verbose)
-    runs.start_jax(args)
+    launch.setup_logging(args.verbose, logging.WARNING)
+    launch.start(launch.options_from(args), log_level=None)
     started = time.time()
     results = run_all(args, overrides, out=lambda s: print(s, flush=True))
     results = {"provenance": provenance(argv, started, time.time()), **results}
@@ -381,4 +383,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    runs.exit_on_user_error("finetune_digits", main)
+    sys.exit(launch.run("finetune_digits", main))

@@ -33,6 +33,7 @@ from typing import Any
 from etils import epath
 
 from experiments import runs
+from resnet_jax import launch
 from resnet_jax.errors import UserError
 
 FIGSIZE, DPI = (12.0, 4.5), 100
@@ -243,4 +244,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    runs.exit_on_user_error("experiments.plot_curves", main)
+    sys.exit(launch.run("experiments.plot_curves", main))

@@ -24,6 +24,7 @@ and overrides).
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import statistics
 import sys
@@ -35,6 +36,7 @@ import numpy as np
 from etils import epath
 
 from experiments import runs
+from resnet_jax import launch
 from resnet_jax.errors import UserError
 
 FIGSIZE, DPI = (8.0, 7.0), 100
@@ -239,7 +241,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--seeds", help="comma-separated seeds to include (default: all)")
     p.add_argument("--config", help="config file of runs without config.json (as train.py took it)")
     p.add_argument("--title")
-    runs.add_jax_flags(p)
+    launch.add_argparse_flags(p)
     return p.parse_args(own), overrides
 
 
@@ -254,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_list = [r for r in run_list if r.seed in seeds]
     if not run_list:
         raise UserError(f"{args.root} holds no runs to analyse (workdirs named plainN/resnetN).")
-    runs.start_jax(args)
+    launch.start(launch.options_from(args), log_level=None)
     models = collect(run_list, args.config, overrides)
     out = epath.Path(args.out or epath.Path(args.root) / "fig7.png")
     plot(models, str(out), args.title)
@@ -266,5 +268,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     _args, _ = parse_args(sys.argv[1:])
-    runs.setup_logging(_args.verbose)
-    runs.exit_on_user_error("experiments.responses", main)
+    launch.setup_logging(_args.verbose, logging.WARNING)
+    sys.exit(launch.run("experiments.responses", main))

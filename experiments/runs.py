@@ -13,13 +13,10 @@ or ``cifar_resnet20``; analysing their checkpoints needs their config
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import logging
 import os
 import re
-import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -27,6 +24,7 @@ import numpy as np
 from etils import epath
 
 from resnet_jax.errors import UserError
+from resnet_jax.training import checkpoints
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -164,10 +162,7 @@ def eval_errors(metrics: Sequence[dict]) -> tuple[list[int], list[float]]:
 
 def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
     """The steps of ``WORKDIR/checkpoints/STEP`` that orbax has committed (sorted)."""
-    path = epath.Path(workdir) / "checkpoints"
-    if not path.exists():
-        return []
-    return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit())
+    return checkpoints.saved_steps(workdir)
 
 
 def read_result(workdir: str | os.PathLike) -> dict[str, Any] | None:
@@ -186,62 +181,6 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 # --------------------------------------------------------------------------- #
 # Command lines: JAX flags, config overrides, one-line errors
 # --------------------------------------------------------------------------- #
-
-
-def add_jax_flags(parser: argparse.ArgumentParser) -> None:
-    """``--cpu-devices``, ``--cpu-conv``, ``--compilation-cache-dir``, ``--verbose``
-    (train.py's ``--cpu_devices``, ``--cpu_conv``, ``--compilation_cache_dir``)."""
-    parser.add_argument(
-        "--cpu-devices",
-        type=int,
-        default=0,
-        help="on a CPU-only host, split the CPU into this many XLA devices (e.g. one per core)",
-    )
-    parser.add_argument("--cpu-conv", choices=("eigen", "ynn"), default="eigen")
-    parser.add_argument(
-        "--compilation-cache-dir",
-        default=os.path.expanduser("~/.cache/resnet_jax/jax_compilation_cache"),
-        help="persistent XLA compilation cache ('' disables it)",
-    )
-    parser.add_argument("--verbose", action="store_true", help="the libraries' own log messages")
-
-
-def start_jax(args: argparse.Namespace) -> None:
-    """The platform's XLA flags (as train.py sets them) and the compilation cache.
-
-    The flags are set only while JAX has not started its backends (a caller
-    that already runs JAX, such as a test session, keeps its own).
-    """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    from jax._src import xla_bridge
-
-    from resnet_jax import xla_cpu, xla_gpu
-
-    if not xla_bridge.backends_are_initialized():
-        if xla_cpu.cpu_is_the_platform():
-            xla_cpu.configure(args.cpu_devices, args.cpu_conv)
-        elif xla_gpu.gpu_is_the_platform():
-            xla_gpu.configure()
-    import jax
-
-    if args.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
-def setup_logging(verbose: bool) -> None:
-    """For a command line: resnet_jax's warnings (and with ``verbose`` its info
-    and the libraries' messages) on stderr, as train.py shows them."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    log = logging.getLogger("resnet_jax")
-    log.handlers[:] = [handler]
-    log.propagate = False
-    log.setLevel(logging.INFO if verbose else logging.WARNING)
-    quiet = logging.INFO if verbose else logging.CRITICAL
-    logging.getLogger("absl").setLevel(quiet)  # orbax logs every save through absl
-    logging.getLogger("tensorflow").setLevel(logging.INFO if verbose else logging.ERROR)
 
 
 def split_config_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -308,20 +247,6 @@ def run_config(run: Run, config_file: str | None, overrides: Sequence[str]) -> A
         config = load_config_file(config_file)
         config.model, config.seed = run.model, run.seed
     return apply_overrides(config, overrides)
-
-
-def exit_on_user_error(prog: str, main, argv: Sequence[str] | None = None) -> None:
-    """Runs ``main(argv)`` and exits with its status; a UserError is one line
-    (status 2), a second Ctrl-C (which stops a run without saving) status 130."""
-    try:
-        status = main(argv)
-    except UserError as e:
-        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; run the same command to go on.", file=sys.stderr, flush=True)
-        sys.exit(130)
-    sys.exit(status)
 
 
 # --------------------------------------------------------------------------- #

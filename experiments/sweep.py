@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
@@ -60,6 +61,7 @@ from typing import Any
 from etils import epath
 
 from experiments import runs, table6
+from resnet_jax import launch
 from resnet_jax.errors import UserError, one_line
 
 DATASETS = ("digits", "cifar10", "cifar100")
@@ -435,7 +437,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         help="at the end, also write ROOT/fig6.png (experiments.plot_curves) and ROOT/fig7.png "
         "(experiments.responses), with their data",
     )
-    runs.add_jax_flags(p)
+    launch.add_argparse_flags(p)
     args = p.parse_args(own)
     args.depths = args.depths or _int_list(DEFAULT_DEPTHS[args.dataset])
     args.root = args.root or f"runs/sweep_{args.dataset}"
@@ -444,7 +446,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    runs.start_jax(args)
+    launch.start(launch.options_from(args), log_level=None)
     import jax
 
     planned = plan(args, overrides, jax.default_backend(), jax.device_count())
@@ -486,5 +488,5 @@ def write_figures(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     _args, _ = parse_args(sys.argv[1:])
-    runs.setup_logging(_args.verbose)
-    runs.exit_on_user_error("experiments.sweep", main)
+    launch.setup_logging(_args.verbose, logging.WARNING)
+    sys.exit(launch.run("experiments.sweep", main))

@@ -21,6 +21,7 @@ from typing import Any
 from etils import epath
 
 from experiments import runs
+from resnet_jax import launch
 
 # Table 6 of He et al. (2016), CIFAR-10 test error (%) of the ResNets. For
 # ResNet-110 the table gives the best of 5 runs, 6.43, and "6.61±0.16" (mean ± std).
@@ -194,4 +195,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    runs.exit_on_user_error("experiments.table6", main)
+    sys.exit(launch.run("experiments.table6", main))

@@ -61,21 +61,25 @@ import json
 import logging
 import os
 import pickle
-import sys
 import time
 from typing import Any
 
 import jax
 import numpy as np
+from absl import app, flags
 from etils import epath
 from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from ml_collections import config_flags
 
 import resnet_jax as rj
-from resnet_jax.errors import FLAG_PARSE_ERRORS, UserError, flag_error_message
+from resnet_jax import data as data_lib
+from resnet_jax import launch
+from resnet_jax.errors import UserError
 from resnet_jax.training import checkpoints, experiment, recipe
 from resnet_jax.training import steps as train_steps
+from resnet_jax.training import workdir as layout
 from resnet_jax.training.checks import pad_eval_batch
 
 log = logging.getLogger("resnet_jax.evaluate")  # also when run as __main__
@@ -98,8 +102,6 @@ class EvalState(struct.PyTreeNode):
 
 def _prepare_config(config: Any, ten_crop: bool | None) -> Any:
     """A copy of ``config`` with ``ten_crop`` applied and checked."""
-    from resnet_jax import data as data_lib
-
     c = config.copy_and_resolve_references()
     data_lib.check_dataset(c.dataset)
     if ten_crop is not None:
@@ -114,8 +116,6 @@ def _prepare_config(config: Any, ten_crop: bool | None) -> Any:
 
 def split_name(config: Any) -> str:
     """The name of the split a recipe evaluates on (``config.eval_split`` if set)."""
-    from resnet_jax import data as data_lib
-
     return data_lib.eval_split(config)
 
 
@@ -159,36 +159,19 @@ class _StepCheckpointer(checkpoints.Checkpointer):
         return [s for s in super().all_steps() if s == self._only]
 
 
-def _abstract_state(exp: experiment.Experiment) -> Any:
-    """Shapes, dtypes and (replicated) shardings of the run's TrainState."""
-
-    def init(rng):
-        shape = exp.pipeline.info.image_shape
-        return recipe.create_train_state(exp.model, exp.tx, shape, rng, exp.replicated)
-
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=exp.replicated),
-        jax.eval_shape(init, jax.random.key(0)),
-    )
-
-
 def checkpoint_steps(workdir: str, step: int | None = None) -> list[int]:
     """The steps of the checkpoints in ``workdir`` (nothing is created).
 
     Raises:
       UserError: no checkpoints there, or none of ``step``.
     """
-    directory = epath.Path(workdir) / "checkpoints"
+    directory = layout.checkpoints_dir(workdir)
     if not directory.exists():
         raise UserError(
             f"--workdir {workdir} holds no checkpoints ({directory} does not exist); "
             "give the --workdir of a train.py run."
         )
-    ckpt = checkpoints.Checkpointer(directory, async_save=False)
-    try:
-        steps = ckpt.all_steps()
-    finally:
-        ckpt.close()
+    steps = checkpoints.saved_steps(workdir)
     if not steps:
         raise UserError(f"--workdir {workdir} holds no checkpoints (in {directory}).")
     if step is not None and step not in steps:
@@ -210,20 +193,20 @@ def restore_checkpoint(exp: experiment.Experiment, step: int | None = None) -> t
         of another experiment (IncompatibleCheckpointError).
     """
     checkpoint_steps(exp.workdir, step)
-    directory = epath.Path(exp.workdir) / "checkpoints"
+    directory = layout.checkpoints_dir(exp.workdir)
     kw = dict(max_to_keep=int(exp.config.keep_checkpoints), async_save=False)
     if step is None:
         ckpt = checkpoints.Checkpointer(directory, **kw)
     else:
         ckpt = _StepCheckpointer(directory, step, **kw)
     try:
-        restored = ckpt.restore_latest(_abstract_state(exp), exp.fingerprint)
+        restored = ckpt.restore_latest(exp.abstract_state(), exp.fingerprint)
     finally:
         ckpt.close()
     if restored is None:
         raise UserError(
             f"No readable checkpoint{'' if step is None else f' of step {step}'} in "
-            f"{directory} (unreadable ones were moved to {directory}_corrupt)."
+            f"{directory} (unreadable ones were moved to {layout.quarantine_dir(directory)})."
         )
     state, _ = restored
     return state, int(jax.device_get(state.step))
@@ -370,8 +353,6 @@ def evaluate_weights(
     config: Any, path: str, source: str = "auto", ten_crop: bool | None = None
 ) -> dict[str, Any]:
     """Evaluates converted weights at ``path`` on ``config``'s dataset (see the module doc)."""
-    from resnet_jax import data as data_lib
-
     converted, kind = load_weights(path, source)
     module, variables = converted
     c = _weights_config(_prepare_config(config, ten_crop), converted, path)
@@ -458,94 +439,50 @@ def write_output(path: str, result: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- #
 
 
-def _flags():
-    from absl import flags
-    from ml_collections import config_flags
+PROG = "evaluate"
 
+
+def _flags():
     flags.DEFINE_string("workdir", None, "A train.py run's workdir: evaluate its checkpoint.")
     flags.DEFINE_integer("step", None, "With --workdir: this step's checkpoint (default newest).")
     flags.DEFINE_string("weights", None, "A converted file or directory (torchvision, HF).")
     flags.DEFINE_enum("source", "auto", list(SOURCES), "The layout of --weights.")
     flags.DEFINE_bool("ten_crop", None, "10-crop testing (ImageNet); default: the config's.")
     flags.DEFINE_string("output", None, "Also write the JSON result here (a new file).")
-    flags.DEFINE_string(
-        "compilation_cache_dir",
-        os.path.expanduser("~/.cache/resnet_jax/jax_compilation_cache"),
-        "Persistent XLA compilation cache ('' disables it).",
-    )
-    flags.DEFINE_integer(
-        "cpu_devices", 0, "On a CPU-only host, split the CPU into this many devices."
-    )
-    flags.DEFINE_bool("verbose", False, "Show the libraries' own log messages.")
     config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
+    launch.define_absl_flags(flags)
     return flags.FLAGS
-
-
-def _error(message: str) -> None:
-    print(f"evaluate: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
-    sys.exit(2)
 
 
 def _check_flags(FLAGS) -> None:
     if FLAGS.config is None:
-        _error("--config is required (a configs/*.py file).")
+        launch.fail(PROG, "--config is required (a configs/*.py file).")
     if (FLAGS.workdir is None) == (FLAGS.weights is None):
-        _error("give exactly one of --workdir (a training run) and --weights (converted weights).")
+        launch.fail(
+            PROG,
+            "give exactly one of --workdir (a training run) and --weights (converted weights).",
+        )
     if FLAGS.step is not None and FLAGS.workdir is None:
-        _error("--step selects a checkpoint of --workdir; --weights has none.")
+        launch.fail(PROG, "--step selects a checkpoint of --workdir; --weights has none.")
     if FLAGS.source != "auto" and FLAGS.weights is None:
-        _error("--source describes --weights; a --workdir checkpoint has none.")
-
-
-def _start_jax(FLAGS) -> None:
-    from resnet_jax import data as data_lib
-    from resnet_jax import xla_cpu, xla_gpu
-
-    if xla_cpu.cpu_is_the_platform():
-        xla_cpu.configure(FLAGS.cpu_devices)
-    elif xla_gpu.gpu_is_the_platform():
-        xla_gpu.configure()
-    data_lib.configure_tensorflow()
-    if FLAGS.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
-def _setup_logging(verbose: bool) -> None:
-    """Our messages plain on stderr; orbax's and TensorFlow's only with --verbose."""
-    ours = logging.getLogger("resnet_jax")
-    ours.handlers[:] = [logging.StreamHandler(sys.stderr)]
-    ours.propagate = False
-    ours.setLevel(logging.INFO)
-    if not verbose:
-        logging.getLogger("absl").setLevel(logging.CRITICAL)
-        logging.getLogger("tensorflow").setLevel(logging.ERROR)
+        launch.fail(PROG, "--source describes --weights; a --workdir checkpoint has none.")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing and the config file's loading; a mistake is one line."""
-    from absl import flags
-
-    FLAGS = flags.FLAGS
-    try:
-        rest = FLAGS(argv)
-        if FLAGS.config is not None:
-            FLAGS.config.to_dict()  # ml_collections loads the file lazily: load it now
-    except (flags.Error, *FLAG_PARSE_ERRORS) as e:
-        _error(flag_error_message(e))
-    _check_flags(FLAGS)
+    rest = launch.parse_absl_flags(PROG, flags, argv)
+    _check_flags(flags.FLAGS)
     return rest
 
 
 def _main(argv: list[str]) -> None:
-    from absl import flags
-
     del argv
     FLAGS = flags.FLAGS
-    _setup_logging(FLAGS.verbose)
-    try:
+
+    def evaluate():
         check_output(FLAGS.output)
-        _start_jax(FLAGS)
+        launch.start(launch.options_from(FLAGS))
+        data_lib.configure_tensorflow()
         if FLAGS.workdir is not None:
             result = evaluate_workdir(FLAGS.config, FLAGS.workdir, FLAGS.step, FLAGS.ten_crop)
         else:
@@ -555,16 +492,12 @@ def _main(argv: list[str]) -> None:
             print(json.dumps(result), flush=True)
             if FLAGS.output:
                 write_output(FLAGS.output, result)
-    except UserError as e:
-        _error(str(e))
+
+    launch.run(PROG, evaluate)
 
 
 def main() -> None:
     """The command line (see the module doc; ``--help`` lists the flags)."""
-    from absl import app
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     _flags()
     app.run(_main, flags_parser=_parse_flags)
 

@@ -22,7 +22,7 @@ from resnet_jax import data as data_lib  # noqa: E402
 from resnet_jax import evaluate, mini_imagenet  # noqa: E402
 from resnet_jax.errors import UserError  # noqa: E402
 from tests.helpers import COMPILE_CACHE_ENV, ROOT, read_metrics, run_train, tiny_config  # noqa: E402
-from tests.test_converters import CifarResNet, randomise  # noqa: E402
+from tests.weights.test_converters import CifarResNet, randomise  # noqa: E402
 
 NUM_CLASSES, TRAIN_PER_CLASS = 10, 1  # 10 training and 10 validation JPEGs
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 from typing import Any
@@ -61,9 +62,7 @@ def check_dataset(name: str) -> None:
 # TensorFlow set-up
 # --------------------------------------------------------------------------- #
 
-_tf_configured = False
-
-
+@functools.cache
 def configure_tensorflow() -> None:
     """Sets TensorFlow up to feed JAX: quiet C++ logs and no GPUs.
 
@@ -72,11 +71,9 @@ def configure_tensorflow() -> None:
     never takes accelerator memory. Idempotent. Call it where a program starts;
     :class:`InputPipeline` and the tfds helpers here call it before they import
     TensorFlow. If TensorFlow has already initialised its GPUs they can no
-    longer be hidden, and this logs a warning.
+    longer be hidden, and this logs a warning. (``configure_tensorflow.cache_clear()``
+    makes the next call run again.)
     """
-    global _tf_configured
-    if _tf_configured:
-        return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
@@ -87,7 +84,6 @@ def configure_tensorflow() -> None:
             "TensorFlow initialised its GPUs before configure_tensorflow(); "
             "it may hold accelerator memory that JAX needs."
         )
-    _tf_configured = True
 
 
 def tfds_module():
@@ -183,7 +179,7 @@ def _first_per_class(split: Split, n: int, seed: int) -> Split:
     return Split(split.images[keep], split.labels[keep])
 
 
-def _tfds_in_memory(name: str, split: str, data_dir: str | None) -> Split:
+def read_tfds_split(name: str, split: str, data_dir: str | None) -> Split:
     """One tfds split read whole into memory."""
     tfds = tfds_module()
     # Batches of 10k rather than batch_size=-1, which aborts under tfds' mock_data.
@@ -252,9 +248,9 @@ def load_in_memory(config: Any) -> tuple[Split, Split, np.ndarray]:
     if config.validation_split:
         # The paper's CIFAR analysis split: 45k train / 5k validation.
         train_split = f"train[:-{int(config.validation_split)}]"
-    train = _tfds_in_memory(config.dataset, train_split, config.data_dir)
+    train = read_tfds_split(config.dataset, train_split, config.data_dir)
     try:
-        test = _tfds_in_memory(config.dataset, eval_split(config), config.data_dir)
+        test = read_tfds_split(config.dataset, eval_split(config), config.data_dir)
     except (KeyError, ValueError) as e:
         raise _bad_eval_split(config, e) from e
     return train, test, pixel_mean(train)

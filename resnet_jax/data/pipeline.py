@@ -61,10 +61,10 @@ from resnet_jax.data.datasets import (
 from resnet_jax.errors import UserError
 
 # about this many steps: one per epoch costs time and host memory.
-_STEPS_PER_PIPELINE = 10_000
+STEPS_PER_PIPELINE = 10_000
 # ImageNet builds one pipeline per at most this many epochs (each epoch is a
 # tfds.load of its own, with the epoch's file and example shuffle seeds).
-_MAX_IMAGENET_EPOCHS_PER_PIPELINE = 4
+MAX_IMAGENET_EPOCHS_PER_PIPELINE = 4
 
 
 IMAGE_DTYPES = ("float32", "uint8")
@@ -121,7 +121,7 @@ class InMemorySource(_Source):
 
     @property
     def epochs_per_pipeline(self) -> int:
-        return max(1, math.ceil(_STEPS_PER_PIPELINE / self.steps_per_epoch))
+        return max(1, math.ceil(STEPS_PER_PIPELINE / self.steps_per_epoch))
 
     def _order(self, epoch: int, count: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
         """This host's examples of epochs ``epoch .. epoch + count - 1`` from
@@ -187,8 +187,8 @@ class ImageNetSource(_Source):
     bytes (about 110 kB an image, not a decoded photograph), a resume skips
     examples without decoding them, and each example's map decodes only the
     window it keeps (``tf.image.decode_and_crop_jpeg``). One pipeline covers
-    up to ``_MAX_IMAGENET_EPOCHS_PER_PIPELINE`` epochs (about
-    ``_STEPS_PER_PIPELINE`` steps), each epoch shuffled by its own seed.
+    up to ``MAX_IMAGENET_EPOCHS_PER_PIPELINE`` epochs (about
+    ``STEPS_PER_PIPELINE`` steps), each epoch shuffled by its own seed.
 
     Raises :class:`DataNotFoundError` when it is not prepared (see
     :func:`imagenet_preflight`). Augmentation seeds are (epoch seed, the
@@ -216,8 +216,8 @@ class ImageNetSource(_Source):
 
     @property
     def epochs_per_pipeline(self) -> int:
-        chunk = math.ceil(_STEPS_PER_PIPELINE / self.steps_per_epoch)
-        return max(1, min(_MAX_IMAGENET_EPOCHS_PER_PIPELINE, chunk))
+        chunk = math.ceil(STEPS_PER_PIPELINE / self.steps_per_epoch)
+        return max(1, min(MAX_IMAGENET_EPOCHS_PER_PIPELINE, chunk))
 
     def train_epochs(self, epoch: int, count: int, offset: int):
         """This host's training examples of epochs ``epoch .. epoch + count - 1``,

@@ -80,6 +80,20 @@ def _is_out_of_space(error: BaseException) -> bool:
     return False
 
 
+def saved_steps(workdir: str | os.PathLike) -> list[int]:
+    """The steps of the checkpoints orbax has committed in ``WORKDIR/checkpoints``,
+    sorted; nothing is created (``[]`` when there is no such directory)."""
+    directory = layout.checkpoints_dir(workdir)
+    if not directory.exists():
+        return []
+    options = ocp.CheckpointManagerOptions(read_only=True)
+    manager = ocp.CheckpointManager(directory, options=options)
+    try:
+        return sorted(manager.all_steps())
+    finally:
+        manager.close()
+
+
 class Checkpointer:
     """Saves and restores ``TrainState`` + metadata under ``directory``.
 

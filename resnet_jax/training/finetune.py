@@ -37,6 +37,7 @@ from flax import traverse_util
 
 from resnet_jax.errors import UserError
 from resnet_jax.models import BottleneckBlock
+from resnet_jax.training import checkpoints
 from resnet_jax.training import workdir as layout
 from resnet_jax.weights import from_torchvision, from_transformers
 
@@ -99,11 +100,8 @@ def read_checkpoint_variables(workdir: str) -> tuple[int, dict[str, Any]]:
     """
     # Absolute: orbax reads no tree metadata through a relative path.
     directory = layout.checkpoints_dir(workdir)
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
-    try:
-        step = manager.latest_step()
-    finally:
-        manager.close()
+    steps = checkpoints.saved_steps(workdir)
+    step = steps[-1] if steps else None
     if step is None:
         raise UserError(f"init_from={workdir!r} has no checkpoint in {directory}.")
     path = directory / str(step) / "state"

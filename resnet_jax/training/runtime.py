@@ -98,7 +98,7 @@ class MetricWriter:
     :meth:`flush`, which the loop calls before each checkpoint, so every line
     up to a checkpoint's step is stored before the checkpoint. An object is
     replaced whole, so a kill never tears a line. TensorBoard events go
-    through :class:`_TensorBoard`.
+    through :class:`TensorBoardWriter`.
     """
 
     # Seconds between uploads of a remote metrics.jsonl (environment variable
@@ -120,7 +120,7 @@ class MetricWriter:
                 self._path.replace(self._path.with_name(f"metrics.jsonl.{int(time.time())}.bak"))
             else:
                 self._truncate_to(resume_step)
-        self._tb = _TensorBoard(epath.Path(workdir) / "tensorboard", remote=self.remote)
+        self._tb = TensorBoardWriter(epath.Path(workdir) / "tensorboard", remote=self.remote)
         self._file = None if self.remote else open(self.path, "a")
 
     def _truncate_to(self, step: int) -> None:
@@ -175,7 +175,7 @@ class MetricWriter:
             self._tb.close()
 
 
-class _TensorBoard:
+class TensorBoardWriter:
     """clu's ``SummaryWriter`` on ``logdir``; a remote ``logdir`` gets a local mirror.
 
     clu writes through TensorFlow's filesystems: ``gs://`` only, and TF's GCS

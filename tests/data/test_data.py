@@ -16,6 +16,7 @@ import pytest
 
 from configs import digits, imagenet
 from resnet_jax import data as data_lib
+from resnet_jax.data import datasets, pipeline, transforms
 from resnet_jax.errors import DataNotFoundError, UserError
 from tests.helpers import ROOT, tiny_config
 
@@ -129,7 +130,7 @@ def test_augmentation_differs_between_epochs_and_is_reproduced_on_resume():
 def test_stream_does_not_depend_on_how_epochs_are_grouped_into_pipelines(monkeypatch):
     c = tiny_config(mock_num_examples=37)  # 2 steps per epoch
     stream = take(data_lib.InputPipeline(c).train_batches(1), 7)
-    monkeypatch.setattr(data_lib, "_STEPS_PER_PIPELINE", 1)  # one pipeline per epoch
+    monkeypatch.setattr(pipeline, "STEPS_PER_PIPELINE", 1)  # one pipeline per epoch
     pipe = data_lib.InputPipeline(c)
     assert pipe.source.epochs_per_pipeline == 1
     assert_same_batches(take(pipe.train_batches(1), 7), stream)
@@ -170,7 +171,7 @@ def test_paper_validation_split_holds_out_the_end_of_train(monkeypatch):
         calls.append((name, split))
         return data_lib.Split(np.zeros((4, 32, 32, 3), np.uint8), np.zeros((4,), np.int32))
 
-    monkeypatch.setattr(data_lib, "_tfds_in_memory", fake)
+    monkeypatch.setattr(datasets, "read_tfds_split", fake)
     data_lib.load_in_memory(tiny_config(validation_split=5000))
     assert calls == [("cifar10", "train[:-5000]"), ("cifar10", "train[-5000:]")]
     calls.clear()
@@ -277,7 +278,7 @@ def _windows(config, shape, n):
 
     out = []
     for i in range(n):
-        w, flip = data_lib._imagenet_train_window(
+        w, flip = transforms.imagenet_train_window(
             tf.constant(shape), tf.constant([3, i], tf.int64), config
         )
         out.append((w.numpy(), bool(flip)))
@@ -292,9 +293,9 @@ def test_imagenet_train_crop_is_the_decoded_window_resized_and_flipped():
     full = tf.io.decode_jpeg(encoded, channels=3).numpy()
     for seed in range(4):
         s = tf.constant([11, seed], tf.int64)
-        crop = data_lib._imagenet_train(tf.constant(encoded), s, c).numpy()
+        crop = transforms.imagenet_train(tf.constant(encoded), s, c).numpy()
         assert crop.shape == (224, 224, 3) and crop.dtype == np.float32
-        window, flip = data_lib._imagenet_train_window(tf.constant([427, 640, 3]), s, c)
+        window, flip = transforms.imagenet_train_window(tf.constant([427, 640, 3]), s, c)
         top, left, h, w = window.numpy()
         part = tf.image.decode_and_crop_jpeg(encoded, window, channels=3).numpy()
         # The window's pixels; chroma upsampling differs by a few levels on its edge only.
@@ -338,9 +339,9 @@ def test_imagenet_eval_center_crop_equals_resize_then_center_crop(size):
 
     c = imagenet.get_config()
     encoded = _photo_jpeg(size=size)
-    got = data_lib._imagenet_eval(tf.constant(encoded), c).numpy()
+    got = transforms.imagenet_eval(tf.constant(encoded), c).numpy()
     assert got.shape == (224, 224, 3)
-    full = data_lib._resize_shorter(tf.cast(tf.io.decode_jpeg(encoded), tf.float32), 256).numpy()
+    full = transforms.resize_shorter(tf.cast(tf.io.decode_jpeg(encoded), tf.float32), 256).numpy()
     h, w = full.shape[:2]
     assert min(h, w) == 256 and max(h, w) == int(256 * max(size) / min(size))
     top, left = round((h - 224) / 2), round((w - 224) / 2)
@@ -355,11 +356,11 @@ def test_imagenet_greyscale_jpegs_decode_as_rgb():
     encoded = tf.constant(_photo_jpeg(grey=True))
     c = imagenet.get_config()
     crops = [
-        data_lib._imagenet_train(encoded, tf.constant([0, 1], tf.int64), c),
-        data_lib._imagenet_eval(encoded, c),
+        transforms.imagenet_train(encoded, tf.constant([0, 1], tf.int64), c),
+        transforms.imagenet_eval(encoded, c),
     ]
     c.ten_crop = True
-    crops.append(data_lib._imagenet_eval(encoded, c)[3])
+    crops.append(transforms.imagenet_eval(encoded, c)[3])
     for crop in crops:
         assert crop.shape == (224, 224, 3)
         np.testing.assert_array_equal(crop[..., 0], crop[..., 2])
@@ -445,7 +446,7 @@ def test_configure_tensorflow_hides_gpus_once_and_warns_when_too_late(monkeypatc
 
     calls = []
     monkeypatch.setattr(tf.config, "set_visible_devices", lambda *a: calls.append(a))
-    monkeypatch.setattr(data_lib, "_tf_configured", False)
+    data_lib.configure_tensorflow.cache_clear()
     data_lib.configure_tensorflow()
     data_lib.configure_tensorflow()
     assert calls == [([], "GPU")]
@@ -454,7 +455,7 @@ def test_configure_tensorflow_hides_gpus_once_and_warns_when_too_late(monkeypatc
         raise RuntimeError("Visible devices cannot be modified after being initialized")
 
     monkeypatch.setattr(tf.config, "set_visible_devices", too_late)
-    monkeypatch.setattr(data_lib, "_tf_configured", False)
+    data_lib.configure_tensorflow.cache_clear()
     with caplog.at_level(logging.WARNING, logger="resnet_jax.data"):
         data_lib.configure_tensorflow()
     assert "initialised its GPUs before configure_tensorflow" in caplog.text

