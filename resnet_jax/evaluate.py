@@ -256,7 +256,7 @@ def _read_errors() -> tuple[type[BaseException], ...]:
         pickle.UnpicklingError,
     ]
     try:
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError  # lazy: optional for --weights .pth
 
         errors.append(SafetensorError)
     except ImportError:

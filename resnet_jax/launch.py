@@ -17,6 +17,9 @@ commands with :func:`add_argparse_flags` (``--cpu-devices``); both then call
 4. ``jax.distributed.initialize`` for a multi-process run;
 5. the persistent compilation cache.
 
+Importing this module imports JAX but starts none of its backends: XLA reads
+``XLA_FLAGS`` when the first one starts.
+
 A user's mistake is one line on stderr through :func:`fail` (``PROG: error:
 ...``, exit status 2), whichever command made it.
 """
@@ -31,6 +34,9 @@ import sys
 import threading
 from collections.abc import Callable
 from typing import Any, NoReturn
+
+import jax
+from jax._src import xla_bridge  # no public way to ask whether backends started (jax 0.10)
 
 from resnet_jax import xla_cpu, xla_gpu
 from resnet_jax.errors import FLAG_PARSE_ERRORS, UserError, flag_error_message, one_line
@@ -192,8 +198,6 @@ def drop_closed_loop_noise() -> None:
 
 def configure_xla(options: Options) -> None:
     """The platform's XLA flags, while JAX has not started its backends."""
-    from jax._src import xla_bridge  # no public way to ask; jax 0.10 keeps it here
-
     if xla_bridge.backends_are_initialized():
         return
     if xla_cpu.cpu_is_the_platform():
@@ -217,8 +221,6 @@ def start(options: Options, *, log_level: int | None = logging.INFO) -> Any:
         if not options.verbose:
             drop_closed_loop_noise()
     configure_xla(options)
-    import jax
-
     cluster = (options.coordinator_address, options.num_processes, options.process_id)
     if any(v is not None for v in cluster):
         if any(v is None for v in cluster):
@@ -240,8 +242,6 @@ def start(options: Options, *, log_level: int | None = logging.INFO) -> Any:
 def describe_devices() -> str:
     """Logs and returns the first line of the screen: the devices JAX found
     (and warns when a GPU machine runs JAX on the CPU)."""
-    import jax
-
     devices, kind = jax.devices(), jax.devices()[0].device_kind
     fallback = xla_gpu.cpu_fallback_warning(devices[0].platform)
     if fallback and "cpu" not in os.environ.get("JAX_PLATFORMS", ""):

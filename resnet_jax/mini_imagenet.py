@@ -49,6 +49,10 @@ import os
 import tarfile
 
 import numpy as np
+from PIL import Image
+from sklearn.datasets import load_sample_images
+
+from resnet_jax import data
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -136,7 +140,6 @@ def max_validation_images(num_classes: int) -> int:
 @functools.cache
 def _photographs() -> tuple[np.ndarray, ...]:
     """scikit-learn's sample photographs, (427, 640, 3) uint8 each (china, flower)."""
-    from sklearn.datasets import load_sample_images
 
     return tuple(load_sample_images().images)
 
@@ -160,7 +163,6 @@ def _class_look(index: int, seed: int) -> _ClassLook:
 def _jpeg(look: _ClassLook, rng: np.random.Generator) -> bytes:
     """One JPEG of a class: a crop around its region, scaled to an ImageNet-like
     size, recoloured."""
-    from PIL import Image
 
     photo = _photographs()[look.photo]
     ph, pw = photo.shape[:2]
@@ -289,7 +291,6 @@ def write(
 def prepare(data_dir: str) -> None:
     """Prepares the archives in ``data_dir/downloads/manual`` with tfds' own
     ``imagenet2012`` builder (what ``train.py`` does on its first run)."""
-    from resnet_jax import data
 
     data.imagenet_preflight(data_dir)
 

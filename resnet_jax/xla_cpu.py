@@ -18,6 +18,7 @@ This module imports nothing from JAX.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 CONV_BACKENDS = ("eigen", "ynn")
@@ -39,8 +40,6 @@ def cpu_is_the_platform() -> bool:
     the platform when no GPU or TPU plugin is installed. The trainer applies
     :func:`configure` only then, so a GPU or TPU host never gets CPU flags.
     """
-    import importlib.util
-
     platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
     if platforms:
         return platforms.split(",")[0].strip() == "cpu"

@@ -17,6 +17,9 @@ import os
 from typing import Any
 
 import numpy as np
+from jax.experimental import multihost_utils
+from sklearn.datasets import load_digits as sk_load_digits
+from sklearn.model_selection import train_test_split
 
 from resnet_jax.errors import DataNotFoundError, UserError
 
@@ -62,6 +65,7 @@ def check_dataset(name: str) -> None:
 # TensorFlow set-up
 # --------------------------------------------------------------------------- #
 
+
 @functools.cache
 def configure_tensorflow() -> None:
     """Sets TensorFlow up to feed JAX: quiet C++ logs and no GPUs.
@@ -75,7 +79,7 @@ def configure_tensorflow() -> None:
     makes the next call run again.)
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: only after configure_tensorflow()
 
     try:
         tf.config.set_visible_devices([], "GPU")
@@ -89,7 +93,7 @@ def configure_tensorflow() -> None:
 def tfds_module():
     """The ``tensorflow_datasets`` module, imported after :func:`configure_tensorflow`."""
     configure_tensorflow()
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # lazy: it imports TensorFlow
 
     return tfds
 
@@ -131,8 +135,6 @@ def load_digits(
 
 def _digits_splits(test_fraction: float, split_seed: int) -> tuple[Split, Split]:
     """The whole stratified train/test split of the digits, all ten classes."""
-    from sklearn.datasets import load_digits as sk_load_digits
-    from sklearn.model_selection import train_test_split
 
     d = sk_load_digits()
     images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
@@ -301,8 +303,6 @@ def prepare_for_processes(config: Any, process_index: int, process_count: int) -
         return
     ready = imagenet_preflight(config.data_dir, prepare=process_index == 0)
     if process_count > 1:
-        from jax.experimental import multihost_utils
-
         if not ready:
             log.info("Waiting for process 0 to prepare imagenet2012.")
         multihost_utils.sync_global_devices("resnet_jax_dataset_prepared")

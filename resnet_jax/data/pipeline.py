@@ -145,7 +145,7 @@ class InMemorySource(_Source):
     def train_epochs(self, epoch: int, count: int, offset: int):
         """This host's training examples of epochs ``epoch .. epoch + count - 1``,
         from ``offset`` steps into the first, augmented and normalised."""
-        import tensorflow as tf
+        import tensorflow as tf  # lazy: only after configure_tensorflow()
 
         cfg = self.config
         pad, flip = int(cfg.crop_padding), bool(cfg.random_flip)
@@ -167,7 +167,7 @@ class InMemorySource(_Source):
 
     def eval_examples(self):
         """This host's contiguous share of the eval split, normalised."""
-        import tensorflow as tf
+        import tensorflow as tf  # lazy: only after configure_tensorflow()
 
         n, P, p = self.info.eval_size, self.process_count, self.process_index
         lo, hi = (n * p) // P, (n * (p + 1)) // P
@@ -228,7 +228,7 @@ class ImageNetSource(_Source):
         return ds
 
     def _train_epoch(self, epoch: int, offset: int):
-        import tensorflow as tf
+        import tensorflow as tf  # lazy: only after configure_tensorflow()
 
         cfg, b = self.config, self.host_batch
         seed = epoch_seed(cfg.seed, epoch)
@@ -246,7 +246,7 @@ class ImageNetSource(_Source):
 
     def eval_examples(self):
         """This host's share of the validation split (center or 10 crops)."""
-        import tensorflow as tf
+        import tensorflow as tf  # lazy: only after configure_tensorflow()
 
         cfg = self.config
 
@@ -259,7 +259,7 @@ class ImageNetSource(_Source):
 
     def _output(self, image):
         """float32 0..255 pixels -> normalised float32, or rounded uint8."""
-        import tensorflow as tf
+        import tensorflow as tf  # lazy: only after configure_tensorflow()
 
         if self.image_dtype == "uint8":
             return tf.cast(tf.clip_by_value(tf.math.round(image), 0.0, 255.0), tf.uint8)
@@ -268,7 +268,7 @@ class ImageNetSource(_Source):
     def _load(self, split: str, seed: int | None):
         """This host's shards of ``split`` ('train' or 'eval') as encoded JPEG
         bytes, shuffled when ``seed`` is set."""
-        import tensorflow as tf
+        import tensorflow as tf  # lazy: only after configure_tensorflow()
 
         tfds, cfg = tfds_module(), self.config
         name = "train" if split == "train" else eval_split(cfg)
@@ -375,7 +375,7 @@ class InputPipeline:
         """An endless stream of this host's training batches from ``start_step`` on:
         ``image`` (b, H, W, C) float32 (uint8 with ``image_dtype="uint8"``),
         ``label`` (b,) int32, b = batch_size / processes."""
-        import tensorflow as tf
+        import tensorflow as tf  # lazy: only after configure_tensorflow()
 
         epoch, offset = divmod(start_step, self.steps_per_epoch)
         count = self.source.epochs_per_pipeline
@@ -401,7 +401,7 @@ class InputPipeline:
 def _padded_batches(examples, num_batches: int, batch: int):
     """``examples`` with ``mask`` 1, then mask-0 zero examples, as exactly
     ``num_batches`` batches of ``batch``."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: only after configure_tensorflow()
 
     ds = examples.map(lambda ex: {**ex, "mask": tf.constant(1.0)})
     spec = ds.element_spec

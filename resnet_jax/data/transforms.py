@@ -26,7 +26,7 @@ def normalize(image, mean):
     ``mean``: (H, W, C) or (C,) on the 0..1 scale. Returns float32 on the 0..1
     scale minus ``mean``.
     """
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: only after configure_tensorflow()
 
     return tf.cast(image, tf.float32) / 255.0 - mean
 
@@ -34,7 +34,7 @@ def normalize(image, mean):
 def pad_crop_flip(image, seed, pad: int, flip: bool):
     """The paper's CIFAR augmentation: pad by ``pad`` pixels, random crop back
     to (H, W, C), random horizontal flip. ``seed``: (2,) int64; dtype kept."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: only after configure_tensorflow()
 
     h, w, c = image.shape
     s1, s2 = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
@@ -50,7 +50,7 @@ def resized_shape(shape, size: int):
     """(new_h, new_w) float64 of an image of ``shape`` (H, W, ...) resized to
     shorter side ``size``: torchvision's ``Resize(size)`` (the longer side
     truncated, ``int(size * long / short)``)."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: only after configure_tensorflow()
 
     h, w = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
     size = tf.cast(size, tf.float64)  # an int or a (random) scalar tensor
@@ -63,7 +63,7 @@ def resized_shape(shape, size: int):
 def resize_shorter(image, size):
     """(H, W, C) float32 resized (bilinear, antialiased) to shorter side ``size``
     pixels, to torchvision's ``Resize(size)`` shape."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: only after configure_tensorflow()
 
     new_h, new_w = resized_shape(tf.shape(image), size)
     new = tf.cast(tf.stack([new_h, new_w]), tf.int32)
@@ -88,7 +88,7 @@ def imagenet_train_window(shape, seed, config):
 
     ``seed``: (2,) int64; the draws are a pure function of it.
     """
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: only after configure_tensorflow()
 
     h, w = tf.cast(shape[0], tf.int32), tf.cast(shape[1], tf.int32)
     s1, s2, s3 = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
@@ -130,7 +130,7 @@ def decode_window(encoded, window, size: int):
     """Decodes only ``window`` (top, left, height, width) of JPEG bytes
     ``encoded`` as RGB (greyscale expanded) and resizes it (bilinear,
     antialiased) to (size, size, 3) float32 on the 0..255 scale."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: only after configure_tensorflow()
 
     image = tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
     image = tf.image.resize(tf.cast(image, tf.float32), (size, size), "bilinear", antialias=True)
@@ -141,7 +141,7 @@ def imagenet_train(encoded, seed, config):
     """One training crop of JPEG bytes ``encoded``: the window of
     :func:`imagenet_train_window` decoded, resized to ``image_size`` and
     flipped: (S, S, 3) float32 on the 0..255 scale. ``seed``: (2,) int64."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: only after configure_tensorflow()
 
     window, flip = imagenet_train_window(tf.image.extract_jpeg_shape(encoded), seed, config)
     image = decode_window(encoded, window, int(config.image_size))
@@ -151,7 +151,7 @@ def imagenet_train(encoded, seed, config):
 def center_offsets(new_h, new_w, crop: int):
     """torchvision's ``CenterCrop``: top and left ``round((size - crop) / 2)``
     (half to even, as Python's ``round``), float64."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: only after configure_tensorflow()
 
     return tf.math.round((new_h - crop) / 2.0), tf.math.round((new_w - crop) / 2.0)
 
@@ -167,7 +167,7 @@ def center_crop(encoded, resize: int, crop: int):
     rounding, not just to the nearest source pixel. (crop, crop, 3) float32
     on the 0..255 scale.
     """
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: only after configure_tensorflow()
 
     shape = tf.image.extract_jpeg_shape(encoded)
     h, w = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
@@ -201,7 +201,7 @@ def imagenet_eval(encoded, config):
     (10, S, S, 3), decoded once; float32 on the 0..255 scale, S = ``image_size``.
     Sizes and offsets follow torchvision's ``Resize``, ``CenterCrop`` and
     ``TenCrop``."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: only after configure_tensorflow()
 
     crop, resize = int(config.image_size), int(config.eval_resize)
     if not config.ten_crop:

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from resnet_jax.errors import CheckpointSaveError, UserError
 from resnet_jax.training import workdir as layout
@@ -245,8 +246,6 @@ class Checkpointer:
             dst,
         )
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices(f"resnet_jax_quarantine_{step}")
         self.manager.close()
         self._open()

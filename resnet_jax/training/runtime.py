@@ -24,6 +24,8 @@ from typing import Any
 
 import jax
 from etils import epath
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
 from resnet_jax.errors import WorkdirInUseError
 from resnet_jax.training import workdir as layout
@@ -191,7 +193,7 @@ class TensorBoardWriter:
     SYNC_SECONDS = 60.0
 
     def __init__(self, logdir: epath.Path, remote: bool):
-        from clu import metric_writers
+        from clu import metric_writers  # lazy: it imports TensorFlow (TensorBoard)
 
         self.logdir = logdir
         self._mirror = tempfile.mkdtemp(prefix="resnet_jax_tensorboard_") if remote else None
@@ -223,7 +225,6 @@ class TensorBoardWriter:
 
 def progress_bar(total: int, initial: int) -> Any:
     """A tqdm progress bar over training steps, on stderr."""
-    from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
 
@@ -275,8 +276,6 @@ class PreemptionFlag:
         """True when the loop must save and stop after the call numbered
         ``sync_id`` (it must grow by one per call, equally on every process)."""
         if self._multi:
-            from jax.experimental import multihost_utils
-
             try:
                 return bool(multihost_utils.reached_preemption_sync_point(sync_id))
             except RuntimeError:  # no preemption service (not started by jax.distributed)

@@ -82,7 +82,7 @@ def read_source(source: Any, who: str) -> tuple[Mapping[str, Any], str | None]:
         path = os.path.join(path, found[0])
     if path.endswith(".safetensors"):
         try:
-            from safetensors.numpy import load_file
+            from safetensors.numpy import load_file  # lazy: import resnet_jax needs jax + flax only
         except ImportError as e:
             raise ImportError(
                 f"{who}: reading {path} needs the safetensors package (pip install "
@@ -91,7 +91,7 @@ def read_source(source: Any, who: str) -> tuple[Mapping[str, Any], str | None]:
         return load_file(path), directory
     if path.endswith(_TORCH_SUFFIXES):
         try:
-            import torch
+            import torch  # lazy: a test- and user-side dependency, not ours
         except ImportError as e:
             raise ImportError(
                 f"{who}: {path} is a PyTorch pickle, and reading it needs torch (pip install "
