@@ -131,6 +131,18 @@ def test_no_import_cycle_in_the_package():
     assert find_cycle(graph) is None
 
 
+def _has_reason(lines: list[str], i: int) -> bool:
+    """A comment on import line ``i`` or on the line above its block of imports."""
+    while True:
+        if "#" in lines[i]:
+            return True
+        i -= 1
+        if i < 0 or not lines[i].strip().startswith(("import ", "from ", "#")):
+            return False
+        if lines[i].strip().startswith("#"):
+            return True
+
+
 def _function_imports(tree: ast.Module):
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -154,9 +166,7 @@ def test_imports_inside_functions_are_third_party_with_a_reason(path):
         assert all(n.split(".")[0] in LAZY_ALLOWED for n in names), (
             f"{where}: {names} imported inside a function; import it at module level"
         )
-        assert "#" in lines[node.lineno - 1] or "#" in lines[node.lineno - 2], (
-            f"{where}: a lazy import says why on its line"
-        )
+        assert _has_reason(lines, node.lineno - 1), f"{where}: a lazy import says why"
 
 
 def _module_aliases(tree: ast.Module, here: str) -> dict[str, str]:

@@ -1,52 +1,47 @@
-"""Downloads published ResNet weights into a local cache, checked, then converts them.
+"""Downloads published ResNet weights with the field's own libraries, then converts them.
 
 :func:`pretrained` (re-exported as ``rj.weights.pretrained``) is the one
 function of resnet_jax that touches the network; the converters of
-:mod:`resnet_jax.weights` never do. HTTP is the standard library's
-``urllib``, so ``import resnet_jax`` still needs only jax and flax.
+:mod:`resnet_jax.weights` never do. It downloads nothing itself:
 
-A file is written to a temporary file beside its final name and renamed
-only after its checksum passed: a failed, corrupt or interrupted download
-never leaves a file under the final name, and a file under the final name
-is used as it is, without touching the network. That is also the offline
-route: save the file yourself at the path the error message names.
+* the hub sources (``'huggingface'``, ``'timm'``) go through
+  ``huggingface_hub.hf_hub_download``, into huggingface_hub's cache, so
+  ``HF_HOME``, ``HF_HUB_CACHE``, ``HF_ENDPOINT``, ``HF_TOKEN`` and
+  ``HF_HUB_OFFLINE`` work as for transformers and timm, whose cached files
+  are used as they are (offline too);
+* ``'torchvision'`` goes through ``torch.hub.load_state_dict_from_url``
+  (``check_hash=True``), into torch.hub's cache (``$TORCH_HOME``), shared
+  with torchvision.
+
+Both libraries are imported inside the functions that use them, so
+``import resnet_jax`` still needs only jax and flax. Every failure is one
+line (:class:`~resnet_jax.errors.UserError`) naming the file and what to do.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import http.client
 import json
 import os
 import re
-import secrets
-import socket
-import time
+import shlex
 import urllib.error
 import urllib.parse
-import urllib.request
-from collections.abc import Callable, Mapping
+import warnings
 from typing import Any
 
 from resnet_jax.errors import UserError, one_line
 from resnet_jax.models import model_spec
-
-# A cycle: weights re-exports pretrained; its names are looked up at call time only.
 from resnet_jax.weights.hf_layout import from_transformers
 from resnet_jax.weights.preprocessing import Converted, Preprocessing
-from resnet_jax.weights.torch_layout import from_torchvision
+from resnet_jax.weights.torch_layout import CONVERTER_OPTIONS, from_torchvision
 
 SOURCES = ("torchvision", "huggingface", "timm")
-DEFAULT_ENDPOINTS = {
-    "torchvision": "https://download.pytorch.org/models",
-    "huggingface": "https://huggingface.co",
-}
-# The environment variables that override them (HF_ENDPOINT is huggingface_hub's).
-ENDPOINT_VARIABLES = {"torchvision": "RESNET_JAX_TORCHVISION_URL", "huggingface": "HF_ENDPOINT"}
-
-# torchvision.models.ResNet*_Weights' URLs (torchvision 0.29), under DEFAULT_ENDPOINTS.
+# torchvision.models.ResNet*_Weights' URLs (torchvision 0.29): TORCHVISION_URL/<file>.
+TORCHVISION_URL = "https://download.pytorch.org/models"
+TORCHVISION_URL_VARIABLE = "RESNET_JAX_TORCHVISION_URL"  # a mirror of TORCHVISION_URL
 TORCHVISION_FILES: dict[str, dict[str, str]] = {
     "resnet18": {"IMAGENET1K_V1": "resnet18-f37072fd.pth"},
     "resnet34": {"IMAGENET1K_V1": "resnet34-b627a593.pth"},
@@ -63,20 +58,16 @@ TORCHVISION_FILES: dict[str, dict[str, str]] = {
         "IMAGENET1K_V2": "resnet152-f82ba261.pth",
     },
 }
-_TORCHVISION_PREPROCESSING = {"IMAGENET1K_V1": "torchvision", "IMAGENET1K_V2": "torchvision-v2"}
+TORCHVISION_PREPROCESSING = {"IMAGENET1K_V1": "torchvision", "IMAGENET1K_V2": "torchvision-v2"}
+# timm's safetensors copies of torchvision's weights: the hub repo timm/<name>.<tag>.
+TIMM_TAGS = {"IMAGENET1K_V1": "tv_in1k", "IMAGENET1K_V2": "tv2_in1k"}
 HUGGINGFACE_REPOS = {name: f"microsoft/resnet-{name[6:]}" for name in TORCHVISION_FILES}
-# A hub repo's files: the weights, first found of _WEIGHT_FILES, come last, so
-# that their presence in the cache means the directory is complete.
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-_CHUNK = 1 << 20
-
-
-def default_cache_dir() -> str:
-    """``$RESNET_JAX_CACHE``, else ``$XDG_CACHE_HOME/resnet_jax``, else ``~/.cache/resnet_jax``."""
-    if os.environ.get("RESNET_JAX_CACHE"):
-        return os.path.expanduser(os.environ["RESNET_JAX_CACHE"])
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(xdg, "resnet_jax")
+# A hub repo's weights: the first of these it has.
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# torch.hub's check_hash reads the sha256 prefix so (torch.hub.HASH_REGEX).
+_TORCH_HUB_HASH = re.compile(r"-([a-f0-9]*)\.")
+# The disk's errors while writing a cache (not the network's).
+_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES)
 
 
 def pretrained(
@@ -87,52 +78,44 @@ def pretrained(
     revision: str = "main",
     endpoint: str | None = None,
     cache_dir: str | os.PathLike | None = None,
-    timeout: float = 10.0,
     **options: Any,
 ) -> Converted:
-    """Downloads published weights (once, into a cache, checksum verified) and converts them.
+    """Downloads published weights (once, into the library's standard cache) and converts them.
 
     >>> model, variables = rj.weights.pretrained("resnet50", source="torchvision")
 
-    Sources, and how each file is verified:
+    Sources:
 
     * ``'torchvision'``: ``name`` in resnet18/34/50/101/152; the ``.pth`` of
-      ``torchvision.models.ResNet*_Weights`` (needs torch to read). As
-      torch.hub does, the hex digits after the last '-' of the file name must
-      start the file's sha256. Converted by ``from_torchvision``.
+      ``torchvision.models.ResNet*_Weights``, through
+      ``torch.hub.load_state_dict_from_url(check_hash=True)`` (the hex digits
+      after the '-' of the file name must start its sha256) into torch.hub's
+      cache, ``$TORCH_HOME/hub/checkpoints``, which torchvision shares. Needs
+      torch; without it, the error names timm's safetensors copies of the
+      same weights (``source='timm'``, below). Converted by
+      ``from_torchvision``.
     * ``'huggingface'``: ``name`` in resnet18 ... resnet152 (the repos
       ``microsoft/resnet-18`` ... ``-152``) or any repo id ``'owner/name'`` of
-      a transformers ResNet; ``config.json``, ``preprocessor_config.json``
-      (if the repo has one) and ``model.safetensors`` (else
-      ``pytorch_model.bin``, which needs torch). Converted by
-      ``from_transformers``.
+      a transformers ResNet; ``config.json``, ``preprocessor_config.json`` (if
+      the repo has one) and ``model.safetensors`` (else ``pytorch_model.bin``,
+      which needs torch). Converted by ``from_transformers``.
     * ``'timm'``: ``name`` is a timm pretrained tag of a plain ResNet, e.g.
       ``'resnet50.a1_in1k'``, or ``'resnet50.tv_in1k'`` / ``'tv2_in1k'``
-      (torchvision's V1/V2 weights): the hub repo ``timm/<name>``, whose
-      ``model.safetensors`` is in torchvision's layout and needs no torch.
-      Converted by ``from_torchvision`` with
+      (torchvision's V1/V2 weights): the hub repo ``timm/<name>``, its
+      ``config.json`` and ``model.safetensors``, in torchvision's layout and
+      read without torch. Converted by ``from_torchvision`` with
       ``Preprocessing.from_timm(config['pretrained_cfg'])``.
 
-    Hub files are verified against the checksum the hub sends with them, as
-    huggingface_hub reads it from the last answer before the first redirect
-    to another host (the storage): ``X-Linked-Etag`` (the sha256 of an LFS
-    file), else ``ETag`` (the sha256, or for a small file kept in git its git
-    blob sha1). A pinned table would have to follow every revision of every
-    repo; the hub's own hashes catch corrupt and truncated downloads for any
-    revision. All files of a repo come from one commit: the one the first
-    answer names (``X-Repo-Commit``); the others are fetched by it. A cached
-    branch name is not re-checked: pass ``revision=`` a commit hash to choose.
-
-    Files go to ``<cache_dir>/torchvision/<file name>`` and
-    ``<cache_dir>/huggingface/<repo id>/<commit>/<file name>``, with
-    ``<repo id>/refs/<revision>`` holding the commit of a branch or tag, as
-    huggingface_hub's cache. A file already there is used without touching
-    the network, as is a complete set saved in ``<repo id>/<revision>/``, so
-    offline, save the file the error names at the path it names. Files are
-    readable as the umask allows (``0o666 & ~umask``). An HTTP 429 or 5xx or
-    a dropped connection is tried three times (after 1 s, then 2 s); a
-    refused connection (offline) fails at once. Temporary files left by a
-    download killed over a day ago are removed by the next one to the folder.
+    Hub files go through ``huggingface_hub.hf_hub_download`` into its cache
+    (``$HF_HUB_CACHE``, default ``$HF_HOME/hub``), with its progress bar, its
+    token (``HF_TOKEN`` or ``hf auth login``) and its checks: it asks the hub
+    for each file's commit and checksum (a HEAD request) and downloads only a
+    file it lacks. With ``HF_HUB_OFFLINE=1`` the cached files are used without
+    a request, and so they are when the hub cannot be reached. Files cached
+    by transformers or timm are the same files, used as they are. All files of one call come from one commit: the
+    one the first (``config.json``) resolves to. Every hub file read is checked
+    against the checksum its cache entry is named by (the sha256, or git blob
+    sha1, the hub sent): a corrupt one is refused, naming it.
 
     Args:
       name: the model, as above.
@@ -144,468 +127,408 @@ def pretrained(
         sha256>.pth``; then ``name`` is any model name (e.g. 'resnet20' for
         a CIFAR checkpoint) that the converter checks the weights against.
       revision: hub sources: a branch, tag or commit hash.
-      endpoint: the server: for torchvision the folder URL replacing
-        ``https://download.pytorch.org/models`` (else
-        ``$RESNET_JAX_TORCHVISION_URL``), for the hub sources
-        ``https://huggingface.co`` (else ``$HF_ENDPOINT``), e.g. a mirror.
-      cache_dir: default :func:`default_cache_dir`.
-      timeout: seconds to connect, and to wait for each piece of the answer.
+      endpoint: the server: for the hub sources, instead of ``$HF_ENDPOINT``
+        (default ``https://huggingface.co``), e.g. a mirror; for torchvision,
+        the folder URL instead of ``$RESNET_JAX_TORCHVISION_URL`` (default
+        ``https://download.pytorch.org/models``).
+      cache_dir: a folder instead of the standard caches: the hub's cache
+        (``$HF_HUB_CACHE``) and torch.hub's ``model_dir``
+        (``$TORCH_HOME/hub/checkpoints``), as timm's ``cache_dir``.
       **options: passed to the converter, e.g. ``num_classes=0``,
-        ``preprocessing=``, ``dtype=``.
+        ``preprocessing=``, ``dtype=``; checked before anything is downloaded.
 
     Returns:
       The converter's :class:`~resnet_jax.weights.Converted` ``(module,
       variables)`` with ``.preprocessing``.
 
     Raises:
-      UserError: on one line, for an unknown source, name or weights; a
-        download that failed (offline, unreachable, an HTTP error, a checksum
-        mismatch), naming the URL, why, and the path to save the file at; or
-        a cache that cannot be written (a full disk), naming the path.
-      ImportError: for a ``.pth``/``.bin`` without torch installed.
+      UserError: on one line, for an unknown source, name, weights or option;
+        a .pth/.bin without torch; a download that failed (offline, not
+        cached, unreachable, an HTTP error, a missing repo, revision or file,
+        a checksum mismatch), naming the file and how to get it; a cached
+        file that is corrupt, naming it; or a cache that cannot be written.
     """
-    cache = os.fspath(cache_dir) if cache_dir is not None else default_cache_dir()
+    allowed = {"num_classes", "preprocessing", *CONVERTER_OPTIONS}
+    unknown = sorted(set(options) - allowed - ({"config"} if source == "huggingface" else set()))
+    if unknown:
+        gone = " (timeout= is gone: set HF_HUB_ETAG_TIMEOUT / HF_HUB_DOWNLOAD_TIMEOUT)"
+        raise UserError(
+            f"pretrained: unknown option(s) {unknown}{gone if 'timeout' in unknown else ''}; "
+            f"valid: weights, revision, endpoint, cache_dir, {', '.join(sorted(allowed))}."
+        )
+    cache = os.fspath(cache_dir) if cache_dir is not None else None
     if source == "torchvision":
         if revision != "main":
             raise UserError("pretrained: revision= is for the hub sources, not 'torchvision'.")
-        return _torchvision(name, weights, endpoint, cache, timeout, options)
+        return _torchvision(name, weights or "IMAGENET1K_V1", endpoint, cache, options)
     if weights is not None:
         raise UserError(f"pretrained: weights= is for source='torchvision', not {source!r}.")
     if source == "huggingface":
-        return _huggingface(name, revision, endpoint, cache, timeout, options)
+        return _huggingface(name, revision, endpoint, cache, options)
     if source == "timm":
-        return _timm(name, revision, endpoint, cache, timeout, options)
+        return _timm(name, revision, endpoint, cache, options)
     raise UserError(f"pretrained: unknown source {source!r}; valid: {', '.join(SOURCES)}.")
 
 
 # --------------------------------------------------------------------------- #
-# The three sources.
+# torchvision: torch.hub.
 # --------------------------------------------------------------------------- #
 
 
-def _torchvision(name, weights, endpoint, cache, timeout, options) -> Converted:
-    weights = weights or "IMAGENET1K_V1"
+def _torchvision(name, weights, endpoint, cache_dir, options) -> Converted:
     if "://" in weights:  # any torchvision-layout file: the converter checks it is `name`
         try:
             model_spec(name)
         except ValueError as e:
-            raise UserError(f"pretrained: {e}") from None
-        url, filename = weights, weights.rsplit("/", 1)[-1]
+            raise UserError(one_line(f"pretrained: {e}")) from None
+        url = weights
     elif name not in TORCHVISION_FILES:
         raise UserError(
             f"pretrained: no torchvision weights for {name!r}; valid names: "
             f"{', '.join(TORCHVISION_FILES)}."
         )
     elif weights in TORCHVISION_FILES[name]:
-        filename = TORCHVISION_FILES[name][weights]
-        base = endpoint or os.environ.get(ENDPOINT_VARIABLES["torchvision"])
-        url = f"{(base or DEFAULT_ENDPOINTS['torchvision']).rstrip('/')}/{filename}"
-        options.setdefault("preprocessing", _TORCHVISION_PREPROCESSING[weights])
+        base = endpoint or os.environ.get(TORCHVISION_URL_VARIABLE) or TORCHVISION_URL
+        url = f"{base.rstrip('/')}/{TORCHVISION_FILES[name][weights]}"
+        options.setdefault("preprocessing", TORCHVISION_PREPROCESSING[weights])
     else:
         raise UserError(
             f"pretrained: torchvision publishes no {weights!r} weights for {name}; valid: "
             f"{', '.join(TORCHVISION_FILES[name])}, or the URL of a .pth named <stem>-<sha256 "
             "prefix>.pth."
         )
-    digest = re.search(r"-([0-9a-f]{8,64})\.\w+$", filename)
-    if digest is None:
+    filename = os.path.basename(urllib.parse.urlsplit(url).path)
+    digest = _TORCH_HUB_HASH.search(filename)
+    if digest is None or len(digest[1]) < 8:
         raise UserError(
             f"pretrained: {filename!r} does not carry its checksum as torch.hub names files "
             "(<stem>-<8 or more hex digits of its sha256>.pth)."
         )
-    timm_tag = {"IMAGENET1K_V1": "tv_in1k", "IMAGENET1K_V2": "tv2_in1k"}.get(weights)
-    timm = f"pretrained('{name}.{timm_tag}', source='timm')"
-    instead = f" The same weights as safetensors, without torch: {timm}." if timm_tag else ""
-    _require_torch(f"{filename} is a PyTorch pickle", instead)
-    path = os.path.join(cache, "torchvision", filename)
-    if not os.path.exists(path):
-        _download(url, path, timeout=timeout, expected=("sha256", digest[1]))
-    return from_torchvision(path, name=name, **options)
+    tag = TIMM_TAGS.get(weights)
+    instead = (
+        f" timm's safetensors copy of the same weights (the hub repo timm/{name}.{tag}) needs "
+        f"no torch: pretrained('{name}.{tag}', source='timm')."
+        if tag
+        else ""
+    )
+    try:
+        # torch only here, to read the .pth: `import resnet_jax` needs only jax and flax.
+        import torch
+    except ImportError:
+        raise UserError(
+            f"pretrained: {filename} is a PyTorch pickle, and reading it needs torch (pip "
+            f"install torch).{instead}"
+        ) from None
+    model_dir = cache_dir or os.path.join(torch.hub.get_dir(), "checkpoints")
+    path = os.path.join(model_dir, filename)
+    cached = os.path.exists(path)
+    try:
+        state = torch.hub.load_state_dict_from_url(
+            url, model_dir=model_dir, map_location="cpu", check_hash=True, weights_only=True
+        )
+    except Exception as e:
+        error = _torch_hub_error(e, url, path, cached)
+        if error is None:
+            raise
+        raise error from None
+    return from_torchvision(state, name=name, **options)
 
 
-def _huggingface(name, revision, endpoint, cache, timeout, options) -> Converted:
+def _torch_hub_error(e: Exception, url: str, path: str, cached: bool) -> UserError | None:
+    """torch.hub's failure as one line, or None for what is not the download's nor the cache's."""
+    if cached:  # nothing was downloaded: torch.load could not read the cached file
+        return UserError(
+            one_line(
+                f"pretrained: {path} (torch.hub's cache) cannot be read ({type(e).__name__}: "
+                f"{e}): a truncated or corrupt file; delete it and call again to download it anew."
+            )
+        )
+    if isinstance(e, RuntimeError) and "invalid hash value" in str(e):
+        return UserError(
+            one_line(
+                f"pretrained: checksum mismatch for {url}: torch.hub's {e}; the file name's "
+                f"sha256 prefix does not match its bytes. Nothing was saved at {path}."
+            )
+        )
+    if isinstance(e, urllib.error.HTTPError):
+        reason = f"HTTP {e.code} {e.reason}"
+    elif isinstance(e, urllib.error.URLError):
+        reason = f"cannot connect ({e.reason})"
+    elif isinstance(e, OSError) and e.errno in _DISK_ERRORS:
+        return _cache_error(path, e, "TORCH_HOME")
+    elif isinstance(e, (OSError, http.client.HTTPException)):
+        reason = f"{type(e).__name__}: {e}"
+    else:
+        return None
+    return UserError(
+        one_line(
+            f"pretrained: could not download {url}: {reason}. Nothing was saved; offline, "
+            f"download that file elsewhere and save it as {path}."
+        )
+    )
+
+
+def _cache_error(path: str, e: OSError, variable: str) -> UserError:
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    problem = "the disk holding the cache is full" if full else "cannot write to the cache"
+    return UserError(
+        one_line(
+            f"pretrained: {problem}: {path} ({e.strerror or e}); free space, or pass cache_dir= "
+            f"or set {variable} to a writable folder with room for the file."
+        )
+    )
+
+
+# --------------------------------------------------------------------------- #
+# The hub sources: huggingface_hub.
+# --------------------------------------------------------------------------- #
+
+
+def _huggingface(name, revision, endpoint, cache_dir, options) -> Converted:
     repo = HUGGINGFACE_REPOS.get(name, name if "/" in name else None)
     if repo is None:
         raise UserError(
             f"pretrained: unknown Hugging Face model {name!r}; valid: "
             f"{', '.join(HUGGINGFACE_REPOS)} (microsoft/resnet-*), or a repo id 'owner/name'."
         )
-    directory = _hub_repo(repo, revision, ("preprocessor_config.json",), endpoint, cache, timeout)
+    files = ("config.json", "preprocessor_config.json", WEIGHT_FILES[0])
+    hub = _HubRepo(repo, revision, endpoint, cache_dir, files)
+    directory = os.path.dirname(hub.get("config.json"))
+    if "preprocessing" not in options:
+        try:
+            hub.get("preprocessor_config.json", optional=True)
+        except _NotCached:
+            warnings.warn(
+                f"pretrained: {repo}'s preprocessor_config.json is not cached and the hub "
+                "cannot be reached: using PREPROCESSING['huggingface'] (pass preprocessing= "
+                "to choose).",
+                stacklevel=3,
+            )
+    _hub_weights(hub)
     return from_transformers(directory, **options)
 
 
-def _timm(name, revision, endpoint, cache, timeout, options) -> Converted:
+def _timm(name, revision, endpoint, cache_dir, options) -> Converted:
     tag = name.removeprefix("timm/")
     if not re.fullmatch(r"[\w-]+\.[\w-]+", tag):
         raise UserError(
             f"pretrained: {name!r} is not a timm pretrained tag '<architecture>.<tag>', e.g. "
             "'resnet50.a1_in1k' or 'resnet50.tv_in1k' (timm.list_pretrained('resnet*'))."
         )
-    directory = _hub_repo(f"timm/{tag}", revision, (), endpoint, cache, timeout)
-    with open(os.path.join(directory, "config.json")) as f:
-        config = json.load(f)
-    # timm's config.json: {'architecture', 'num_classes', 'pretrained_cfg': {...}};
-    # older ones are a single dict (timm.models._hub._parse_model_cfg).
-    cfg = config.get("pretrained_cfg", config)
-    options.setdefault("preprocessing", Preprocessing.from_timm(cfg))
-    found = next(n for n in _WEIGHT_FILES if os.path.exists(os.path.join(directory, n)))
-    return from_torchvision(os.path.join(directory, found), **options)
+    hub = _HubRepo(f"timm/{tag}", revision, endpoint, cache_dir, ("config.json", WEIGHT_FILES[0]))
+    if "preprocessing" not in options:
+        try:
+            with open(hub.get("config.json")) as f:
+                config = json.load(f)
+            # timm's config.json: {'architecture', 'num_classes', 'pretrained_cfg': {...}};
+            # older ones are a single dict, as timm's own loader reads them.
+            cfg = config.get("pretrained_cfg", config)
+        except _NotCached:  # timm caches only the weights: its own table has the rest
+            cfg = _timm_registry_cfg(tag)
+            if cfg is None:
+                raise
+        options["preprocessing"] = Preprocessing.from_timm(cfg)
+    return from_torchvision(_hub_weights(hub), **options)
 
 
-def _require_torch(what: str, instead: str = "") -> None:
+def _timm_registry_cfg(tag: str) -> dict[str, Any] | None:
+    """timm's own pretrained_cfg of ``tag``, if timm is installed and knows it."""
     try:
-        import torch  # noqa: F401
-    except ImportError as e:
-        raise ImportError(
-            f"pretrained: {what}, and reading it needs torch (pip install torch).{instead}"
-        ) from e
-
-
-def _hub_repo(
-    repo: str,
-    revision: str,
-    extra: tuple[str, ...],
-    endpoint: str | None,
-    cache: str,
-    timeout: float,
-) -> str:
-    """The cache folder of one commit of a hub repo: its config.json, ``extra`` and weights.
-
-    The hub resolves a branch or tag on every request, so files fetched from
-    ``resolve/main`` at different times may belong to different commits. As
-    huggingface_hub does, the first answer's ``X-Repo-Commit`` names the
-    commit, every other file is fetched from ``resolve/<commit>``, the files
-    go to ``<repo>/<commit>/`` and ``<repo>/refs/<revision>`` records the
-    commit, so no later call can pair files of two commits. A complete folder
-    (config.json and weights) is used without the network: the commit's
-    (through the ref), else one named by the revision (files saved by hand, or
-    fetched from a server that sends no ``X-Repo-Commit``, which can only be
-    fetched by the revision). Optional files (``extra``; a 404 skips one) are
-    fetched only with the weights.
-    """
-    root = os.path.join(cache, "huggingface", *repo.split("/"))
-    by_name = revision.replace("/", "--")
-    ref = os.path.join(root, "refs", by_name)
-    commit = revision if _COMMIT.fullmatch(revision) else _read_ref(ref)
-    for name in dict.fromkeys(n for n in (commit, by_name) if n):
-        directory = os.path.join(root, name)
-        if _has_weights(directory) and os.path.exists(os.path.join(directory, "config.json")):
-            return directory
-    base = endpoint or os.environ.get(ENDPOINT_VARIABLES["huggingface"])
-    base = (base or DEFAULT_ENDPOINTS["huggingface"]).rstrip("/")
-    files = ", ".join(("config.json", *extra))
-    hint = f"the repo's {files} and {_WEIGHT_FILES[0]} all go in that folder"
-
-    def get(at: str, filename: str, optional: bool, place=None) -> Mapping[str, str] | None:
-        url = f"{base}/{repo}/resolve/{urllib.parse.quote(at, safe='')}/{filename}"
-        path = os.path.join(root, at.replace("/", "--"), filename)
-        return _download(
-            url, path, timeout=timeout, hint=hint, missing_ok=optional, folder=root, place=place
-        )
-
-    if commit is None:  # the first answer names the commit every other file comes from
-        answer = get(
-            revision,
-            "config.json",
-            optional=False,
-            place=lambda meta: os.path.join(root, _commit(meta) or by_name, "config.json"),
-        )
-        commit = _commit(answer)
-        if commit:
-            _write_atomic(ref, commit.encode(), folder=root)
-    at = commit or revision
-    directory = os.path.join(root, at.replace("/", "--"))
-    cached = _has_weights(directory)
-    for filename in ("config.json", *(() if cached else extra)):
-        if not os.path.exists(os.path.join(directory, filename)):
-            get(at, filename, optional=filename != "config.json")
-    if cached:
-        return directory
-    if not get(at, _WEIGHT_FILES[0], optional=True):
-        _require_torch(f"{repo} has no {_WEIGHT_FILES[0]}; its {_WEIGHT_FILES[1]} is a pickle")
-        get(at, _WEIGHT_FILES[1], optional=False)
-    return directory
-
-
-_COMMIT = re.compile(r"[0-9a-f]{40}")
-
-
-def _commit(metadata: Mapping[str, str] | None) -> str | None:
-    """The answer's X-Repo-Commit, if it is a commit hash (it names a folder)."""
-    commit = (metadata or {}).get("X-Repo-Commit", "")
-    return commit if _COMMIT.fullmatch(commit) else None
-
-
-def _read_ref(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            commit = f.read().strip()
-    except OSError:
+        # timm (and torch with it) only offline, for weights timm cached without config.json.
+        from timm.models import get_pretrained_cfg
+    except ImportError:
         return None
-    return commit if _COMMIT.fullmatch(commit) else None
+    try:
+        cfg = get_pretrained_cfg(tag)
+    except RuntimeError:  # an architecture timm has, without this tag
+        return None
+    return cfg.to_dict() if cfg is not None else None
 
 
-def _has_weights(directory: str) -> bool:
-    return any(os.path.exists(os.path.join(directory, n)) for n in _WEIGHT_FILES)
+def _hub_weights(hub: _HubRepo) -> str:
+    """The path of the repo's model.safetensors, else (needing torch) its pytorch_model.bin."""
+    path = hub.get(WEIGHT_FILES[0], optional=True)
+    if path is not None:
+        return path
+    try:
+        # torch is only checked for (not used) here: `import resnet_jax` needs only jax and flax.
+        import torch  # noqa: F401
+    except ImportError:
+        raise UserError(
+            f"pretrained: {hub.repo} has no {WEIGHT_FILES[0]}; its {WEIGHT_FILES[1]} is a "
+            "PyTorch pickle, and reading it needs torch (pip install torch)."
+        ) from None
+    return hub.get(WEIGHT_FILES[1])
 
 
-# --------------------------------------------------------------------------- #
-# One download: temporary file, checksum, rename.
-# --------------------------------------------------------------------------- #
-
-# Seconds to wait before the second and the third try, after an HTTP 429 or
-# 5xx or a dropped connection. A refused connection (offline) is not retried.
-_RETRY_DELAYS = (1.0, 2.0)
-# A temporary file untouched this long is a killed download's (a live one's grows).
-_STALE_SECONDS = 24 * 3600
-# Redirects to these hosts are followed for the file's metadata, as huggingface_hub does.
-_HUB_ORIGINS = frozenset(
-    ("https", host, 443) for host in ("huggingface.co", "hf.co", "hub-ci.huggingface.co")
-)
+class _NotCached(UserError):
+    """A hub file neither in the cache nor downloadable (offline, or the hub unreachable)."""
 
 
-def _origin(url: str) -> tuple[str, str, int]:
-    parsed = urllib.parse.urlsplit(url)
-    port = parsed.port or {"http": 80, "https": 443}.get(parsed.scheme, 0)
-    return parsed.scheme, (parsed.hostname or "").lower(), port
+class _HubRepo:
+    """The files of one revision of a hub repo, all from the commit the first one resolves to.
 
-
-class _Redirects(urllib.request.HTTPRedirectHandler):
-    """Follows redirects, keeping the headers of the answers up to the first that leaves the hub.
-
-    huggingface_hub reads a file's metadata (checksum, commit) from the last
-    answer before the first redirect to another host (the storage or CDN, whose
-    own ETag is not the file's sha256), following same-host redirects (a
-    renamed repo) before it.
+    ``files`` (all the call needs) only go into the command that error
+    messages suggest.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.hub: list[Mapping[str, str]] = []
-        self.left_hub = False
+    def __init__(self, repo, revision, endpoint, cache_dir, files) -> None:
+        self.repo, self.revision, self.endpoint = repo, revision, endpoint
+        self.cache_dir, self.files = cache_dir, files
+        self.at = revision  # becomes the commit once a file names it
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        if not self.left_hub:
-            self.hub.append(headers)
-            self.left_hub = _origin(newurl) not in {_origin(req.full_url), *_HUB_ORIGINS}
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+    def get(self, filename: str, optional: bool = False) -> str | None:
+        """The file's path in the cache, downloaded if need be and checked.
 
+        None for an ``optional`` file the repo does not have; raises
+        _NotCached offline for a file not cached, UserError for the rest.
+        """
+        # huggingface_hub lazily: `import resnet_jax` needs only jax and flax.
+        import huggingface_hub
+        from huggingface_hub import errors
 
-class _NetworkError(Exception):
-    """A failed request: ``retry`` for an HTTP 429 or 5xx or a dropped connection."""
-
-    def __init__(self, reason: str, retry: bool) -> None:
-        super().__init__(reason)
-        self.retry = retry
-
-
-def _download(
-    url: str,
-    path: str,
-    *,
-    timeout: float,
-    expected: tuple[str, str] | None = None,
-    hint: str = "",
-    missing_ok: bool = False,
-    folder: str | None = None,
-    place: Callable[[Mapping[str, str]], str] | None = None,
-) -> Mapping[str, str] | None:
-    """Downloads ``url`` to ``path`` via a temporary file renamed once the checksum passed.
-
-    ``expected`` is ``('sha256', hex prefix)``; None takes the checksum from
-    the hub's headers. The temporary file goes in ``folder`` (default
-    ``path``'s), where those of downloads killed over a day ago are removed
-    first. ``place``, given the answer's metadata, may choose another final
-    path than ``path`` (which errors name). The file gets the mode a new file
-    gets (``0o666 & ~umask``), as huggingface_hub's cache files. Tries three
-    times on an HTTP 429 or 5xx or a dropped connection.
-
-    Returns the hub's metadata of the file (``ETag``, ``X-Linked-Etag``,
-    ``X-Repo-Commit``), or None for an HTTP 404 when ``missing_ok``; raises
-    UserError for anything else that goes wrong, the cache's disk named as
-    the problem when writing fails.
-    """
-    folder = folder or os.path.dirname(path)
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise _cache_error(folder, e) from None
-    _remove_stale_parts(folder, os.path.dirname(path))
-    request = urllib.request.Request(
-        url, headers={"User-Agent": "resnet_jax", "Accept-Encoding": "identity"}
-    )
-    for tries, delay in enumerate((*_RETRY_DELAYS, None), start=1):
-        try:
-            return _try_download(request, path, folder, timeout, expected, hint, missing_ok, place)
-        except _NetworkError as e:
-            if not e.retry or delay is None:
-                after = f" ({tries} tries)" if tries > 1 else ""
-                raise _failed(url, path, f"{e}{after}", hint) from None
-        time.sleep(delay)
-    raise AssertionError("unreachable")
-
-
-def _try_download(request, path, folder, timeout, expected, hint, missing_ok, place):
-    try:
-        fd, temp = _new_temp(folder, os.path.basename(path))
-    except OSError as e:
-        raise _cache_error(folder, e) from None
-    try:
-        try:
-            with os.fdopen(fd, "wb") as out:
-                received = _receive(request, out, timeout, missing_ok)
-            if received is None:
+        if optional:  # the cache may know the file is absent (its .no_exist)
+            known = huggingface_hub.try_to_load_from_cache(
+                self.repo, filename, cache_dir=self.cache_dir, revision=self.at
+            )
+            if known is not None and not isinstance(known, str):
                 return None
-            sha256, size, metadata = received
-            kind, want = expected or _hub_checksum(request.full_url, path, metadata, hint)
-            got = sha256.hexdigest() if kind == "sha256" else _git_sha1(temp, size)
-            if not got.startswith(want):
-                reason = f"checksum mismatch ({kind} {got}, expected {want})"
-                raise _failed(request.full_url, path, reason, hint)
-            final = place(metadata) if place else path
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            os.replace(temp, final)
-        except OSError as e:  # the disk's: _receive turns the network's into _NetworkError
-            raise _cache_error(path, e) from None
-        return metadata
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temp)
-
-
-def _receive(request, out, timeout, missing_ok):
-    """Streams the answer into ``out``: ``(sha256, size, metadata)``, or None for a missing file.
-
-    Network failures raise _NetworkError; ``out``'s OSErrors pass through.
-    """
-    redirects = _Redirects()
-    try:
-        response = urllib.request.build_opener(redirects).open(request, timeout=timeout)
-    except urllib.error.HTTPError as e:
-        e.close()
-        if missing_ok and e.code == 404:
-            return None
-        # The hub answers 401 for a repo that does not exist, as for a private one.
-        why = " (a missing, private or gated repo?)" if e.code in (401, 403) else ""
-        retry = e.code == 429 or e.code >= 500
-        raise _NetworkError(f"HTTP {e.code} {e.reason}{why}", retry) from None
-    except (OSError, http.client.HTTPException, ValueError) as e:
-        raise _NetworkError(_reason(e, timeout), _dropped(e)) from None
-    with response:
-        sha256, size = hashlib.sha256(), 0
-        while True:
-            try:
-                chunk = response.read(_CHUNK)
-            except (OSError, http.client.HTTPException) as e:
-                raise _NetworkError(_reason(e, timeout), _dropped(e)) from None
-            if not chunk:
-                break
-            out.write(chunk)
-            sha256.update(chunk)
-            size += len(chunk)
-        length = response.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) != size:
-            raise _NetworkError(f"the connection dropped after {size} of {length} bytes", True)
-        chain = redirects.hub if redirects.left_hub else [*redirects.hub, response.headers]
-    return sha256, size, _metadata(chain)
-
-
-def _metadata(chain: list[Mapping[str, str]]) -> dict[str, str]:
-    """The file's metadata from the hub's answers (the last, or a same-host redirect before it)."""
-    found = {"ETag": chain[-1].get("ETag") or ""}
-    for key in ("X-Linked-Etag", "X-Repo-Commit"):
-        found[key] = next((h[key] for h in reversed(chain) if h.get(key)), "")
-    return found
-
-
-def _hub_checksum(url, path, metadata, hint) -> tuple[str, str]:
-    """As huggingface_hub.file_download.get_hf_file_metadata reads it (see pretrained)."""
-    linked = metadata["X-Linked-Etag"]
-    etag = (linked or metadata["ETag"]).removeprefix("W/").strip('"')
-    if re.fullmatch(r"[0-9a-f]{64}", etag):
-        return "sha256", etag
-    if re.fullmatch(r"[0-9a-f]{40}", etag) and not linked:
-        return "git-sha1", etag
-    raise _failed(
-        url, path, f"the server sent no checksum (X-Linked-Etag/ETag {etag!r}) to verify", hint
-    )
-
-
-def _new_temp(folder: str, name: str) -> tuple[int, str]:
-    """A new temporary file in ``folder``, created 0o666 less the umask (mkstemp's are 0o600)."""
-    temp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.part")
-    return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), temp
-
-
-def _write_atomic(path: str, data: bytes, folder: str) -> None:
-    try:
-        fd, temp = _new_temp(folder, os.path.basename(path))
         try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            os.replace(temp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(temp)
-    except OSError as e:
-        raise _cache_error(path, e) from None
+            path = huggingface_hub.hf_hub_download(
+                self.repo,
+                filename,
+                revision=self.at,
+                cache_dir=self.cache_dir,
+                endpoint=self.endpoint,
+                library_name="resnet_jax",
+            )
+        except errors.LocalEntryNotFoundError as e:  # before EntryNotFoundError, its base
+            raise _NotCached(self._not_cached(filename, e)) from None
+        except errors.EntryNotFoundError:
+            if optional:
+                return None
+            raise UserError(
+                f"pretrained: the Hugging Face repo {self.repo} has no {filename} at revision "
+                f"{self.at!r}; is it a {self._kind()}?"
+            ) from None
+        except Exception as e:
+            error = self._error(filename, e)
+            if error is None:
+                raise
+            raise error from None
+        snapshot = os.path.dirname(path)
+        if self.at == self.revision and os.path.basename(os.path.dirname(snapshot)) == "snapshots":
+            self.at = os.path.basename(snapshot)  # .../snapshots/<commit>/<filename>
+        _check_blob(path, filename, self.repo)
+        return path
 
+    def _kind(self) -> str:
+        return "timm model" if self.repo.startswith("timm/") else "transformers ResNet"
 
-def _remove_stale_parts(*folders: str) -> None:
-    """Removes the temporary files of downloads killed (untouched) over a day ago."""
-    cutoff = time.time() - _STALE_SECONDS
-    for folder in dict.fromkeys(folders):
-        with contextlib.suppress(OSError), os.scandir(folder) as entries:
-            for entry in entries:
-                if not (entry.name.startswith(".") and entry.name.endswith(".part")):
-                    continue
-                with contextlib.suppress(OSError):
-                    if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
-                        os.remove(entry.path)
+    def _cache(self) -> str:
+        # huggingface_hub lazily: `import resnet_jax` needs only jax and flax.
+        import huggingface_hub.constants
 
+        return self.cache_dir or huggingface_hub.constants.HF_HUB_CACHE
 
-def _git_sha1(path: str, size: int) -> str:
-    """``git hash-object``: the sha1 of ``b'blob <size>\\0'`` and the content."""
-    sha1 = hashlib.sha1(f"blob {size}\0".encode())
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            sha1.update(chunk)
-    return sha1.hexdigest()
+    def _command(self) -> str:
+        """The command that downloads every file of this call into the cache it reads."""
+        words = ["hf", "download", self.repo, *self.files]
+        if self.revision != "main":
+            words += ["--revision", self.revision]
+        if self.cache_dir:
+            words += ["--cache-dir", self.cache_dir]
+        prefix = f"HF_ENDPOINT={shlex.quote(self.endpoint)} " if self.endpoint else ""
+        return prefix + shlex.join(words)
 
+    def _not_cached(self, filename: str, e: Exception) -> str:
+        # huggingface_hub lazily: `import resnet_jax` needs only jax and flax.
+        import huggingface_hub.constants
+        from huggingface_hub import errors
 
-def _dropped(e: BaseException) -> bool:
-    """A connection reset or closed mid-answer (worth a retry); not a refused one (offline)."""
-    reason = e.reason if isinstance(e, urllib.error.URLError) else e
-    dropped = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
-    return isinstance(reason, (*dropped, http.client.IncompleteRead))
-
-
-def _reason(e: BaseException, timeout: float) -> str:
-    if isinstance(e, (socket.timeout, TimeoutError)) or "timed out" in str(e):
-        return f"no answer within {timeout:g} s"
-    if isinstance(e, urllib.error.URLError):
-        return f"cannot connect ({e.reason})"
-    return f"{type(e).__name__}: {e}"
-
-
-def _failed(url: str, path: str, reason: str, hint: str) -> UserError:
-    where = f"{path} ({hint})" if hint else path
-    return UserError(
-        one_line(
-            f"pretrained: could not download {url}: {reason}. Nothing was saved; offline, "
-            f"download the file yourself and save it as {where}."
+        cause = e.__cause__
+        if huggingface_hub.constants.HF_HUB_OFFLINE:
+            why = "HF_HUB_OFFLINE is set"
+        elif isinstance(cause, errors.HfHubHTTPError):
+            why = f"the hub answered HTTP {cause.response.status_code}"
+        else:
+            why = f"the hub cannot be reached ({one_line(str(cause or e))})"
+        return one_line(
+            f"pretrained: {filename} of {self.repo} (revision {self.revision!r}) is not in the "
+            f"Hugging Face cache {self._cache()} and {why}. Where the hub can be reached, "
+            f"`{self._command()}` puts the files there; then this works offline too."
         )
-    )
+
+    def _error(self, filename: str, e: Exception) -> UserError | None:
+        """huggingface_hub's other failures as one line; None for what is neither its nor the network's."""
+        # huggingface_hub lazily: `import resnet_jax` needs only jax and flax.
+        from huggingface_hub import errors
+
+        endpoint = self.endpoint or "https://huggingface.co"
+        login = "log in with `hf auth login` or set HF_TOKEN"
+        if isinstance(e, errors.GatedRepoError):  # before RepositoryNotFoundError, its base
+            message = (
+                f"the Hugging Face repo {self.repo} is gated: accept its conditions at "
+                f"{endpoint}/{self.repo}, then {login}"
+            )
+        elif isinstance(e, errors.RepositoryNotFoundError):
+            message = (
+                f"no Hugging Face repo {self.repo} (or it is private or gated: {login}); is "
+                f"{self.repo!r} a {self._kind()}?"
+            )
+        elif isinstance(e, errors.RevisionNotFoundError):
+            message = f"the Hugging Face repo {self.repo} has no revision {self.revision!r}"
+        elif isinstance(e, errors.OfflineModeIsEnabled):
+            return _NotCached(self._not_cached(filename, e))
+        elif isinstance(e, errors.HfHubHTTPError):
+            status = getattr(e.response, "status_code", "?")
+            message = f"downloading {filename} of {self.repo}: the hub answered HTTP {status}"
+        elif isinstance(e, OSError) and e.errno in _DISK_ERRORS:
+            return _cache_error(getattr(e, "filename", None) or self._cache(), e, "HF_HUB_CACHE")
+        elif isinstance(e, OSError) and "Consistency check failed" in str(e):
+            message = (
+                f"the download of {filename} of {self.repo} was cut short "
+                f"({str(e).splitlines()[0]}); nothing was saved: call again"
+            )
+        elif isinstance(e, ValueError):  # e.g. huggingface_hub's HFValidationError of a repo id
+            message = f"{self.repo!r} (revision {self.revision!r}): {e}"
+        elif any(c.__module__.split(".")[0] in _NETWORK for c in type(e).__mro__):
+            message = f"could not download {filename} of {self.repo}: {type(e).__name__}: {e}"
+        else:
+            return None
+        return UserError(one_line(f"pretrained: {message}."))
 
 
-def _cache_error(path: str, e: OSError) -> UserError:
-    """Writing the cache failed: the disk or the folder is the problem, not the download."""
-    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-    problem = "the disk holding the cache is full" if full else "cannot write to the cache"
-    return UserError(
-        one_line(
-            f"pretrained: {problem}: {path} ({e.strerror or e}); free space, or pass "
-            "cache_dir= or set RESNET_JAX_CACHE to a writable folder with room for the file."
+# The HTTP libraries huggingface_hub has used (requests before 1.0, then httpx, httpx2).
+_NETWORK = frozenset(("requests", "urllib3", "httpx", "httpx2", "httpcore"))
+
+
+def _check_blob(path: str, filename: str, repo: str) -> None:
+    """Refuses a cached hub file whose bytes do not match the checksum its blob is named by.
+
+    The cache keeps each file as ``blobs/<ETag>``, the ETag the hub sent: the
+    sha256 of an LFS file, the git blob sha1 of a small one. A file cached
+    without the symlink (symlinks off), or under another kind of name, is not
+    checked.
+    """
+    if not os.path.islink(path):
+        return
+    blob = os.path.normpath(os.path.join(os.path.dirname(path), os.readlink(path)))
+    etag = os.path.basename(blob)
+    if os.path.basename(os.path.dirname(blob)) != "blobs":
+        return
+    if re.fullmatch(r"[0-9a-f]{64}", etag):
+        kind, digest = "sha256", hashlib.sha256()
+    elif re.fullmatch(r"[0-9a-f]{40}", etag):
+        kind, digest = "git blob sha1", hashlib.sha1(f"blob {os.path.getsize(blob)}\0".encode())
+    else:
+        return
+    with open(blob, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    if digest.hexdigest() != etag:
+        raise UserError(
+            f"pretrained: {blob} ({filename} of {repo} in the Hugging Face cache) is truncated "
+            f"or corrupt: its {kind} is {digest.hexdigest()}, not {etag}, the hub's checksum of "
+            "the file. Delete it and call again to download it anew."
         )
-    )
