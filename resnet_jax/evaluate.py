@@ -80,7 +80,7 @@ from resnet_jax.errors import UserError
 from resnet_jax.training import checkpoints, experiment, recipe
 from resnet_jax.training import steps as train_steps
 from resnet_jax.training import workdir as layout
-from resnet_jax.training.checks import pad_eval_batch
+from resnet_jax.training.checks import pad_eval_batch, validate_config
 
 log = logging.getLogger("resnet_jax.evaluate")  # also when run as __main__
 
@@ -353,10 +353,12 @@ def evaluate_weights(
     config: Any, path: str, source: str = "auto", ten_crop: bool | None = None
 ) -> dict[str, Any]:
     """Evaluates converted weights at ``path`` on ``config``'s dataset (see the module doc)."""
+    c = _prepare_config(config, ten_crop)
+    mesh = recipe.create_mesh()
+    validate_config(c, mesh.devices.size)  # before the weights or any data are read
     converted, kind = load_weights(path, source)
     module, variables = converted
-    c = _weights_config(_prepare_config(config, ten_crop), converted, path)
-    mesh = recipe.create_mesh()
+    c = _weights_config(c, converted, path)
     c = pad_eval_batch(c, mesh.devices.size)
     pi, pc = jax.process_index(), jax.process_count()
     data_lib.prepare_for_processes(c, pi, pc)

@@ -7,6 +7,7 @@ lines in metrics.jsonl, and the torch model itself on the pipeline's crops.
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -101,6 +102,50 @@ def test_cli_equals_the_runs_own_evaluation(run, tmp_path):
     again = run_evaluate(f"--workdir={run}", *TINY, f"--output={output}")
     assert "exists" in _one_line_error(again)
     assert json.loads(output.read_text()) == result
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_the_runs_own_evaluation(run, tmp_path):
+    """evaluate starts as train.py does (resnet_jax.launch): two jax.distributed
+    processes of 2 devices each split the eval set and agree with the run."""
+    port, output = _free_port(), tmp_path / "two.json"
+    cmd = [sys.executable, "-m", "resnet_jax.evaluate", "--config=configs/cifar10.py"]
+    cmd += [f"--workdir={run}", *TINY, f"--output={output}", "--compilation_cache_dir="]
+    cmd += [f"--coordinator_address=localhost:{port}", "--num_processes=2"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env["JAX_PLATFORMS"] = "cpu"
+    procs = [
+        subprocess.Popen(
+            [*cmd, f"--process_id={pid}"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for pid in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    result = json.loads(output.read_text())
+    assert json.loads(outs[0][0].strip().splitlines()[-1]) == result
+    assert '"top1"' not in outs[1][0]  # only process 0 reports
+    ran = _run_evals(run)[2]
+    assert result["step"] == 2 and result["count"] == ran["eval_count"] == 64
+    assert result["top1"] == ran["eval_accuracy"]
+    assert result["loss"] == pytest.approx(ran["eval_loss"], rel=1e-6)
 
 
 def test_an_earlier_step_equals_the_runs_evaluation_of_it(run):

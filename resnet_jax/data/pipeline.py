@@ -434,10 +434,18 @@ def _check_train_size(info: DatasetInfo, batch_size: int) -> None:
 
 
 def _check_labels(config: Any, info: DatasetInfo, max_label: int) -> None:
-    """Labels 0..max_label must index the model's ``config.num_classes`` logits (0: the dataset's)."""
+    """The model's ``config.num_classes`` logits (0: the dataset's) must cover the
+    dataset's classes and index every label 0..max_label: a narrower classifier
+    would train on labels it cannot represent (silently all-zero targets)."""
     k = int(config.num_classes)
     if 0 < k <= max_label:
         raise UserError(
             f"num_classes={k} but {info.name} has labels 0..{max_label}; set "
             f"--config.num_classes=0 (the dataset's {info.num_classes}) or >= {max_label + 1}."
+        )
+    if 0 < k < info.num_classes:
+        n = info.num_classes
+        raise UserError(
+            f"num_classes={k} but {info.name} has {n} classes (labels 0..{n - 1}); set "
+            f"--config.num_classes=0 (the dataset's) or >= {n}."
         )

@@ -1,6 +1,13 @@
 """What a user can get wrong in a config, checked before any work; schedules
 given in epochs resolved into steps for the run.
 
+The one place of a config's checks: :func:`validate_config` runs before any
+data is read, anything compiled or downloaded; :func:`check_fast_path` checks
+what only the resolved schedule tells. What depends on the data itself (the
+labels against ``num_classes``, a training split smaller than a batch) is
+checked by :class:`resnet_jax.data.InputPipeline` when it reads them, as it is
+for every direct caller of the pipeline.
+
 Every check raises :class:`resnet_jax.errors.UserError` naming the key, its
 value and a valid setting; ``train.py`` prints it as one line.
 """
@@ -11,6 +18,7 @@ import logging
 from typing import Any
 
 from resnet_jax.data.datasets import IN_MEMORY, check_dataset
+from resnet_jax.data.transforms import TRAIN_CROPS
 from resnet_jax.errors import UserError
 from resnet_jax.training.recipe import model_from_config
 
@@ -129,6 +137,10 @@ def _check_model_and_data(config: Any) -> None:
         f"({lo}, {hi}) in increasing order, and eval_resize ({config.eval_resize}) >= image_size.",
     )
     _require(
+        config.train_crop in TRAIN_CROPS,
+        f"train_crop={config.train_crop!r}; valid: {', '.join(TRAIN_CROPS)}.",
+    )
+    _require(
         config.keep_checkpoints >= 1,
         f"keep_checkpoints={config.keep_checkpoints} must be >= 1.",
     )
@@ -245,9 +257,11 @@ def resolve_schedule(config: Any, train_size: int) -> Any:
     return c
 
 
-def check_fast_path(config: Any) -> None:
-    k = int(config.steps_per_call)
-    _require(k >= 1, f"steps_per_call={k} must be >= 1.")
+def _check_fast_path(config: Any) -> None:
+    """``device_data`` and ``steps_per_call``, as given (the step counts that
+    epochs stand for are checked after they are resolved: :func:`check_fast_path`)."""
+    k = config.steps_per_call
+    _require(isinstance(k, int) and k >= 1, f"steps_per_call={k} must be an integer >= 1.")
     if not config.device_data:
         _require(k == 1, "steps_per_call > 1 needs --config.device_data=True.")
         return
@@ -256,6 +270,15 @@ def check_fast_path(config: Any) -> None:
         f"device_data=True holds the training set on the devices; it supports "
         f"{', '.join(IN_MEMORY)}, not {config.dataset}.",
     )
+
+
+def check_fast_path(config: Any) -> None:
+    """With ``device_data``, every interval (in steps, after :func:`resolve_schedule`)
+    must be a multiple of ``steps_per_call``: the loop logs, evaluates and saves
+    between calls."""
+    k = int(config.steps_per_call)
+    if not config.device_data:
+        return
     for key in _INTERVALS:
         _require(
             int(config[key]) % k == 0,
@@ -271,22 +294,16 @@ def validate_config(config: Any, num_devices: int) -> None:
       UserError: naming the key, its value and a valid setting.
     """
     _check_model_and_data(config)
+    _check_fast_path(config)
     _check_batches(config, num_devices)
     _check_optimisation(config)
     _check_finetuning(config)
 
 
-def check_num_classes(config: Any, dataset_classes: int) -> int:
-    """The classifier's width: ``config.num_classes`` or the dataset's.
+def resolve_num_classes(config: Any, dataset_classes: int) -> int:
+    """The classifier's width: ``config.num_classes``, or the dataset's when 0.
 
-    A classifier narrower than the dataset's labels would train on labels it
-    cannot represent (silently all-zero targets).
+    That it fits the dataset's labels is checked where the labels are known,
+    once, by the input pipeline (:class:`resnet_jax.data.InputPipeline`).
     """
-    n = int(config.num_classes) or dataset_classes
-    _require(
-        n >= dataset_classes,
-        f"num_classes={n} but {config.dataset} has {dataset_classes} classes (labels 0.."
-        f"{dataset_classes - 1}); set --config.num_classes=0 (the dataset's) or >= "
-        f"{dataset_classes}.",
-    )
-    return n
+    return int(config.num_classes) or dataset_classes

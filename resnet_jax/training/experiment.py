@@ -33,8 +33,8 @@ from resnet_jax.training import checkpoints, finetune
 from resnet_jax.training import workdir as layout
 from resnet_jax.training.checks import (
     check_fast_path,
-    check_num_classes,
     pad_eval_batch,
+    resolve_num_classes,
     resolve_schedule,
     validate_config,
 )
@@ -267,7 +267,7 @@ def build_experiment(config: Any, workdir: str, mesh: Mesh | None = None) -> Exp
     mean = None if image_dtype == "float32" else pipeline.mean
     config = resolve_schedule(config, pipeline.info.train_size)
     check_fast_path(config)
-    num_classes = check_num_classes(config, pipeline.info.num_classes)
+    num_classes = resolve_num_classes(config, pipeline.info.num_classes)
     platform = mesh.devices.flat[0].platform
     model = model_from_config(
         config, num_classes, materialize=resolve_materialize(config, platform)
