@@ -13,8 +13,9 @@ a benchmark (``throughput``, ``compare_torch``, ``cifar_fast``,
 table's key fields, the hardware and the devices), and cites its commit, UTC
 time and hardware; under the table, each row's command. Repeated figures show
 as ``median (min–max)``. Every number comes from a line of the results files
-(default: ``benchmarks/results/*.jsonl``, written by ``benchmarks.common.record``;
-``benchmarks/results/legacy/`` is not read).
+(default: ``benchmarks/results/*.jsonl``, written by ``benchmarks.common.record``);
+a line without the provenance that ``record`` writes is refused, so no figure
+of unknown origin reaches a table.
 """
 
 from __future__ import annotations

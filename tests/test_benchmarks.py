@@ -396,10 +396,10 @@ def test_report_check_fails_until_the_tables_are_regenerated(synthetic, capsys):
 
 def test_report_rejects_hand_written_lines_and_broken_markers(synthetic, tmp_path):
     results, markdown = synthetic
-    legacy = tmp_path / "legacy.jsonl"
-    legacy.write_text(json.dumps({"run": "x", "result": {"images_per_sec": 1}}) + "\n")
-    with pytest.raises(SystemExit, match="legacy.jsonl:1: not a line written by"):
-        report.main([f"--results={legacy}", f"--markdown={markdown}"])
+    hand_written = tmp_path / "hand_written.jsonl"  # a figure without provenance
+    hand_written.write_text(json.dumps({"run": "x", "result": {"images_per_sec": 1}}) + "\n")
+    with pytest.raises(SystemExit, match="hand_written.jsonl:1: not a line written by"):
+        report.main([f"--results={hand_written}", f"--markdown={markdown}"])
     with pytest.raises(SystemExit, match="no <!-- /table -->"):
         report.render("<!-- table:throughput -->\nno end\n", [])
     with pytest.raises(SystemExit, match="Unknown table 'nope'"):

@@ -1,6 +1,6 @@
-"""The README's Flax NNX example (``flax.nnx.bridge``), run as written.
+"""The Flax NNX example of docs/models.md (``flax.nnx.bridge``), run as written.
 
-The code block after ``<!-- nnx-example -->`` in README.md is executed; its
+The code block after ``<!-- nnx-example -->`` in docs/models.md is executed; its
 results are checked against the same network and step in Linen + optax.
 """
 
@@ -15,13 +15,14 @@ import optax
 from tests.helpers import ROOT
 
 MARKER = "<!-- nnx-example -->"
+PAGE = os.path.join("docs", "models.md")
 
 
-def readme_example() -> str:
-    """The python block that follows the marker in README.md."""
-    with open(os.path.join(ROOT, "README.md")) as f:
+def nnx_example() -> str:
+    """The python block that follows the marker in docs/models.md."""
+    with open(os.path.join(ROOT, PAGE)) as f:
         text = f.read()
-    assert text.count(MARKER) == 1, f"README.md must hold {MARKER} once"
+    assert text.count(MARKER) == 1, f"{PAGE} must hold {MARKER} once"
     m = re.match(r"\s*```python\n(.*?)\n```", text.split(MARKER, 1)[1], re.DOTALL)
     assert m, f"no ```python block right after {MARKER}"
     return m.group(1)
@@ -35,9 +36,9 @@ def _differs(a, b) -> bool:
     return any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def test_readme_nnx_example():
+def test_docs_nnx_example():
     ns: dict = {}
-    exec(compile(readme_example(), "README.md:nnx-example", "exec"), ns)
+    exec(compile(nnx_example(), f"{PAGE}:nnx-example", "exec"), ns)
     linen_model, variables, x = ns["linen_model"], ns["variables"], ns["x"]
 
     # The loaded variables are the NNX module's, and inference equals Linen's.
