@@ -6,10 +6,9 @@
 # Run from the repository root on a quiet machine (nothing else running), at a
 # clean commit. Each benchmark appends its own line, provenance included, to
 # RESULTS_FILE (default benchmarks/results/results.jsonl); then
-# `python -m benchmarks.report` rewrites the tables. About 10 minutes on the
-# 2-core development machine (the estimates beside each group are from the
-# legacy figures of that machine). compare_torch needs PyTorch (pip install
-# torch); without it those two runs are skipped and the others go on.
+# `python -m benchmarks.report` rewrites the tables. compare_torch needs
+# PyTorch (requirements-test.txt); without it those two runs are skipped and
+# the others go on.
 set -uo pipefail
 results=${1:-benchmarks/results/results.jsonl}
 py=${PYTHON:-python3}

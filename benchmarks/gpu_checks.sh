@@ -32,7 +32,7 @@ if ! "$py" - <<'PY' 2>&1 | tee -a "$out/gpu.log"; then
 import sys
 import jax, jax.numpy as jnp
 if jax.default_backend() != "gpu":
-    sys.exit(f"gpu_checks: JAX runs on {jax.default_backend()}, not a GPU: install jax[cuda12] or jax[cuda13] (README).")
+    sys.exit(f"gpu_checks: JAX runs on {jax.default_backend()}, not a GPU: install jax[cuda12] or jax[cuda13] (docs/accelerators.md).")
 try:
     x = jnp.ones((1, 8, 8, 3)); k = jnp.ones((3, 3, 3, 4))
     y = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))

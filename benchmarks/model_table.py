@@ -1,4 +1,4 @@
-"""Parameters and multiply-adds per network (the model table of README.md).
+"""Parameters and multiply-adds per network (docs/models.md#models and BENCHMARKS.md).
 
     python -m benchmarks.model_table [--models resnet20,resnet50]
 

@@ -11,7 +11,7 @@ workdir or converted torchvision/timm/transformers weights) with a new
 classifier; without ``init_from`` the same run trains from scratch. A short
 schedule for 50 examples: batch 16, 300 steps, lr 0.05 /10 at 150 and 225.
 ``--config.freeze_backbone=True`` (with ``freeze_bn_stats=True``: a linear
-probe), ``--config.backbone_lr_multiplier=0.1``: see README, "Fine-tuning".
+probe), ``--config.backbone_lr_multiplier=0.1``: see docs/weights.md#fine-tuning.
 """
 
 from configs import digits

@@ -8,7 +8,7 @@ iterations"). Scale augmentation (shorter side uniform in [256, 480]), random
 crop of the image resized to 256 on its shorter side, or with
 ``--config.ten_crop=True`` the paper's 10-crop testing.
 
-ImageNet must be prepared for tfds first (see README: "Preparing ImageNet").
+ImageNet must be prepared for tfds first (see docs/training.md#preparing-imagenet).
 """
 
 from configs.common import base_config

@@ -59,6 +59,6 @@ def cpu_fallback_warning(platform: str, root: str = "/") -> str | None:
     return (
         f"This machine has {n} NVIDIA GPU(s) but JAX is running on the CPU: the installed "
         'jaxlib has no CUDA support. Install it with pip install "jax[cuda13]==VERSION" '
-        "(or cuda12; README: Installing for GPUs and TPUs), or set JAX_PLATFORMS=cpu to "
+        "(or cuda12; docs/accelerators.md#installing-for-gpus-and-tpus), or set JAX_PLATFORMS=cpu to "
         "train on the CPU on purpose."
     )

@@ -34,3 +34,32 @@ def pytest_unconfigure(config):
 
     if os.environ["RESNET_JAX_TEST_COMPILE_CACHE"] == _CACHE:
         shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+# The quick tier (`pytest -m "not slow"`) leaves out these modules whole: each
+# runs the real training loop, train.py or evaluate in subprocesses, several
+# processes, or a storage emulator. Single slow tests elsewhere carry
+# @pytest.mark.slow themselves.
+SLOW_MODULES = (
+    "tests/test_cli.py",
+    "tests/test_evaluate.py",
+    "tests/test_experiments.py",
+    "tests/test_benchmarks_grain.py",
+    "tests/data/test_imagenet.py",
+    "tests/data/test_prefetch.py",
+    "tests/training/test_finetune.py",
+    "tests/training/test_multiprocess.py",
+    "tests/training/test_reliability.py",
+    "tests/training/test_remote.py",
+    "tests/training/test_resume.py",
+    "tests/training/test_train.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for item in items:
+        if os.path.relpath(str(item.path), root) in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)

@@ -452,3 +452,9 @@ print(json.dumps({
     r = got["r"]
     assert r["device"] == "cpu" and r["compile"] is False and r["cudnn_benchmark"] is False
     assert len(r["repeats"]) == 2 and r["images_per_sec"]["median"] > 0
+
+
+def test_the_committed_benchmarks_md_is_the_report_of_the_committed_results():
+    """BENCHMARKS.md holds exactly the tables benchmarks.report writes from
+    benchmarks/results/results.jsonl: no figure edited by hand, none stale."""
+    assert report.main(["--check"]) == 0

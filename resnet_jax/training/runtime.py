@@ -2,7 +2,7 @@
 
 Nothing here touches the devices. A workdir is a local path or a URL that
 etils.epath and orbax open (``gs://bucket/run``), used as given; a remote
-workdir gets no lock (see README, "Running long jobs").
+workdir gets no lock (see docs/reliability.md).
 """
 
 from __future__ import annotations
