@@ -6,6 +6,7 @@ what each subpackage needs to import."""
 from __future__ import annotations
 
 import ast
+import os
 import pathlib
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import zipfile
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import COMPILE_CACHE_ENV, ROOT
 
 PACKAGE = pathlib.Path(ROOT) / "resnet_jax"
 # Imported inside functions, each with its reason on the line: heavy frameworks
@@ -245,8 +246,17 @@ sys.meta_path.insert(0, Block())
 
 def _run_blocked(blocked: tuple[str, ...], code: str) -> subprocess.CompletedProcess:
     program = f"BLOCKED = {blocked!r}\n" + BLOCKER + code
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    if os.environ.get(COMPILE_CACHE_ENV):  # the session's cache: each program compiles once
+        env["JAX_COMPILATION_CACHE_DIR"] = os.environ[COMPILE_CACHE_ENV]
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
     return subprocess.run(
-        [sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT, timeout=300
+        [sys.executable, "-c", program],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
     )
 
 

@@ -87,6 +87,30 @@ def _check_resnet_fields(m: ResNet) -> None:
             f"stage_sizes must list at least one stage of >= 1 blocks, got {m.stage_sizes!r}."
         )
     check_bn_groups(m.bn_groups, "bn_groups")
+    if not (isinstance(m.bn_momentum, int | float) and 0 <= m.bn_momentum < 1):
+        raise ValueError(
+            f"bn_momentum must be in [0, 1) (the running statistics' decay: PyTorch's "
+            f"momentum 0.1 is 0.9 here), got {m.bn_momentum!r}."
+        )
+    if not (isinstance(m.bn_epsilon, int | float) and m.bn_epsilon > 0):
+        raise ValueError(
+            f"bn_epsilon must be positive (it keeps 1/sqrt(variance + epsilon) finite), "
+            f"got {m.bn_epsilon!r}; torchvision's is 1e-5."
+        )
+    for field in ("dtype", "param_dtype"):
+        _check_dtype(getattr(m, field), field)
+
+
+def _check_dtype(dtype: Any, field: str) -> None:
+    try:
+        kind = jnp.dtype(dtype)
+    except (TypeError, ValueError):
+        kind = None
+    if kind is None or not jnp.issubdtype(kind, jnp.floating):
+        raise ValueError(
+            f"{field}={dtype!r} names no floating-point dtype; use jnp.float32 (or "
+            "'float32'), jnp.bfloat16 or jnp.float16."
+        )
 
 
 class ResNet(nn.Module):
@@ -246,7 +270,13 @@ def _check_input(x: jax.Array, params: Mapping[str, Any]) -> None:
             f"ResNet expects NHWC images of rank 4, got shape {x.shape}; add a batch "
             "axis with x[None] or transpose NCHW inputs with x.transpose(0, 2, 3, 1)."
         )
-    if "stem_conv" not in params:
+    if "stem_conv" not in params:  # init: the input decides the stem's channels
+        if x.shape[1] in (1, 3, 4) and x.shape[-1] > 4:
+            raise ValueError(
+                f"Input of shape {x.shape} looks like NCHW (channels first): the network "
+                f"would be initialised for {x.shape[-1]} input channels. Inputs are NHWC: "
+                "transpose with x.transpose(0, 2, 3, 1)."
+            )
         return
     expected = params["stem_conv"]["kernel"].shape[2]
     if x.shape[-1] != expected:

@@ -763,3 +763,34 @@ def test_param_dtype_is_the_storage_dtype_and_statistics_stay_float32():
     default = rj.create_model("resnet8")
     v32 = jax.eval_shape(lambda: default.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3))))
     assert {x.dtype for x in jax.tree.leaves(v32["params"])} == {jnp.dtype(jnp.float32)}
+
+
+@pytest.mark.parametrize(
+    "options, says",
+    [
+        ({"bn_momentum": 1.5}, "bn_momentum must be in [0, 1)"),
+        ({"bn_momentum": -0.1}, "bn_momentum must be in [0, 1)"),
+        ({"bn_epsilon": -1e-5}, "bn_epsilon must be positive"),
+        ({"bn_epsilon": 0.0}, "bn_epsilon must be positive"),
+        ({"dtype": "float33"}, "dtype='float33' names no floating-point dtype"),
+        ({"param_dtype": jnp.int32}, "param_dtype=<class 'jax.numpy.int32'> names no"),
+    ],
+)
+def test_values_that_would_give_nan_or_nonsense_are_refused(options, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        rj.create_model("resnet8", **options)
+    # The same fields, set directly, are checked by the module itself.
+    with pytest.raises(ValueError, match=re.escape(says)):
+        rj.ResNet(stage_sizes=(1,), block_cls=rj.BasicBlock, widths=(16,), **options)
+
+
+def test_a_dtype_name_is_a_dtype():
+    assert rj.create_model("resnet8", dtype="bfloat16").dtype == "bfloat16"
+
+
+def test_an_nchw_looking_input_at_init_is_refused():
+    model = rj.create_model("resnet8")
+    with pytest.raises(ValueError, match=r"looks like NCHW .* initialised for 32 input channels"):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2, 3, 32, 32))))
+    v = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3))))
+    assert v["params"]["stem_conv"]["kernel"].shape == (3, 3, 3, 16)
