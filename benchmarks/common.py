@@ -75,9 +75,7 @@ def parser(doc: str, **defaults: Any) -> argparse.ArgumentParser:
     ``batch_size``, ``dtype``, ``steps``, ``warmup``, ``repeats`` given in
     ``defaults`` adds ``--model``, ``--batch-size``, ... with that default.
     """
-    p = argparse.ArgumentParser(
-        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = launch.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     helps = {
         "model": (str, "network name (rj.list_models())"),
         "batch_size": (int, "global batch, over all devices"),
@@ -114,9 +112,28 @@ def configure(a: argparse.Namespace) -> None:
     """Starts JAX as train.py does (resnet_jax.launch: the platform's XLA flags
     before its backends start, the cluster, the compile cache) and prints the
     XLA flags it runs with."""
+    _check_args(a)
     launch.start(launch.options_from(a), log_level=None)
     if os.environ.get("XLA_FLAGS"):
         print(f"XLA_FLAGS={os.environ['XLA_FLAGS']}")
+
+
+def _check_args(a: argparse.Namespace) -> None:
+    """A bad model name or count is one line (exit status 2), before JAX starts."""
+    import resnet_jax as rj
+
+    prog = "python -m benchmarks." + os.path.splitext(os.path.basename(sys.argv[0]))[0]
+    for key in ("batch_size", "steps", "repeats"):
+        value = getattr(a, key, None)
+        if value is not None and value < 1:
+            launch.fail(prog, f"--{key.replace('_', '-')}={value} must be a positive integer.")
+    if getattr(a, "warmup", None) is not None and a.warmup < 0:
+        launch.fail(prog, f"--warmup={a.warmup} must be >= 0.")
+    for name in [m for m in str(getattr(a, "model", None) or "").split(",") if m]:
+        try:
+            rj.model_spec(name)
+        except ValueError as e:
+            launch.fail(prog, str(e))
 
 
 def resolve_materialize(choice: str) -> bool:

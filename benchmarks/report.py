@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from benchmarks import common
+from resnet_jax import launch
 
 MARKDOWN = os.path.join(common.REPO, "BENCHMARKS.md")
 RESULTS_GLOB = os.path.join(common.REPO, "benchmarks", "results", "*.jsonl")
@@ -522,7 +523,7 @@ def render(markdown: str, lines: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = launch.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--markdown", default=MARKDOWN, help="the file whose tables are regenerated")

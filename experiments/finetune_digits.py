@@ -351,7 +351,7 @@ def _names(text: str) -> list[str]:
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     own, overrides = runs.split_config_overrides(argv)
-    parser = argparse.ArgumentParser(
+    parser = launch.ArgumentParser(
         prog="python -m experiments.finetune_digits", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--root", default="runs/finetune_digits", help="the runs' workdirs")

@@ -213,7 +213,7 @@ def plot(models: dict, out: str, ymax: float | None = None, title: str | None = 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = launch.ArgumentParser(
         prog="python -m experiments.plot_curves",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -230,7 +230,7 @@ def plot(models: Sequence[dict[str, Any]], out: str, title: str | None = None) -
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     own, overrides = runs.split_config_overrides(argv)
-    p = argparse.ArgumentParser(
+    p = launch.ArgumentParser(
         prog="python -m experiments.responses",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

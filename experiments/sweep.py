@@ -416,7 +416,7 @@ def _kinds(text: str) -> list[str]:
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     own, overrides = runs.split_config_overrides(argv)
-    p = argparse.ArgumentParser(
+    p = launch.ArgumentParser(
         prog="python -m experiments.sweep",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -446,6 +446,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    if not args.dry_run:
+        _check_root(args.root)
     launch.start(launch.options_from(args), log_level=None)
     import jax
 
@@ -474,6 +476,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.figures and not counts["stopped"]:
         write_figures(args)
     return 1 if counts["failed"] or counts["stopped"] else 0
+
+
+def _check_root(root: str) -> None:
+    """``--root`` must be a directory this process can write (created if missing)."""
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise UserError(f"--root {root} exists and is not a directory; give a directory.")
+    try:
+        os.makedirs(root, exist_ok=True)
+        probe = os.path.join(root, f".write_test_{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(
+            f"--root {root} is not writable ({e.strerror}); choose another --root."
+        ) from e
 
 
 def write_figures(args: argparse.Namespace) -> None:

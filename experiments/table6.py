@@ -10,7 +10,6 @@ standard deviation over seeds, beside the paper's CIFAR-10 test errors.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import statistics
 import sys
@@ -186,7 +185,7 @@ def write(root: str) -> tuple[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.table6", description=__doc__)
+    p = launch.ArgumentParser(prog="python -m experiments.table6", description=__doc__)
     p.add_argument("root", help="the sweep's directory of runs")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     md, _ = write(args.root)

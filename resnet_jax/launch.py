@@ -132,6 +132,15 @@ def add_argparse_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose mistakes are one line (``PROG: error:
+    ...``, exit status 2) instead of the usage text and the error; ``--help``
+    still prints the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(self.prog, f"{message} (--help lists the options)")
+
+
 def options_from(values: Any) -> Options:
     """The :class:`Options` of parsed flags: absl's ``FLAGS`` or an argparse namespace."""
     return Options(**{f.name: getattr(values, f.name) for f in dataclasses.fields(Options)})
@@ -215,6 +224,11 @@ def start(options: Options, *, log_level: int | None = logging.INFO) -> Any:
     Raises:
       UserError: multi-process flags given in part.
     """
+    if options.cpu_devices < 0:
+        raise UserError(
+            f"--cpu_devices={options.cpu_devices}: give the number of XLA devices to split a "
+            "CPU host into (e.g. one per core), or 0 for one device."
+        )
     quiet_environment(options.verbose)
     if log_level is not None:
         setup_logging(options.verbose, log_level)
@@ -231,12 +245,28 @@ def start(options: Options, *, log_level: int | None = logging.INFO) -> Any:
         jax.distributed.initialize(*cluster)
     elif options.distributed:
         jax.distributed.initialize()
+    _check_platforms(jax)
     if options.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", options.compilation_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     if jax.process_index() != 0 and not options.verbose and log_level is not None:
         log.setLevel(logging.WARNING)  # one plan on the screen, not one per process
     return jax
+
+
+def _check_platforms(jax: Any) -> None:
+    """Starts JAX's backends; a ``JAX_PLATFORMS`` this machine cannot run is one line."""
+    try:
+        jax.devices()
+    except RuntimeError as e:
+        asked = os.environ.get("JAX_PLATFORMS")
+        if not asked:
+            raise  # JAX found no backend of its own accord: not a user's setting
+        raise UserError(
+            f"JAX_PLATFORMS={asked} names a backend JAX cannot start on this machine "
+            f"({one_line(str(e).splitlines()[0])[:200]}); unset it, or install JAX's plugin "
+            "for it (docs/accelerators.md#installing-for-gpus-and-tpus)."
+        ) from e
 
 
 def describe_devices() -> str:
@@ -278,9 +308,37 @@ def parse_absl_flags(prog: str, flags: Any, argv: list[str]) -> list[str]:
         rest = values(argv)
         if "config" in values and values.config is not None:
             values.config.to_dict()
-        return rest
     except (flags.Error, *FLAG_PARSE_ERRORS) as e:
         fail(prog, flag_error_message(e))
+    joined = _tuples_given_twice(argv[1:], values)
+    if joined:
+        fail(
+            prog,
+            f"{joined} is given twice: ml_collections would join the two tuples into one "
+            "(a scalar key keeps the last value); give it once.",
+        )
+    return rest
+
+
+def _tuples_given_twice(args: list[str], values: Any) -> str | None:
+    """The first ``--config.KEY`` of ``args`` given twice whose value is a tuple."""
+    seen = set()
+    for arg in args:
+        if arg == "--":
+            break
+        if not arg.startswith("--config."):
+            continue
+        key = arg[len("--config.") :].split("=", 1)[0]
+        if key in seen and isinstance(_config_value(values.config, key), tuple | list):
+            return f"--config.{key}"
+        seen.add(key)
+    return None
+
+
+def _config_value(config: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = config[part]
+    return config
 
 
 def run(

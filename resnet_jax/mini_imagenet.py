@@ -40,7 +40,6 @@ sample images); imports neither TensorFlow nor tfds unless asked to prepare.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import importlib.util
@@ -52,7 +51,7 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from resnet_jax import data
+from resnet_jax import data, launch
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -296,7 +295,7 @@ def prepare(data_dir: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
+    p = launch.ArgumentParser(
         prog="python -m resnet_jax.mini_imagenet",
         description="Write a miniature ImageNet (ILSVRC2012 archive layout) into "
         "DIR/downloads/manual for tfds' imagenet2012 builder.",
@@ -315,6 +314,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         mini = write(args.data_dir, args.classes, args.train_per_class, args.val, args.seed)
+    except OSError as e:  # a DIR that is a file, or not writable
+        where = e.filename or args.data_dir
+        launch.fail(p.prog, f"cannot write the miniature ImageNet under {where} ({e.strerror}).")
     except ValueError as e:
         p.error(str(e))
     print(

@@ -61,6 +61,14 @@ BAD_SETTINGS = [
     ({"lr_decay_factor": 0.0}, "lr_decay_factor=0.0"),
     ({"crop_padding": -1}, "crop_padding=-1"),
     ({"bn_groups": 3}, "divisible by bn_groups=3"),
+    ({"num_train_steps": 0, "num_epochs": float("inf")}, "num_epochs=inf must be a finite"),
+    ({"num_train_steps": 10**12}, "beyond the step counter's range"),
+    ({"checkpoint_every_steps": 2**40}, "checkpoint_every_steps=1,099,511,627,776 is beyond"),
+    ({"seed": -1}, "seed=-1 must be an integer in [0, 2**32)"),
+    ({"bn_epsilon": -1e-5}, "bn_epsilon=-1e-05 must be positive"),
+    ({"dataset": "digits", "validation_split": 10}, "digits does not use it"),
+    ({"train_crop": "center"}, "train_crop='center'; valid: scale, random_resized"),
+    ({"dataset": "imagenet2012", "device_data": True}, "device_data=True holds the training"),
 ]
 
 
@@ -80,11 +88,24 @@ def test_every_bad_setting_is_refused_before_any_work(tmp_path, overrides, fragm
         (["--config.modle=resnet8"], ["unknown config key 'modle'", "model"]),
         (["--config.batch_size=abc"], ["--config.batch_size=abc"]),
         (["--bogus_flag"], ["bogus_flag"]),
+        (
+            ["--config.lr_boundaries=(1,2)", "--config.lr_boundaries=(3,4)"],
+            ["lr_boundaries is given twice"],
+        ),
+        (["--cpu_devices=-1"], ["--cpu_devices=-1"]),
     ],
 )
 def test_command_line_mistakes_are_one_line(tmp_path, args, fragments):
     out = run_train(tmp_path / "w", *CLI_TINY, *args, check=False, devices=1)
     assert_one_line_error(out, *fragments)
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_backend_the_machine_lacks_is_one_line(tmp_path):
+    cmd, env = train_command(tmp_path / "w", *CLI_TINY, devices=1)
+    env["JAX_PLATFORMS"] = "tpu"  # no TPU (nor libtpu) on a CPU machine
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert_one_line_error(out, "JAX_PLATFORMS=tpu names a backend", "unset it")
     assert not (tmp_path / "w").exists()
 
 

@@ -63,6 +63,54 @@ def fingerprint(config: Any) -> dict[str, Any]:
     return fp
 
 
+class CheckpointUnreadableError(UserError, OSError):
+    """A checkpoint that cannot be read for a reason other than damage (its
+    permissions, a read-only or unreadable mount, an I/O error): nothing is
+    moved, and the run stops."""
+
+
+# errno values that say "this process may not read it", not "it is damaged".
+_ACCESS_ERRNOS = (errno.EACCES, errno.EPERM, errno.EIO, errno.ENXIO, errno.ENODEV)
+# What tensorstore and object stores put in their messages for the same.
+_ACCESS_TEXT = ("permission denied", "permission_denied", "access denied", "forbidden", " 403 ")
+
+
+def access_problem(error: BaseException) -> BaseException | None:
+    """The error of ``error``'s chain that says access was refused (or the
+    storage failed), not that the data is damaged; None if there is none."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, PermissionError) or (
+            isinstance(error, OSError) and error.errno in _ACCESS_ERRNOS
+        ):
+            return error
+        if any(t in str(error).lower() for t in _ACCESS_TEXT):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def unreadable_file(directory: epath.Path) -> OSError | None:
+    """The first file or folder under a local ``directory`` this process may not
+    open for reading (its OSError), or None. Remote directories are not probed."""
+    if layout.is_remote(directory):
+        return None
+    try:
+        for root, dirs, files in os.walk(os.fspath(directory), onerror=_raise):
+            for name in files:
+                os.close(os.open(os.path.join(root, name), os.O_RDONLY))
+            for name in dirs:
+                os.listdir(os.path.join(root, name))
+    except OSError as e:
+        return e
+    return None
+
+
+def _raise(error: OSError) -> None:
+    raise error
+
+
 class IncompatibleCheckpointError(UserError):
     """The workdir holds a checkpoint of another experiment."""
 
@@ -117,6 +165,16 @@ class Checkpointer:
         self._open()
 
     def _open(self) -> None:
+        try:
+            self._open_manager()
+        except OSError as e:
+            raise CheckpointUnreadableError(
+                f"Cannot open the checkpoints in {self.directory} ({_describe(e)}); nothing was "
+                "changed. Make them readable and writable (e.g. chmod -R u+rwX), or use another "
+                "--workdir, then run the same command again."
+            ) from e
+
+    def _open_manager(self) -> None:
         self.manager = ocp.CheckpointManager(
             self.path,
             options=ocp.CheckpointManagerOptions(
@@ -125,10 +183,6 @@ class Checkpointer:
                 enable_async_checkpointing=self.async_save,
             ),
         )
-
-    def all_steps(self) -> list[int]:
-        self.manager.reload()
-        return sorted(self.manager.all_steps())
 
     def latest_step(self) -> int | None:
         steps = self.all_steps()
@@ -193,11 +247,14 @@ class Checkpointer:
     ) -> tuple[Any, dict[str, Any]] | None:
         """Restores the newest checkpoint that reads back, onto ``abstract_state``'s shardings.
 
-        A checkpoint that fails to read (truncated or missing files) is moved to
-        ``<directory>_corrupt/<step>`` (kept, never deleted) with a warning, and
-        the next older one is tried.
+        A checkpoint that fails to read because it is damaged (truncated or
+        missing files) is moved to ``<directory>_corrupt/<step>`` (kept, never
+        deleted or overwritten) with a warning, and the next older one is
+        tried. One that cannot be read because of its permissions, a mount or
+        an I/O error is not damaged: nothing is moved and the run stops.
 
         Raises:
+          CheckpointUnreadableError: a checkpoint this process may not read.
           IncompatibleCheckpointError: the newest readable checkpoint belongs to
             a different model or config; nothing is touched.
 
@@ -207,8 +264,8 @@ class Checkpointer:
         for step in reversed(self.all_steps()):
             try:
                 meta = self.read_meta(step)
-            except Exception as e:  # noqa: BLE001 - any read failure means a damaged checkpoint
-                self._quarantine(step, e)
+            except Exception as e:  # noqa: BLE001 - damaged, unless access was refused
+                self._quarantine_if_damaged(step, e)
                 continue
             theirs = meta.get("fingerprint", {})
             diff = {
@@ -227,15 +284,38 @@ class Checkpointer:
                 restored = self.manager.restore(
                     step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
                 )
-            except Exception as e:  # noqa: BLE001
-                self._quarantine(step, e)
+            except Exception as e:  # noqa: BLE001 - damaged, unless access was refused
+                self._quarantine_if_damaged(step, e)
                 continue
             return restored["state"], meta
         return None
 
+    def all_steps(self) -> list[int]:
+        try:
+            self.manager.reload()
+            return sorted(self.manager.all_steps())
+        except OSError as e:
+            raise CheckpointUnreadableError(
+                f"Cannot list the checkpoints in {self.directory} ({_describe(e)}); nothing was "
+                "changed. Make it readable and writable (e.g. chmod -R u+rwX), then run the same "
+                "command again."
+            ) from e
+
+    def _quarantine_if_damaged(self, step: int, error: Exception) -> None:
+        """Moves the checkpoint of ``step`` aside, unless it is only unreadable."""
+        refused = unreadable_file(self.path / str(step)) or access_problem(error)
+        if refused is not None:
+            raise CheckpointUnreadableError(
+                f"Cannot read the checkpoint of step {step} in {self.directory} "
+                f"({_describe(refused)}); it is not damaged, so nothing was moved or changed. "
+                "Make it readable (e.g. chmod -R u+rX, or mount it read-write), then run the "
+                "same command again."
+            ) from error
+        self._quarantine(step, error)
+
     def _quarantine(self, step: int, error: Exception) -> None:
         src = self.path / str(step)
-        dst = layout.quarantine_dir(self.path) / str(step)
+        dst = _free_name(layout.quarantine_dir(self.path), str(step))
         if jax.process_index() == 0:
             _move_tree(src, dst)
         log.warning(
@@ -251,10 +331,26 @@ class Checkpointer:
         self._open()
 
 
+def _describe(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        where = f": {error.filename}" if error.filename else ""
+        return f"{error.strerror}{where}"
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+
+
+def _free_name(folder: epath.Path, name: str) -> epath.Path:
+    """``folder/name``, or ``folder/name.1``, ``.2``, ... if taken: a quarantine
+    never replaces what an earlier one kept."""
+    candidate, n = folder / name, 0
+    while candidate.exists():
+        n += 1
+        candidate = folder / f"{name}.{n}"
+    return candidate
+
+
 def _move_tree(src: epath.Path, dst: epath.Path) -> None:
-    """Moves the directory ``src`` to ``dst``, replacing ``dst``, on any filesystem epath opens."""
-    if dst.exists():
-        dst.rmtree()
+    """Moves the directory ``src`` to ``dst`` (which must not exist), on any
+    filesystem epath opens."""
     if not layout.is_remote(src):
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(os.fspath(src), os.fspath(dst))  # a rename

@@ -15,6 +15,7 @@ value and a valid setting; ``train.py`` prints it as one line.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from resnet_jax.data.datasets import IN_MEMORY, check_dataset
@@ -25,6 +26,9 @@ from resnet_jax.training.recipe import model_from_config
 log = logging.getLogger(__name__)
 
 
+# The train state's step counter is int32; an epoch count beyond this is a typo.
+_MAX_STEPS = 2**31 - 1
+_MAX_EPOCHS = 1_000_000
 _INTERVALS = ("num_train_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps")
 
 
@@ -110,6 +114,16 @@ def _check_model_and_data(config: Any) -> None:
     model_from_config(config, 10)  # unknown model names and options raise here
     _require(config.crop_padding >= 0, f"crop_padding={config.crop_padding} must be >= 0.")
     _require(config.validation_split >= 0, "validation_split must be >= 0.")
+    _require(
+        not config.validation_split or config.dataset in ("cifar10", "cifar100"),
+        f"validation_split={config.validation_split} holds out the end of CIFAR's training "
+        f"split; {config.dataset} does not use it (the digits have their own test split, "
+        "ImageNet its validation set): leave it at 0, or use --config.eval_split.",
+    )
+    _require(
+        isinstance(config.seed, int) and 0 <= config.seed < 2**32,
+        f"seed={config.seed!r} must be an integer in [0, 2**32).",
+    )
     split = config.eval_split
     _require(
         isinstance(split, str)
@@ -213,7 +227,16 @@ def _check_batches(config: Any, num_devices: int) -> None:
             + (f" (or 0 with {epochs} > 0)." if epochs else "."),
         )
     for epochs in _EPOCH_KEYS.values():
-        _require(config[epochs] >= 0, f"{epochs}={config[epochs]} must be >= 0.")
+        _require(
+            math.isfinite(config[epochs]) and 0 <= config[epochs] <= _MAX_EPOCHS,
+            f"{epochs}={config[epochs]} must be a finite number of epochs in [0, {_MAX_EPOCHS:,}].",
+        )
+    for key in (*_INTERVALS, "warmup_steps"):
+        _require(
+            config[key] <= _MAX_STEPS,
+            f"{key}={config[key]:,} is beyond the step counter's range (int32: at most "
+            f"{_MAX_STEPS:,} steps); train for fewer steps.",
+        )
 
 
 def pad_eval_batch(config: Any, num_devices: int) -> Any:

@@ -27,7 +27,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from resnet_jax.errors import WorkdirInUseError
+from resnet_jax.errors import UserError, WorkdirInUseError
 from resnet_jax.training import workdir as layout
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,13 @@ class WorkdirLock:
         if not self.enabled:
             return self
         path = os.path.join(self.workdir, ".lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(
+                f"Cannot open the workdir's lock file {path} ({e.strerror}); make the workdir "
+                "writable or choose another --workdir. Nothing was changed."
+            ) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -127,17 +133,26 @@ class MetricWriter:
 
     def _truncate_to(self, step: int) -> None:
         keep, torn = [], 0
-        for line in self._path.read_text().splitlines():
+        text = self._path.read_text()
+        for line in text.splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                torn += 1
+                record = None
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                torn += 1  # torn by a kill, or not a line of this trainer's
                 continue
             if record["step"] <= step:
                 keep.append(json.dumps(record) + "\n")
         if torn:
+            backup = self._path.with_name(f"metrics.jsonl.{int(time.time())}.bak")
+            backup.write_text(text)  # the dropped lines are kept there
             log.warning(
-                "Dropped %d unreadable line(s) of %s (a run killed mid-write).", torn, self.path
+                "Dropped %d line(s) of %s that are not this trainer's metrics (torn by a kill, "
+                "or written by something else); the file as it was is kept in %s.",
+                torn,
+                self.path,
+                backup,
             )
         if self.remote:
             self._lines = keep
@@ -229,6 +244,12 @@ def progress_bar(total: int, initial: int) -> Any:
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
 
 
+SECOND_INTERRUPT = (
+    "interrupted by a second Ctrl-C: stopped at once, without saving; the workdir's "
+    "newest checkpoint is kept: run the same command to resume from it.\n"
+)
+
+
 class PreemptionFlag:
     """Tells the loop when to save and stop.
 
@@ -262,7 +283,10 @@ class PreemptionFlag:
 
     def _handle(self, signum, frame):
         if self._event.is_set() and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            # A KeyboardInterrupt raised here can land in a finalizer or a
+            # callback that swallows it, and the run would go on: leave at once.
+            os.write(2, SECOND_INTERRUPT.encode())
+            os._exit(130)
         self._event.set()
         log.warning(
             "Received signal %d: saving a checkpoint at the next step, then stopping "

@@ -13,6 +13,7 @@ absolute, URLs such as ``gs://bucket/run`` kept as given).
 from __future__ import annotations
 
 import os
+import tempfile
 
 from etils import epath
 
@@ -80,4 +81,13 @@ def prepare_workdir(workdir: str) -> None:
     except OSError as e:
         raise UserError(
             f"Cannot create the workdir {workdir} ({e.strerror}); choose a writable --workdir."
+        ) from e
+    try:  # a read-only workdir (or mount) stops here, before anything is read or written
+        fd, probe = tempfile.mkstemp(prefix=".write_test_", dir=workdir)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(
+            f"The workdir {workdir} is not writable ({e.strerror}); make it writable (e.g. "
+            "chmod u+w, or mount it read-write) or choose another --workdir. Nothing was changed."
         ) from e
