@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import jax
@@ -194,4 +195,38 @@ def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path):
             proc.kill()
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
-    assert err.strip().splitlines()[-1] == runtime.SECOND_INTERRUPT.strip()
+    # During a step: the trainer's handler; after the first Ctrl-C's save has
+    # ended the loop: the command's own line.
+    assert err.strip().splitlines()[-1] in (
+        runtime.SECOND_INTERRUPT.strip(),
+        "train.py: interrupted; run the same command to go on.",
+    ), err[-3000:]
+
+
+def test_the_second_ctrl_c_is_never_swallowed():
+    """The handler leaves at once: no KeyboardInterrupt that a finalizer or a
+    callback could swallow while the program goes on."""
+    code = (
+        "import os, signal, time\n"
+        "from resnet_jax.training import runtime\n"
+        "flag = runtime.PreemptionFlag()\n"
+        "flag.install()\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(0.5)\n"
+        "assert flag.reached(1)\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(5)\n"
+        "except BaseException:\n"
+        "    pass  # a swallowed interrupt\n"
+        "print('went on')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    assert out.returncode == 130 and "went on" not in out.stdout, out.stdout + out.stderr
+    assert out.stderr.strip().splitlines()[-1] == runtime.SECOND_INTERRUPT.strip()
