@@ -60,7 +60,6 @@ import functools
 import json
 import logging
 import os
-import pickle
 import time
 from typing import Any
 
@@ -76,11 +75,12 @@ from ml_collections import config_flags
 import resnet_jax as rj
 from resnet_jax import data as data_lib
 from resnet_jax import launch
-from resnet_jax.errors import UserError
+from resnet_jax.errors import UserError, one_line
 from resnet_jax.training import checkpoints, experiment, recipe
 from resnet_jax.training import steps as train_steps
 from resnet_jax.training import workdir as layout
 from resnet_jax.training.checks import pad_eval_batch, validate_config
+from resnet_jax.weights.torch_layout import WeightsFileError
 
 log = logging.getLogger("resnet_jax.evaluate")  # also when run as __main__
 
@@ -245,23 +245,10 @@ def evaluate_workdir(
 # --------------------------------------------------------------------------- #
 
 
-def _read_errors() -> tuple[type[BaseException], ...]:
-    """What reading a weights file that is not one raises (torch, safetensors, pickle)."""
-    errors: list[type[BaseException]] = [
-        ValueError,
-        OSError,
-        RuntimeError,
-        EOFError,
-        KeyError,
-        pickle.UnpicklingError,
-    ]
-    try:
-        from safetensors import SafetensorError  # lazy: optional for --weights .pth
-
-        errors.append(SafetensorError)
-    except ImportError:
-        pass
-    return tuple(errors)
+# What a weights path the converters cannot take raises, besides a
+# WeightsFileError (a ValueError): a refused layout (ValueError), a missing
+# file or one that cannot be opened (OSError), torch or safetensors not installed.
+_READ_ERRORS = (ValueError, OSError, ImportError)
 
 
 def load_weights(path: str, source: str = "auto") -> tuple[rj.weights.Converted, str]:
@@ -273,8 +260,10 @@ def load_weights(path: str, source: str = "auto") -> tuple[rj.weights.Converted,
     layout, the other converter is used.
 
     Raises:
-      UserError: an unknown source, a missing path, or a file either
-        converter refuses (naming the problem).
+      UserError: an unknown source, a missing path, a file that is not a
+        readable state dict (not a PyTorch or safetensors file, truncated, a
+        pickled model, a .pth without torch, ...: naming the file and what to
+        do) or one either converter refuses (naming the problem).
     """
     if source not in SOURCES:
         raise UserError(f"--source={source!r}; valid: {', '.join(SOURCES)}.")
@@ -290,13 +279,17 @@ def load_weights(path: str, source: str = "auto") -> tuple[rj.weights.Converted,
     try:
         try:
             return converters[chosen](path), chosen
+        except WeightsFileError:
+            raise  # the file itself, whichever converter reads it
         except ValueError as e:
             other = "transformers" if chosen == "torchvision" else "torchvision"
             if source != "auto" or f"rj.weights.from_{other}" not in str(e):
                 raise
             return converters[other](path), other
-    except _read_errors() as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    except WeightsFileError as e:
+        raise UserError(f"--weights {path} cannot be read: {e.about(path)}") from e
+    except _READ_ERRORS as e:
+        message = one_line(str(e)) if str(e) else type(e).__name__
         raise UserError(
             f"--weights {path} cannot be read as {source if source != 'auto' else 'weights'} "
             f"of a ResNet: {message}"
@@ -423,17 +416,59 @@ def summary_line(result: dict[str, Any]) -> str:
 
 
 def check_output(path: str | None) -> None:
-    """Refuses an ``--output`` file that exists (it is never overwritten)."""
-    if path and epath.Path(path).exists():
+    """Refuses an ``--output`` that could not be written, before the evaluation:
+    a file that exists (results never overwrite one), a folder that does not
+    exist, is a file or is not writable, a path that names a folder. A remote
+    path (``gs://...``) is only checked not to exist: an object store has no
+    folders.
+    """
+    if not path:
+        return
+    remote = layout.is_remote(path)
+    if not remote and (path.endswith(("/", os.sep)) or os.path.isdir(path)):
+        raise UserError(f"--output {path} names a folder; give the path of a new file.")
+    if epath.Path(path).exists():
         raise UserError(
             f"--output {path} exists; results never overwrite a file. Remove it or "
             "choose another name."
         )
+    if remote:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(
+            f"--output {path}: {existing} is a file, not a folder; choose another path."
+        )
+    if existing != folder:
+        raise UserError(
+            f"--output {path}: the folder {folder} does not exist; create it (mkdir -p "
+            f"{folder}) or choose another path."
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(
+            f"--output {path}: the folder {folder} is not writable; choose another path."
+        )
 
 
 def write_output(path: str, result: dict[str, Any]) -> None:
-    check_output(path)
-    epath.Path(path).write_text(json.dumps(result) + "\n")
+    """Writes ``result`` as one JSON line to a new file ``path`` (:func:`check_output`).
+
+    Raises:
+      UserError: the file cannot be written (the result is already on stdout).
+    """
+    try:
+        check_output(path)  # again: the evaluation took a while
+        epath.Path(path).write_text(json.dumps(result) + "\n")
+    except UserError as e:
+        raise UserError(f"{e} The result is the JSON line printed above.") from None
+    except OSError as e:
+        raise UserError(
+            f"--output {path} could not be written ({e.strerror or e}); the result is the "
+            "JSON line printed above."
+        ) from e
 
 
 # --------------------------------------------------------------------------- #

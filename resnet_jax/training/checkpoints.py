@@ -136,11 +136,17 @@ def saved_steps(workdir: str | os.PathLike) -> list[int]:
     if not directory.exists():
         return []
     options = ocp.CheckpointManagerOptions(read_only=True)
-    manager = ocp.CheckpointManager(directory, options=options)
     try:
-        return sorted(manager.all_steps())
-    finally:
-        manager.close()
+        manager = ocp.CheckpointManager(directory, options=options)
+        try:
+            return sorted(manager.all_steps())
+        finally:
+            manager.close()
+    except OSError as e:
+        raise CheckpointUnreadableError(
+            f"Cannot list the checkpoints in {directory} ({_describe(e)}); make them readable "
+            "(e.g. chmod -R u+rX), then run the same command again."
+        ) from e
 
 
 class Checkpointer:

@@ -12,6 +12,10 @@ each driven by a config key (``configs/common.py``, recipe ``configs/finetune.py
   one when its shape fits and ``finetune_new_head`` is False, else the fresh
   initialisation. A workdir that already has a checkpoint resumes from it and
   ignores ``init_from`` (:func:`resnet_jax.training.experiment.restore_or_init`).
+  A file that is not a readable state dict, or a workdir whose newest
+  checkpoint is damaged, is one line naming it; :func:`check_init_from` checks
+  all of this without writing anything, for the trainer to call before it
+  creates the workdir.
 * ``freeze_backbone`` / ``backbone_lr_multiplier``: two parameter groups,
   ``head`` and ``backbone`` (everything else), in one ``optax.multi_transform``:
   the backbone gets ``optax.set_to_zero()`` (no update, weight decay included)
@@ -35,11 +39,12 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
 
-from resnet_jax.errors import UserError
+from resnet_jax.errors import UserError, one_line
 from resnet_jax.models import BottleneckBlock
 from resnet_jax.training import checkpoints
 from resnet_jax.training import workdir as layout
 from resnet_jax.weights import from_torchvision, from_transformers
+from resnet_jax.weights.torch_layout import WeightsFileError
 
 log = logging.getLogger(__name__)
 
@@ -94,29 +99,66 @@ def partition_optimizer(
 def read_checkpoint_variables(workdir: str) -> tuple[int, dict[str, Any]]:
     """``(step, {'params', 'batch_stats'})`` of a resnet_jax workdir's newest
     checkpoint, as numpy arrays (its optimizer state and step are not read).
+    Nothing in the workdir is changed.
 
     Raises:
-      UserError: the workdir has no checkpoint.
+      UserError: the workdir has no checkpoint, or its newest one cannot be
+        read (files truncated or missing; naming its directory). An older one
+        is not taken in its place: that would be other weights than asked for.
     """
     # Absolute: orbax reads no tree metadata through a relative path.
     directory = layout.checkpoints_dir(workdir)
     steps = checkpoints.saved_steps(workdir)
-    step = steps[-1] if steps else None
-    if step is None:
+    if not steps:
         raise UserError(f"init_from={workdir!r} has no checkpoint in {directory}.")
-    path = directory / str(step) / "state"
+    step = steps[-1]
+    checkpoint = directory / str(step)
+    path = checkpoint / "state"
     checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(path).item_metadata
+    try:
+        tree = checkpointer.metadata(path).item_metadata
+    except Exception as e:  # noqa: BLE001 - any read failure means a damaged checkpoint
+        raise UserError(_damaged(workdir, checkpoint, steps, _error_detail(e))) from e
     tree = getattr(tree, "tree", tree)
-    if tree is None:
-        raise UserError(f"init_from={workdir!r}: the checkpoint {path} has no readable metadata.")
+    if tree is None:  # what orbax returns for most damage: it logs the error itself
+        raise UserError(_damaged(workdir, checkpoint, steps, "no readable metadata"))
+    missing = [k for k in ("params", "batch_stats") if k not in tree]
+    if missing:
+        raise UserError(
+            f"init_from={workdir!r}: the checkpoint {checkpoint} has no "
+            f"{' or '.join(missing)}; it is not a checkpoint of train.py."
+        )
     item = {k: tree[k] for k in ("params", "batch_stats")}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    restored = checkpointer.restore(
-        path,
-        args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
-    )
+    try:
+        restored = checkpointer.restore(
+            path,
+            args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+        )
+    except Exception as e:  # noqa: BLE001 - any read failure means a damaged checkpoint
+        raise UserError(_damaged(workdir, checkpoint, steps, _error_detail(e))) from e
     return step, {k: restored[k] for k in ("params", "batch_stats")}
+
+
+def _error_detail(error: Exception) -> str:
+    """``'Type: first 200 characters'`` of an error, on one line."""
+    detail = one_line(str(error))[:200]
+    return f"{type(error).__name__}: {detail}" if detail else type(error).__name__
+
+
+def _damaged(workdir: str, checkpoint: Any, steps: list[int], detail: str) -> str:
+    """The line for a workdir whose newest checkpoint (``steps[-1]``) cannot be read."""
+    older = (
+        f"; resuming that run in its workdir moves the damaged checkpoint aside and goes on "
+        f"from step {steps[-2]}"
+        if len(steps) > 1
+        else ""
+    )
+    return (
+        f"init_from={workdir!r}: its newest checkpoint, {checkpoint} (step {steps[-1]}), cannot "
+        f"be read ({detail}): files of it are truncated or missing. Give init_from a workdir "
+        f"with a complete checkpoint{older}."
+    )
 
 
 def _convert(path: str) -> tuple[Any, dict[str, Any]]:
@@ -125,6 +167,8 @@ def _convert(path: str) -> tuple[Any, dict[str, Any]]:
         return from_transformers(path)
     try:
         return from_torchvision(path)
+    except WeightsFileError:
+        raise  # the file itself: the other converter would read it no better
     except ValueError as e:
         if "from_transformers" not in str(e):  # the converter says when the names are HF's
             raise
@@ -141,7 +185,9 @@ def load_variables(path: str) -> tuple[str, dict[str, Any], Any]:
     timm state dict (or transformers weights, told apart by their names).
 
     Raises:
-      UserError: nothing readable there (the converter's message, on one line).
+      UserError: nothing readable there (the converter's message, on one
+        line): a weights file that is not a readable state dict names the
+        file and what to do; a damaged checkpoint, its directory.
     """
     if not epath.Path(path).exists():  # checked here: a resume never reads it
         raise UserError(
@@ -153,6 +199,8 @@ def load_variables(path: str) -> tuple[str, dict[str, Any], Any]:
         return f"resnet_jax checkpoint step {step}", variables, None
     try:
         converted = _convert(path)
+    except WeightsFileError as e:
+        raise UserError(f"init_from={path!r} cannot be read: {e.about(path)}") from e
     except (ValueError, ImportError, OSError) as e:
         raise UserError(f"init_from={path!r}: {e}") from e
     variables = {k: converted[1].get(k, {}) for k in ("params", "batch_stats")}
@@ -267,6 +315,40 @@ def to_trainer_input(loaded: dict[str, Any], preprocessing: Any, source: str) ->
     return {**loaded, "params": params}
 
 
+def _start_variables(config: Any, model: Any, target: dict[str, Any]) -> tuple[Any, ...]:
+    """``(merged, head_loaded, description, converted)``: ``config.init_from``
+    read, checked against ``model`` and merged into ``target`` (arrays or
+    shapes of the config's ``{'params', 'batch_stats'}``)."""
+    source = config.init_from
+    description, loaded, converted = load_variables(source)
+    _check_variant(None if converted is None else converted[0], model, source)
+    if converted is not None:
+        loaded = to_trainer_input(loaded, converted.preprocessing, source)
+    merged, head_loaded = merge_variables(
+        target, loaded, new_head=bool(config.finetune_new_head), source=source
+    )
+    return merged, head_loaded, description, converted
+
+
+def check_init_from(exp: Any) -> None:
+    """Refuses what :func:`initial_state` would refuse of ``config.init_from``
+    (a path that is missing or cannot be read, a damaged checkpoint, another
+    network), against the shapes of ``exp``'s state, writing nothing: for the
+    trainer to call before it creates the workdir. Reads nothing when
+    init_from is unset or the workdir has a checkpoint (a resume ignores it).
+
+    Raises:
+      UserError: as :func:`initial_state`.
+    """
+    config = exp.config
+    if not config.init_from or checkpoints.saved_steps(exp.workdir):
+        return
+    shapes = exp.abstract_state()
+    _start_variables(
+        config, exp.model, {"params": shapes.params, "batch_stats": shapes.batch_stats}
+    )
+
+
 def initial_state(config: Any, model: Any, pixel_mean: Any, sharding: Any, state: Any) -> Any:
     """A fresh ``state`` of ``model`` started from ``config.init_from`` (when set):
     its params and batch_stats merged in (:func:`merge_variables`), the
@@ -278,11 +360,10 @@ def initial_state(config: Any, model: Any, pixel_mean: Any, sharding: Any, state
     if not config.init_from:
         return state
     source = config.init_from
-    description, loaded, converted = load_variables(source)
-    _check_variant(None if converted is None else converted[0], model, source)
+    target = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    merged, head_loaded, description, converted = _start_variables(config, model, target)
     if converted is not None:
         p = converted.preprocessing
-        loaded = to_trainer_input(loaded, p, source)
         mean = np.asarray(pixel_mean, np.float32)
         if mean.shape != (3,) or not np.allclose(mean, p.mean, atol=1e-3):
             log.warning(
@@ -291,10 +372,6 @@ def initial_state(config: Any, model: Any, pixel_mean: Any, sharding: Any, state
                 source,
                 tuple(round(float(m), 3) for m in p.mean),
             )
-    target = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
-    merged, head_loaded = merge_variables(
-        target, loaded, new_head=bool(config.finetune_new_head), source=source
-    )
 
     def start(state, variables):
         return state.replace(
@@ -316,6 +393,7 @@ def initial_state(config: Any, model: Any, pixel_mean: Any, sharding: Any, state
 
 
 __all__ = [
+    "check_init_from",
     "initial_state",
     "load_variables",
     "to_trainer_input",

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from resnet_jax.errors import NonFiniteError
-from resnet_jax.training import runtime
+from resnet_jax.training import finetune, runtime
 from resnet_jax.training.experiment import (
     Experiment,
     build_experiment,
@@ -203,6 +203,7 @@ def train_and_evaluate(config: Any, workdir: str, progress: bool = True) -> dict
     """
     t_start = time.time()
     exp = build_experiment(config, workdir)  # a bad config or dataset stops here
+    finetune.check_init_from(exp)  # and a bad init_from, before the workdir is written
     with runtime.WorkdirLock(workdir, enabled=jax.process_index() == 0):
         ckpt = open_checkpointer(exp)
         try:

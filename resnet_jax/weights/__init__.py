@@ -55,6 +55,8 @@ from resnet_jax.weights.torch_layout import (
     CONVERTER_OPTIONS,
     TORCH_BN_EPSILON,
     TORCH_BN_MOMENTUM,
+    TorchNeededError,
+    WeightsFileError,
     from_torchvision,
 )
 
@@ -68,6 +70,8 @@ __all__ = [
     "TORCH_BN_MOMENTUM",
     "Converted",
     "Preprocessing",
+    "TorchNeededError",
+    "WeightsFileError",
     "from_keras",
     "from_torchvision",
     "from_transformers",

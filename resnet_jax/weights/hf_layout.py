@@ -19,7 +19,12 @@ from resnet_jax.weights.preprocessing import (
     Preprocessing,
     preprocessing_record,
 )
-from resnet_jax.weights.torch_layout import convert_or_refuse, read_source, state_dict_arrays
+from resnet_jax.weights.torch_layout import (
+    WeightsFileError,
+    convert_or_refuse,
+    read_source,
+    state_dict_arrays,
+)
 
 _SUPPORTED_HF = (
     "transformers ResNetModel / ResNetForImageClassification (microsoft/resnet-18 ... -152: "
@@ -129,12 +134,17 @@ def from_transformers(
 
     Raises:
       ValueError: for an unsupported config (``downsample_in_first_stage``,
-        an activation other than relu) or state dict (naming the tensor).
+        an activation other than relu) or state dict (naming the tensor); a
+        :class:`~resnet_jax.weights.torch_layout.WeightsFileError` (a
+        ``ValueError``) naming the file for weights that cannot be read as a
+        state dict or a ``config.json`` / ``preprocessor_config.json`` that is
+        not a JSON object, as for :func:`from_torchvision`.
       ImportError: for ``pytorch_model.bin`` without torch installed.
+      OSError: for a file that cannot be opened.
     """
     who = "from_transformers"
     raw, directory = read_source(source, who)
-    variant = _hf_variant(_hf_config(source, directory, config), who)
+    variant = _hf_variant(_hf_config(source, directory, config, who), who)
     state, hf_name = _hf_state(state_dict_arrays(raw), who)
     module, variables = convert_or_refuse(
         who,
@@ -147,26 +157,41 @@ def from_transformers(
         options=options,
     )
     if preprocessing is None:
-        preprocessing = _hf_directory_preprocessing(directory)
+        preprocessing = _hf_directory_preprocessing(directory, who)
     return Converted(module, variables, preprocessing_record(preprocessing))
 
 
-def _hf_directory_preprocessing(directory: str | None) -> Preprocessing | str:
+def _hf_directory_preprocessing(directory: str | None, who: str) -> Preprocessing | str:
     """The directory's ``preprocessor_config.json`` recipe, else 'huggingface'."""
     path = directory and os.path.join(directory, "preprocessor_config.json")
     if path and os.path.exists(path):
-        with open(path) as f:
-            return _hf_preprocessing(json.load(f))
+        return _hf_preprocessing(_read_json(path, who))
     return "huggingface"
 
 
-def _hf_config(source: Any, directory: str | None, config: Any) -> Any:
+def _read_json(path: str, who: str) -> dict[str, Any]:
+    """The JSON object in ``path``; a file that is not one is a WeightsFileError naming it."""
+    with open(path, "rb") as f:  # an OSError names the file
+        data = f.read()
+    try:
+        value = json.loads(data)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise WeightsFileError(
+            who, path, f"is not JSON ({e}); download or save the checkpoint's file again."
+        ) from e
+    if not isinstance(value, dict):
+        raise WeightsFileError(
+            who, path, f"holds a JSON {type(value).__name__}, not an object (a config's keys)."
+        )
+    return value
+
+
+def _hf_config(source: Any, directory: str | None, config: Any, who: str) -> Any:
     """The config given, else the model object's, else the directory's config.json, else {}."""
     if config is None:
         config = getattr(source, "config", None)
     if config is None and directory and os.path.exists(os.path.join(directory, "config.json")):
-        with open(os.path.join(directory, "config.json")) as f:
-            config = json.load(f)
+        config = _read_json(os.path.join(directory, "config.json"), who)
     return {} if config is None else config
 
 

@@ -5,12 +5,17 @@ converter and the torchvision export share.
 
 ``.safetensors`` files are read with safetensors and numpy; torch is imported
 only to read ``.pth``/``.bin`` pickles (it is a test- and user-side
-dependency, not one of this package's).
+dependency, not one of this package's). Every file is read by
+:func:`read_weights_file`, which turns any failure to read one (not such a
+file, truncated, not a state dict) into one :class:`WeightsFileError` line
+naming the file.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import pickle
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -20,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from resnet_jax.errors import UserError, one_line
 from resnet_jax.models import BasicBlock, BottleneckBlock, ResNet, model_spec
 from resnet_jax.weights.preprocessing import Converted, Preprocessing, preprocessing_record
 
@@ -80,7 +86,88 @@ def read_source(source: Any, who: str) -> tuple[Mapping[str, Any], str | None]:
         if not found:
             raise FileNotFoundError(f"{who}: {path} holds neither of {', '.join(names)}.")
         path = os.path.join(path, found[0])
-    if path.endswith(".safetensors"):
+    if not path.endswith((".safetensors", *_TORCH_SUFFIXES)):
+        raise ValueError(
+            f"{who}: cannot read {path!r}: expected a .safetensors file, a PyTorch file "
+            f"({', '.join(_TORCH_SUFFIXES)}) or a Hugging Face checkpoint directory."
+        )
+    return read_weights_file(path, who), directory
+
+
+class WeightsFileError(UserError):
+    """A weights file that cannot be read as a state dict (a ``ValueError``).
+
+    The message is ``'{who}: {file} {reason}'``: what the file is or holds,
+    and what to do. ``file`` and ``reason`` are kept apart for the commands,
+    which name the path the user gave (:meth:`about`).
+    """
+
+    def __init__(self, who: str, file: str, reason: str):
+        super().__init__(one_line(f"{who}: {file} {reason}"))
+        self.who, self.file, self.reason = who, file, one_line(reason)
+
+    def __reduce__(self):  # pickled with its three fields, not the message
+        return type(self), (self.who, self.file, self.reason)
+
+    def about(self, given: str | os.PathLike) -> str:
+        """The reason with its subject: 'it ...' when ``file`` is ``given``, else 'FILE ...'."""
+        same = os.path.abspath(os.fspath(given)) == os.path.abspath(self.file)
+        return f"{'it' if same else self.file} {self.reason}"
+
+
+class TorchNeededError(WeightsFileError, ImportError):
+    """A PyTorch file, and torch is not installed (an ``ImportError`` too)."""
+
+
+# Bytes read to tell what a file that does not load is.
+_HEAD_BYTES = 1024
+_ZIP = b"PK\x03\x04"  # torch.save's archive since torch 1.6
+_PICKLE = b"\x80"  # a pickle of protocol 2 or later: torch.save's older format
+
+
+def read_weights_file(path: str, who: str) -> Mapping[str, Any]:
+    """The state dict in a ``.safetensors`` file (read with safetensors and
+    numpy) or a PyTorch file (``torch.load(weights_only=True)``: no code in the
+    file runs).
+
+    Raises:
+      OSError: the file cannot be opened (missing, no permission).
+      WeightsFileError: on one line naming the file, for one that is not a
+        safetensors or PyTorch file (text, an HTML page, a Git LFS pointer,
+        empty, the other format), is truncated or damaged, holds Python
+        objects that ``weights_only`` refuses (a pickled model), or holds
+        something else than a state dict (a list, a tensor, a dict without
+        tensors).
+      TorchNeededError: a PyTorch file without torch installed.
+      ImportError: a ``.safetensors`` file without the safetensors package.
+    """
+    safetensors = path.endswith(".safetensors")
+    kind = "safetensors" if safetensors else "PyTorch"
+    with open(path, "rb") as f:  # an OSError names the file
+        head = f.read(_HEAD_BYTES)
+    size = os.path.getsize(path)
+    load = _loader(path, who, head, size, kind)
+    try:
+        raw = load(path)
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever a loader raises on bad bytes is the file's
+        raise WeightsFileError(who, path, _unreadable(e, head, size, kind)) from e
+    held = _not_a_state_dict(raw)
+    if held:
+        save = "safetensors.torch.save_file" if safetensors else "torch.save"
+        raise WeightsFileError(
+            who,
+            path,
+            f"holds {held}, not a state dict (tensor names to tensors): save one with "
+            f"{save}(model.state_dict(), path).",
+        )
+    return raw
+
+
+def _loader(path: str, who: str, head: bytes, size: int, kind: str) -> Callable[[str], Any]:
+    """The function reading ``kind`` files; raises when its library is not installed."""
+    if kind == "safetensors":
         try:
             from safetensors.numpy import load_file  # lazy: import resnet_jax needs jax + flax only
         except ImportError as e:
@@ -88,29 +175,121 @@ def read_source(source: Any, who: str) -> tuple[Mapping[str, Any], str | None]:
                 f"{who}: reading {path} needs the safetensors package (pip install "
                 "safetensors); torch is not needed."
             ) from e
-        return load_file(path), directory
-    if path.endswith(_TORCH_SUFFIXES):
-        try:
-            import torch  # lazy: a test- and user-side dependency, not ours
-        except ImportError as e:
-            raise ImportError(
-                f"{who}: {path} is a PyTorch pickle, and reading it needs torch (pip install "
-                "torch). A .safetensors file of the same weights is read without torch."
-            ) from e
-        return torch.load(path, map_location="cpu", weights_only=True), directory
-    raise ValueError(
-        f"{who}: cannot read {path!r}: expected a .safetensors file, a PyTorch file "
-        f"({', '.join(_TORCH_SUFFIXES)}) or a Hugging Face checkpoint directory."
+        return load_file
+    try:
+        import torch  # lazy: a test- and user-side dependency, not ours
+    except ImportError as e:
+        foreign = _foreign(head, size, kind)  # no torch needed to tell it is no PyTorch file
+        if foreign:
+            raise WeightsFileError(who, path, foreign) from None
+        raise TorchNeededError(
+            who,
+            path,
+            "is a PyTorch pickle, and reading it needs torch (pip install torch). A "
+            ".safetensors file of the same weights is read without torch.",
+        ) from e
+    return functools.partial(torch.load, map_location="cpu", weights_only=True)
+
+
+def _unreadable(error: Exception, head: bytes, size: int, kind: str) -> str:
+    """Why a file did not load: what it is instead, or that it is cut short or damaged."""
+    foreign = _foreign(head, size, kind)
+    if foreign:
+        return foreign
+    message = str(error)
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    if isinstance(error, pickle.UnpicklingError) and refused:
+        return (
+            f"holds Python objects other than tensors (the first: {refused[1]}; a pickled "
+            "model, or a training checkpoint with other objects), which "
+            "torch.load(weights_only=True) does not load: resnet_jax runs no code from a "
+            "file. Where the file is trusted, save the weights alone: "
+            "torch.save(model.state_dict(), path)."
+        )
+    detail = one_line(message)[:200] if message.strip() else ""
+    detail = f"{type(error).__name__}: {detail}" if detail else type(error).__name__
+    return (
+        f"is truncated or damaged ({size} bytes; {kind}: {detail}); delete it and download "
+        "or save it again."
     )
+
+
+def _foreign(head: bytes, size: int, kind: str) -> str | None:
+    """What a file is when it is plainly not a ``kind`` file (None: it may be one)."""
+    if size == 0:
+        return f"is empty (0 bytes), not a {kind} file: download or save it again."
+    if head.startswith(b"version https://git-lfs"):
+        return (
+            "is a Git LFS pointer, not the weights: run `git lfs pull` in its repository, or "
+            "download the file itself."
+        )
+    text = _text(head)
+    if text is not None and re.match(r"\s*<(!doctype html|html)", text, re.IGNORECASE):
+        return (
+            f"is an HTML page, not a {kind} file: a web page saved instead of the file? (On "
+            "the Hugging Face hub, download from .../resolve/..., not .../blob/...)"
+        )
+    if text is not None:
+        start = one_line(text)
+        start = f"{start[:40]!r}..." if len(start) > 40 else repr(start)
+        writer = "torch.save" if kind == "PyTorch" else "safetensors' save_file"
+        return f"is text ({start}), not a {kind} file (what {writer} writes)."
+    looks_safetensors = size > 8 and head[8:9] == b"{"
+    if kind == "safetensors" and head.startswith((_ZIP, _PICKLE)):
+        return "is a PyTorch file, not a safetensors file: name it .pth."
+    if kind == "PyTorch" and looks_safetensors:
+        return "is a safetensors file, not a PyTorch file: name it .safetensors."
+    if kind == "PyTorch" and not head.startswith((_ZIP, _PICKLE)):
+        return (
+            f"is not a PyTorch file: it starts with {head[:8]!r}, neither a zip archive "
+            "(torch.save) nor a pickle."
+        )
+    if kind == "safetensors" and not looks_safetensors:
+        return "is not a safetensors file: it has no JSON header after its first 8 bytes."
+    return None
+
+
+def _text(head: bytes) -> str | None:
+    """``head`` as text, if it is printable UTF-8 (a multi-byte character may be cut at its end)."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:
+            return None
+        text = head[: e.start].decode("utf-8")
+    if not text or not all(c.isprintable() or c in "\t\n\r" for c in text):
+        return None
+    return text
+
+
+def _unwrapped(raw: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A training checkpoint's inner state dict (``state_dict``, ``model``, ...), else ``raw``."""
+    for key in ("state_dict", "model", "model_state_dict"):
+        inner = raw.get(key)
+        if isinstance(inner, Mapping) and not _is_tensor(inner):
+            return inner
+    return raw
+
+
+def _not_a_state_dict(raw: Any) -> str | None:
+    """What a loaded file holds, when that is not a state dict (None: it is one)."""
+    if _is_tensor(raw):
+        return f"a single tensor of shape {tuple(raw.shape)}"
+    if not isinstance(raw, Mapping):
+        items = f" of {len(raw)} items" if isinstance(raw, (list, tuple)) else ""
+        return f"a {type(raw).__name__}{items}"
+    inner = _unwrapped(raw)
+    if any(_is_tensor(v) for v in inner.values()):
+        return None
+    if not inner:
+        return "an empty dict"
+    keys = ", ".join(repr(k) for k in list(inner)[:3]) + (", ..." if len(inner) > 3 else "")
+    return f"a dict without tensors (keys {keys})"
 
 
 def state_dict_arrays(raw: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Numpy arrays by name, unwrapped from training checkpoints and DataParallel."""
-    for key in ("state_dict", "model", "model_state_dict"):
-        inner = raw.get(key)
-        if isinstance(inner, Mapping) and not _is_tensor(inner):
-            raw = inner
-            break
+    raw = _unwrapped(raw)
     state = {str(k): _to_numpy(v) for k, v in raw.items() if _is_tensor(v)}
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
@@ -389,7 +568,13 @@ def from_torchvision(
       ValueError: for a layout this converter does not support (deep stems,
         ResNet-D shortcuts, ResNeXt, SE blocks, wide ResNets), a missing or an
         extra tensor, or a shape that does not fit; the message names the tensor.
-      ImportError: for a ``.pth``/``.bin`` file without torch installed.
+        For a file that cannot be read as a state dict (not a safetensors or
+        PyTorch file, truncated or damaged, a pickled model, something else
+        than a state dict), a :class:`WeightsFileError` (a ``ValueError``) on
+        one line naming the file and what to do.
+      ImportError: for a ``.pth``/``.bin`` file without torch installed (a
+        :class:`TorchNeededError`, also a ``WeightsFileError``).
+      OSError: for a file that cannot be opened (missing, no permission).
     """
     who = "from_torchvision"
     raw, _ = read_source(source, who)
