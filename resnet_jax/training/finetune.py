@@ -330,23 +330,23 @@ def _start_variables(config: Any, model: Any, target: dict[str, Any]) -> tuple[A
     return merged, head_loaded, description, converted
 
 
-def check_init_from(exp: Any) -> None:
+def check_init_from(
+    config: Any, workdir: str, model: Any, abstract_state: Callable[[], Any]
+) -> None:
     """Refuses what :func:`initial_state` would refuse of ``config.init_from``
     (a path that is missing or cannot be read, a damaged checkpoint, another
-    network), against the shapes of ``exp``'s state, writing nothing: for the
-    trainer to call before it creates the workdir. Reads nothing when
-    init_from is unset or the workdir has a checkpoint (a resume ignores it).
+    network), against the shapes of ``abstract_state()`` (the run's train
+    state), writing nothing: for the trainer to call before it creates the
+    workdir. Reads nothing when init_from is unset or ``workdir`` has a
+    checkpoint (a resume ignores it).
 
     Raises:
       UserError: as :func:`initial_state`.
     """
-    config = exp.config
-    if not config.init_from or checkpoints.saved_steps(exp.workdir):
+    if not config.init_from or checkpoints.saved_steps(workdir):
         return
-    shapes = exp.abstract_state()
-    _start_variables(
-        config, exp.model, {"params": shapes.params, "batch_stats": shapes.batch_stats}
-    )
+    shapes = abstract_state()
+    _start_variables(config, model, {"params": shapes.params, "batch_stats": shapes.batch_stats})
 
 
 def initial_state(config: Any, model: Any, pixel_mean: Any, sharding: Any, state: Any) -> Any:

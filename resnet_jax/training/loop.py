@@ -203,7 +203,8 @@ def train_and_evaluate(config: Any, workdir: str, progress: bool = True) -> dict
     """
     t_start = time.time()
     exp = build_experiment(config, workdir)  # a bad config or dataset stops here
-    finetune.check_init_from(exp)  # and a bad init_from, before the workdir is written
+    # A bad init_from stops here too, before the workdir is written.
+    finetune.check_init_from(exp.config, exp.workdir, exp.model, exp.abstract_state)
     with runtime.WorkdirLock(workdir, enabled=jax.process_index() == 0):
         ckpt = open_checkpointer(exp)
         try:

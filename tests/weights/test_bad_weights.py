@@ -338,19 +338,23 @@ def test_init_from_is_checked_before_the_workdir_is_created(files, tmp_path):
     that resumes reads no init_from."""
     workdir = tmp_path / "new"
     exp = experiment.build_experiment(tiny_config(init_from=files["good.pth"]), str(workdir))
-    ft.check_init_from(exp)  # resnet8 on 10 classes: the same network
+
+    def check(exp):
+        ft.check_init_from(exp.config, exp.workdir, exp.model, exp.abstract_state)
+
+    check(exp)  # resnet8 on 10 classes: the same network
 
     def init_from(name, exp=exp):
         return dataclasses.replace(exp, config=tiny_config(init_from=files[name]))
 
     with pytest.raises(UserError, match="truncated.pth' cannot be read: it is truncated"):
-        ft.check_init_from(init_from("truncated.pth"))
+        check(init_from("truncated.pth"))
     deeper = experiment.build_experiment(tiny_config(model="resnet14"), str(workdir))
     with pytest.raises(UserError, match="has no params/stage1_block2/bn1/bias"):
-        ft.check_init_from(init_from("good.pth", deeper))
+        check(init_from("good.pth", deeper))
     assert not workdir.exists()
     saved_workdir(workdir, steps=(1,))
-    ft.check_init_from(init_from("list.pth"))  # a resume: init_from is ignored, so not read
+    check(init_from("list.pth"))  # a resume: init_from is ignored, so not read
 
 
 # --------------------------------------------------------------------------- #
