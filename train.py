@@ -17,12 +17,17 @@ is :mod:`resnet_jax.launch`, shared with every other command.
 import os
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+# Before jax (jaxlib) is imported, or TensorFlow's C++ warnings (a data loss
+# aborting a tf.data rendezvous, say) surround the one-line error.
+if "--verbose" not in sys.argv:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from resnet_jax import launch
-from resnet_jax.errors import CheckpointSaveError
-from resnet_jax.training import loop
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from resnet_jax import launch  # noqa: E402
+from resnet_jax.errors import CheckpointSaveError  # noqa: E402
+from resnet_jax.training import loop  # noqa: E402
 
 PROG = "train.py"
 FLAGS = flags.FLAGS

@@ -18,6 +18,12 @@ class DataNotFoundError(UserError, FileNotFoundError):
     """A dataset that is not prepared (or cannot be found) where the config points."""
 
 
+class DataCorruptError(UserError):
+    """A damaged data file: an archive to prepare a dataset from (an image or a
+    tar inside it), or a prepared file that is cut short, damaged or missing.
+    The message names the file and how to replace it or prepare again."""
+
+
 class NonFiniteError(UserError, FloatingPointError):
     """A non-finite loss or gradient: the message names the step and the last
     good checkpoint (nothing is saved after a bad step)."""

@@ -45,6 +45,7 @@ SLOW_MODULES = (
     "tests/test_evaluate.py",
     "tests/test_experiments.py",
     "tests/test_benchmarks_grain.py",
+    "tests/data/test_corrupt_data.py",
     "tests/data/test_imagenet.py",
     "tests/data/test_prefetch.py",
     "tests/training/test_finetune.py",

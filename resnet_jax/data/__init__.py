@@ -21,19 +21,17 @@ from resnet_jax.data.datasets import (
     DatasetInfo,
     Split,
     check_dataset,
-    configure_tensorflow,
     dataset_info,
     epoch_seed,
     eval_split,
     imagenet_preflight,
     load_digits,
     load_in_memory,
-    mock_data_scope,
     pixel_mean,
     prepare_for_processes,
-    tfds_module,
 )
 from resnet_jax.data.pipeline import IMAGE_DTYPES, ImageNetSource, InMemorySource, InputPipeline
+from resnet_jax.data.tf_setup import configure_tensorflow, mock_data_scope, tfds_module
 from resnet_jax.data.transforms import TRAIN_CROPS
 
 __all__ = [

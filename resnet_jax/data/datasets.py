@@ -5,13 +5,18 @@ ImageNet's preparation (:func:`imagenet_preflight`, once for all processes
 with :func:`prepare_for_processes`); :class:`DatasetInfo` of each; the
 TensorFlow set-up (:func:`configure_tensorflow`) that runs before TensorFlow's
 first use. Importing this module imports neither TensorFlow nor tfds.
+
+Damaged files are one line (:class:`DataCorruptError`) naming the file and
+what to do: a damaged image or tar inside ImageNet's archives stops the
+preparation (:func:`imagenet_preflight` checks every image as tfds writes it:
+tfds itself stores whatever bytes the archive holds), and a prepared tfds file
+that TensorFlow cannot read (cut short, damaged, missing) is named by
+:func:`damaged_data_error`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import logging
 import os
 from typing import Any
@@ -21,6 +26,13 @@ from jax.experimental import multihost_utils
 from sklearn.datasets import load_digits as sk_load_digits
 from sklearn.model_selection import train_test_split
 
+from resnet_jax.data.integrity import (
+    TRAIN_TAR,
+    VAL_TAR,
+    damaged_data_error,
+    prepare_imagenet,
+)
+from resnet_jax.data.tf_setup import tfds_module
 from resnet_jax.errors import DataNotFoundError, UserError
 
 log = logging.getLogger(__name__)
@@ -32,6 +44,7 @@ IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
 IN_MEMORY = ("digits", "cifar10", "cifar100")
 DATASETS = (*IN_MEMORY, "imagenet2012")
 _NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet2012": 1000}
+
 
 # An in-memory source builds one tf.data pipeline per whole epochs covering
 
@@ -64,45 +77,6 @@ def check_dataset(name: str) -> None:
 # --------------------------------------------------------------------------- #
 # TensorFlow set-up
 # --------------------------------------------------------------------------- #
-
-
-@functools.cache
-def configure_tensorflow() -> None:
-    """Sets TensorFlow up to feed JAX: quiet C++ logs and no GPUs.
-
-    Sets ``TF_CPP_MIN_LOG_LEVEL=2`` unless it is set (it acts only before
-    TensorFlow's first import) and hides every GPU from TensorFlow so that it
-    never takes accelerator memory. Idempotent. Call it where a program starts;
-    :class:`InputPipeline` and the tfds helpers here call it before they import
-    TensorFlow. If TensorFlow has already initialised its GPUs they can no
-    longer be hidden, and this logs a warning. (``configure_tensorflow.cache_clear()``
-    makes the next call run again.)
-    """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf  # lazy: only after configure_tensorflow()
-
-    try:
-        tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:  # raised only when GPUs are visible and already initialised
-        log.warning(
-            "TensorFlow initialised its GPUs before configure_tensorflow(); "
-            "it may hold accelerator memory that JAX needs."
-        )
-
-
-def tfds_module():
-    """The ``tensorflow_datasets`` module, imported after :func:`configure_tensorflow`."""
-    configure_tensorflow()
-    import tensorflow_datasets as tfds  # lazy: it imports TensorFlow
-
-    return tfds
-
-
-def mock_data_scope(config: Any):
-    """``tfds.testing.mock_data`` when ``config.mock_data``, else a scope that does nothing."""
-    if config.mock_data:
-        return tfds_module().testing.mock_data(num_examples=int(config.mock_num_examples))
-    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- #
@@ -182,11 +156,23 @@ def _first_per_class(split: Split, n: int, seed: int) -> Split:
 
 
 def read_tfds_split(name: str, split: str, data_dir: str | None) -> Split:
-    """One tfds split read whole into memory."""
+    """One tfds split read whole into memory.
+
+    Raises:
+      DataCorruptError: a prepared file is cut short, damaged or missing.
+    """
     tfds = tfds_module()
     # Batches of 10k rather than batch_size=-1, which aborts under tfds' mock_data.
+    import tensorflow as tf  # lazy: only after configure_tensorflow()
+
     ds = tfds.load(name, split=split, data_dir=data_dir, as_supervised=True).batch(10_000)
-    parts = list(tfds.as_numpy(ds))
+    try:
+        parts = list(tfds.as_numpy(ds))
+    except tf.errors.OpError as e:
+        damaged = damaged_data_error(name, data_dir, e)
+        if damaged is None:
+            raise
+        raise damaged from e
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
     return Split(images.astype(np.uint8), labels.astype(np.int32))
@@ -262,11 +248,14 @@ def imagenet_preflight(data_dir: str | None, prepare: bool = True) -> bool:
     """Checks that ImageNet is prepared for tfds, or says where the archives go.
 
     With ``prepare``, prepares it when the archives are in place (hours,
-    about 150 GB). Returns whether it is prepared now.
+    about 150 GB), checking every image (:func:`prepare_imagenet`). Returns
+    whether it is prepared now.
 
     Raises:
       DataNotFoundError: naming the directory where ``ILSVRC2012_img_train.tar``
         and ``ILSVRC2012_img_val.tar`` must be placed.
+      DataCorruptError: an archive is damaged (named, with the image or the
+        class tar inside it); nothing is left that looks prepared.
     """
     builder = tfds_module().builder("imagenet2012", data_dir=data_dir)
     try:
@@ -276,7 +265,7 @@ def imagenet_preflight(data_dir: str | None, prepare: bool = True) -> bool:
     if prepared:
         return True
     manual_dir = os.path.join(builder.data_dir_root, "downloads", "manual")
-    needed = ["ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"]
+    needed = [TRAIN_TAR, VAL_TAR]
     missing = [f for f in needed if not os.path.exists(os.path.join(manual_dir, f))]
     if missing:
         raise DataNotFoundError(
@@ -288,7 +277,7 @@ def imagenet_preflight(data_dir: str | None, prepare: bool = True) -> bool:
         )
     if not prepare:
         return False
-    builder.download_and_prepare()
+    prepare_imagenet(builder, manual_dir)
     return True
 
 

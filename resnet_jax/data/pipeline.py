@@ -49,15 +49,14 @@ from resnet_jax.data.datasets import (
     DatasetInfo,
     Split,
     check_dataset,
-    configure_tensorflow,
+    damaged_data_error,
     dataset_info,
     epoch_seed,
     eval_split,
     imagenet_preflight,
     load_in_memory,
-    mock_data_scope,
-    tfds_module,
 )
+from resnet_jax.data.tf_setup import configure_tensorflow, mock_data_scope, tfds_module
 from resnet_jax.errors import UserError
 
 # about this many steps: one per epoch costs time and host memory.
@@ -323,6 +322,8 @@ class InputPipeline:
         number of processes, a training split smaller than one batch, or
         labels that do not fit ``config.num_classes``.
       DataNotFoundError: ImageNet is not prepared.
+      DataCorruptError: a prepared file is cut short, damaged or missing (also
+        raised by the batch iterators, by the batch that reads it).
     """
 
     def __init__(
@@ -382,7 +383,7 @@ class InputPipeline:
         while True:
             ds = self.source.train_epochs(epoch, count, offset)
             ds = ds.batch(self.host_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-            yield from ds.as_numpy_iterator()
+            yield from self._read(ds)
             epoch, offset = epoch + count, 0
 
     def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
@@ -395,7 +396,24 @@ class InputPipeline:
             self._eval_dataset = _padded_batches(
                 self.source.eval_examples(), num_batches, self.host_eval_batch
             )
-        yield from self._eval_dataset.as_numpy_iterator()
+        yield from self._read(self._eval_dataset)
+
+    def _read(self, ds) -> Iterator[dict[str, np.ndarray]]:
+        """``ds``'s batches as numpy; TensorFlow's error for a damaged prepared
+        file (tf.data names none) is a :class:`DataCorruptError` naming it."""
+        import tensorflow as tf  # lazy: only after configure_tensorflow()
+
+        try:
+            yield from ds.as_numpy_iterator()
+        except (
+            tf.errors.DataLossError,
+            tf.errors.NotFoundError,
+            tf.errors.InvalidArgumentError,
+        ) as e:
+            damaged = damaged_data_error(self.config.dataset, self.config.data_dir, e)
+            if damaged is None:
+                raise
+            raise damaged from e
 
 
 def _padded_batches(examples, num_batches: int, batch: int):

@@ -1,0 +1,53 @@
+"""TensorFlow's set-up for feeding JAX, done once before its first use: quiet
+C++ logs and every GPU hidden from it (:func:`configure_tensorflow`); tfds
+imported after it (:func:`tfds_module`). Importing this module imports neither.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def configure_tensorflow() -> None:
+    """Sets TensorFlow up to feed JAX: quiet C++ logs and no GPUs.
+
+    Sets ``TF_CPP_MIN_LOG_LEVEL=2`` unless it is set (it acts only before
+    TensorFlow's first import) and hides every GPU from TensorFlow so that it
+    never takes accelerator memory. Idempotent. Call it where a program starts;
+    :class:`InputPipeline` and the tfds helpers here call it before they import
+    TensorFlow. If TensorFlow has already initialised its GPUs they can no
+    longer be hidden, and this logs a warning. (``configure_tensorflow.cache_clear()``
+    makes the next call run again.)
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf  # lazy: only after configure_tensorflow()
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # raised only when GPUs are visible and already initialised
+        log.warning(
+            "TensorFlow initialised its GPUs before configure_tensorflow(); "
+            "it may hold accelerator memory that JAX needs."
+        )
+
+
+def tfds_module():
+    """The ``tensorflow_datasets`` module, imported after :func:`configure_tensorflow`."""
+    configure_tensorflow()
+    import tensorflow_datasets as tfds  # lazy: it imports TensorFlow
+
+    return tfds
+
+
+def mock_data_scope(config: Any):
+    """``tfds.testing.mock_data`` when ``config.mock_data``, else a scope that does nothing."""
+    if config.mock_data:
+        return tfds_module().testing.mock_data(num_examples=int(config.mock_num_examples))
+    return contextlib.nullcontext()
