@@ -40,7 +40,7 @@ from etils import epath
 from flax import traverse_util
 
 from resnet_jax.errors import UserError, one_line
-from resnet_jax.models import BottleneckBlock
+from resnet_jax.models import BottleneckBlock, model_spec
 from resnet_jax.training import checkpoints
 from resnet_jax.training import workdir as layout
 from resnet_jax.weights import from_torchvision, from_transformers
@@ -315,6 +315,65 @@ def to_trainer_input(loaded: dict[str, Any], preprocessing: Any, source: str) ->
     return {**loaded, "params": params}
 
 
+# The fingerprint keys that make another network of the same shapes (a v1
+# bottleneck and a v1.5 one; plain20 and resnet20 with option-A shortcuts).
+_NETWORK_KEYS = ("model", "variant", "shortcut")
+
+
+def source_fingerprint(workdir: str) -> dict[str, Any] | None:
+    """The config fingerprint a resnet_jax workdir's newest checkpoint was saved
+    with (:func:`resnet_jax.training.checkpoints.fingerprint`), None if unreadable."""
+    steps = checkpoints.saved_steps(workdir)
+    if not steps:
+        return None
+    options = ocp.CheckpointManagerOptions(read_only=True)
+    manager = ocp.CheckpointManager(layout.checkpoints_dir(workdir), options=options)
+    try:
+        meta = manager.restore(steps[-1], args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(meta["meta"].get("fingerprint", {}))
+    except Exception:  # noqa: BLE001 - the weights' own reading names what is damaged
+        return None
+    finally:
+        manager.close()
+
+
+def _network(fp: dict[str, Any]) -> dict[str, Any]:
+    """The network keys of a fingerprint, as the network sees them: the default
+    shortcut filled in (A for CIFAR nets, B for ImageNet nets, none for plain
+    nets), the variant only for bottleneck nets."""
+    out = {k: fp[k] for k in _NETWORK_KEYS if k in fp}
+    try:
+        spec = model_spec(str(out.get("model")))
+    except ValueError:
+        return out
+    if spec.block_cls is not BottleneckBlock:
+        out["variant"] = None  # v1 and v1.5 differ in the bottleneck only
+    if not spec.residual:
+        out["shortcut"] = None
+    elif out.get("shortcut") is None:
+        out["shortcut"] = "A" if spec.family == "cifar" else "B"
+    return out
+
+
+def _check_source_network(config: Any, source: str) -> None:
+    """A workdir source must be the config's network: its run's fingerprint says
+    which it was (the shapes alone cannot tell a v1 bottleneck from a v1.5 one)."""
+    theirs = source_fingerprint(source)
+    if theirs is None:
+        return
+    theirs, ours = _network(theirs), _network(checkpoints.fingerprint(config))
+    diff = [k for k in _NETWORK_KEYS if k in theirs and theirs[k] != ours[k]]
+    if diff:
+        was = ", ".join(f"{k}={theirs[k]!r}" for k in diff)
+        now = ", ".join(f"{k}={ours[k]!r}" for k in diff)
+        fix = " ".join(f"--config.{k}={theirs[k]}" for k in diff if theirs[k] is not None)
+        fix = fix or "the run's own settings"
+        raise UserError(
+            f"init_from={source!r} was trained as {was}, but the config asks for {now}: "
+            f"the same shapes, another network. Set {fix} (or start from a run of this network)."
+        )
+
+
 def _start_variables(config: Any, model: Any, target: dict[str, Any]) -> tuple[Any, ...]:
     """``(merged, head_loaded, description, converted)``: ``config.init_from``
     read, checked against ``model`` and merged into ``target`` (arrays or
@@ -327,6 +386,8 @@ def _start_variables(config: Any, model: Any, target: dict[str, Any]) -> tuple[A
     merged, head_loaded = merge_variables(
         target, loaded, new_head=bool(config.finetune_new_head), source=source
     )
+    if converted is None:  # the same shapes: is it the same network?
+        _check_source_network(config, source)
     return merged, head_loaded, description, converted
 
 

@@ -293,6 +293,19 @@ def test_init_from_another_network_names_the_first_mismatch(pretrained, tmp_path
         )
 
 
+def test_init_from_a_run_of_another_network_of_the_same_shapes_is_refused(pretrained, tmp_path):
+    """resnet8 (option-A shortcuts: no parameters) and plain8 have the same
+    arrays; the source run's fingerprint tells them apart. The variant of a
+    basic-block net changes nothing, so it passes."""
+    with pytest.raises(UserError, match="was trained as model='resnet8', shortcut='A'"):
+        loop.train_and_evaluate(
+            tiny_finetune(pretrained, model="plain8"), str(tmp_path / "plain"), progress=False
+        )
+    assert not (tmp_path / "plain").exists()
+    c = tiny_finetune(pretrained, variant="v1.5", num_train_steps=1, eval_every_steps=1)
+    assert loop.train_and_evaluate(c, str(tmp_path / "v15"), progress=False)["step"] == 1
+
+
 def test_init_from_torchvision_weights(tmp_path):
     """A torchvision resnet18 state dict (.safetensors) into resnet18 on 10 CIFAR classes."""
     from safetensors.numpy import save_file
