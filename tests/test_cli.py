@@ -69,6 +69,7 @@ BAD_SETTINGS = [
     ({"dataset": "digits", "validation_split": 10}, "digits does not use it"),
     ({"train_crop": "center"}, "train_crop='center'; valid: scale, random_resized"),
     ({"dataset": "imagenet2012", "device_data": True}, "device_data=True holds the training"),
+    ({"batch_size": 2**30, "eval_batch_size": 16}, "GiB, more than this host's"),
 ]
 
 

@@ -61,6 +61,8 @@ from resnet_jax.errors import UserError
 
 # about this many steps: one per epoch costs time and host memory.
 STEPS_PER_PIPELINE = 10_000
+# ... and at most this many bytes of example order (indices and seeds) at once.
+ORDER_BYTES = 64 * 2**20
 # ImageNet builds one pipeline per at most this many epochs (each epoch is a
 # tfds.load of its own, with the epoch's file and example shuffle seeds).
 MAX_IMAGENET_EPOCHS_PER_PIPELINE = 4
@@ -120,7 +122,12 @@ class InMemorySource(_Source):
 
     @property
     def epochs_per_pipeline(self) -> int:
-        return max(1, math.ceil(STEPS_PER_PIPELINE / self.steps_per_epoch))
+        # A pipeline's order is built up front: this host's example indices and
+        # their seeds, 24 bytes an example an epoch. At a large batch (few steps
+        # an epoch) 10,000 steps are hundreds of epochs: keep it under ORDER_BYTES.
+        per_epoch = 24 * self.steps_per_epoch * self.host_batch
+        by_memory = max(1, ORDER_BYTES // max(per_epoch, 1))
+        return max(1, min(math.ceil(STEPS_PER_PIPELINE / self.steps_per_epoch), by_memory))
 
     def _order(self, epoch: int, count: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
         """This host's examples of epochs ``epoch .. epoch + count - 1`` from

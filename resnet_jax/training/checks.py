@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Any
 
 from resnet_jax.data.datasets import IN_MEMORY, check_dataset
@@ -310,7 +311,7 @@ def check_fast_path(config: Any) -> None:
         )
 
 
-def validate_config(config: Any, num_devices: int) -> None:
+def validate_config(config: Any, num_devices: int, num_processes: int = 1) -> None:
     """Refuses a bad config before any work is done, saying what to change.
 
     Raises:
@@ -319,8 +320,42 @@ def validate_config(config: Any, num_devices: int) -> None:
     _check_model_and_data(config)
     _check_fast_path(config)
     _check_batches(config, num_devices)
+    _check_host_memory(config, num_processes)
     _check_optimisation(config)
     _check_finetuning(config)
+
+
+# The model's input of each dataset (H, W, C) and its bytes a value on the host:
+# in-memory datasets leave the host as float32, ImageNet as uint8.
+_INPUT = {"digits": ((8, 8, 1), 4), "cifar10": ((32, 32, 3), 4), "cifar100": ((32, 32, 3), 4)}
+
+
+def host_memory_bytes() -> int | None:
+    """This host's physical memory in bytes (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_host_memory(config: Any, num_processes: int) -> None:
+    """A host batch (times the batches in flight) must fit in the host's memory."""
+    total = host_memory_bytes()
+    if not total:
+        return
+    shape, itemsize = _INPUT.get(config.dataset, ((config.image_size, config.image_size, 3), 1))
+    per_image = math.prod(shape) * itemsize
+    crops = 10 if config.ten_crop else 1
+    in_flight = int(config.prefetch_batches) + 2  # prefetched, being copied, being made
+    worst = max(config.batch_size, config.eval_batch_size * crops) // max(num_processes, 1)
+    need = worst * per_image * in_flight
+    _require(
+        need <= total,
+        f"batch_size={config.batch_size} (eval_batch_size={config.eval_batch_size}): "
+        f"{in_flight} host batches of {worst:,} images of {'x'.join(map(str, shape))} need "
+        f"{need / 2**30:,.1f} GiB, more than this host's {total / 2**30:,.1f} GiB of memory; "
+        "lower --config.batch_size (or --config.prefetch_batches), or use more hosts.",
+    )
 
 
 def resolve_num_classes(config: Any, dataset_classes: int) -> int:

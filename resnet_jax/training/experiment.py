@@ -255,7 +255,7 @@ def build_experiment(config: Any, workdir: str, mesh: Mesh | None = None) -> Exp
       UserError: a bad config or dataset.
     """
     mesh = create_mesh() if mesh is None else mesh
-    validate_config(config, mesh.devices.size)
+    validate_config(config, mesh.devices.size, jax.process_count())
     config = pad_eval_batch(config, mesh.devices.size)
     data_lib.prepare_for_processes(config, jax.process_index(), jax.process_count())
     # File datasets leave the host as uint8 pixels (4x fewer bytes than

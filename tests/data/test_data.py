@@ -459,3 +459,14 @@ def test_configure_tensorflow_hides_gpus_once_and_warns_when_too_late(monkeypatc
     with caplog.at_level(logging.WARNING, logger="resnet_jax.data"):
         data_lib.configure_tensorflow()
     assert "initialised its GPUs before configure_tensorflow" in caplog.text
+
+
+def test_the_example_order_is_built_a_bounded_number_of_epochs_at_a_time(monkeypatch):
+    """At a large batch, 10,000 steps are hundreds of epochs: the order arrays
+    (24 bytes an example an epoch) stay under ORDER_BYTES, one epoch at least."""
+    source = data_lib.InputPipeline(tiny_config()).source  # 64 examples, batch 16: 4 steps
+    assert source.epochs_per_pipeline == 2500  # 10,000 steps of 4
+    monkeypatch.setattr(pipeline, "ORDER_BYTES", 24 * 64 * 3)
+    assert source.epochs_per_pipeline == 3
+    monkeypatch.setattr(pipeline, "ORDER_BYTES", 1)
+    assert source.epochs_per_pipeline == 1
