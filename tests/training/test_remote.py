@@ -62,19 +62,19 @@ def scalar_steps(record_bytes, tag):
 
 
 def test_workdir_paths_stay_urls_and_local_ones_become_absolute(tmp_path, monkeypatch):
-    assert os.fspath(runtime.workdir_path("gs://bucket/run")) == "gs://bucket/run"
+    assert os.fspath(layout.workdir_path("gs://bucket/run")) == "gs://bucket/run"
     monkeypatch.chdir(tmp_path)
-    assert os.fspath(runtime.workdir_path("runs/x")) == str(tmp_path.resolve() / "runs" / "x")
+    assert os.fspath(layout.workdir_path("runs/x")) == str(tmp_path.resolve() / "runs" / "x")
 
 
 def test_a_missing_bucket_is_a_user_error_and_nothing_is_created(gcs, tmp_path):
     code = """if True:
         import sys
-        from resnet_jax.training import runtime
+        from resnet_jax.training import workdir as layout
         from resnet_jax.errors import UserError
-        runtime.prepare_workdir(sys.argv[1])  # exists: nothing to create
+        layout.prepare_workdir(sys.argv[1])  # exists: nothing to create
         try:
-            runtime.prepare_workdir(sys.argv[2])
+            layout.prepare_workdir(sys.argv[2])
         except UserError as e:
             print(e)
     """
