@@ -278,7 +278,11 @@ class PreemptionFlag:
 
     def uninstall(self) -> None:
         for sig, old in self._old.items():
-            signal.signal(sig, old)
+            # After a first signal the run is on its way out: a Ctrl-C now
+            # (while the process shuts down, after the save) still leaves at
+            # once with one line, not a KeyboardInterrupt at interpreter exit.
+            stopping = self._event.is_set() and sig == signal.SIGINT
+            signal.signal(sig, self._handle if stopping else old)
         self._old = {}
 
     def _handle(self, signum, frame):

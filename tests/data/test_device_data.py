@@ -129,6 +129,12 @@ def test_digits_on_the_fast_path_reaches_97_percent(tmp_path):
         tmp_path,
         "--config.device_data=True",
         "--config.steps_per_call=10",
+        # A third of the default's steps (its schedule scaled) is enough for
+        # 97% (98.6% measured); the default's own 1,200 are test_resume's.
+        "--config.num_train_steps=400",
+        "--config.lr_boundaries=(200,300)",
+        "--config.eval_every_steps=200",
+        "--config.checkpoint_every_steps=200",
         config="configs/digits.py",
         devices=1,
         timeout=900,
