@@ -1,7 +1,8 @@
 """The networks: blocks, :class:`ResNet`, the model table and MAC counting.
 
 * :mod:`~resnet_jax.models.layers`: :class:`GroupedBatchNorm`, :class:`Shortcut`,
-  :class:`BasicBlock`, :class:`BottleneckBlock`, :func:`materialize`.
+  :class:`BasicBlock`, :class:`BottleneckBlock` (with the options of the later
+  ResNets), :class:`SqueezeExcite`, :class:`DropPath`, :func:`materialize`.
 * :mod:`~resnet_jax.models.resnet`: :class:`ResNet` and its :class:`Features`.
 * :mod:`~resnet_jax.models.table`: the name -> :class:`ModelSpec` table,
   :func:`create_model`, :func:`list_models`, :func:`model_spec`.
@@ -14,14 +15,17 @@ from resnet_jax.models.layers import (
     VARIANTS,
     BasicBlock,
     BottleneckBlock,
+    DropPath,
     GroupedBatchNorm,
     Shortcut,
+    SqueezeExcite,
     conv_kernel_init,
     materialize,
 )
 from resnet_jax.models.resnet import CIFAR_WIDTHS, IMAGENET_WIDTHS, STEMS, Features, ResNet
 from resnet_jax.models.table import (
     CIFAR_DEPTHS,
+    CIFAR_MODELS,
     IMAGENET_MODELS,
     OPTIONS,
     ModelSpec,
@@ -37,6 +41,7 @@ from resnet_jax.models.table import (
 
 __all__ = [
     "CIFAR_DEPTHS",
+    "CIFAR_MODELS",
     "CIFAR_WIDTHS",
     "IMAGENET_MODELS",
     "IMAGENET_WIDTHS",
@@ -46,6 +51,7 @@ __all__ = [
     "VARIANTS",
     "BasicBlock",
     "BottleneckBlock",
+    "DropPath",
     "Features",
     "GroupedBatchNorm",
     "ModelSpec",
@@ -56,6 +62,7 @@ __all__ = [
     "ResNet101",
     "ResNet152",
     "Shortcut",
+    "SqueezeExcite",
     "conv_kernel_init",
     "count_macs",
     "create_model",

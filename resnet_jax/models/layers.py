@@ -169,6 +169,12 @@ def _affine(x, mean, var, epsilon, scale, bias):
     return y
 
 
+def projects(option: str, strides: int, in_features: int, out_features: int) -> bool:
+    """Whether a shortcut of ``option`` is a 1x1 projection for this shape change."""
+    shape_changes = strides != 1 or in_features != out_features
+    return option == "C" or (option == "B" and shape_changes)
+
+
 class Shortcut(nn.Module):
     """The identity path of a residual block, projected or padded as needed.
 
@@ -180,6 +186,13 @@ class Shortcut(nn.Module):
       option: 'A' (parameter-free: subsample by striding, zero-pad the new
         channels, split evenly on both sides), 'B' (1x1 projection + BatchNorm
         only where the shape changes) or 'C' (projection in every block).
+      avg_down: ResNet-D (*Bag of Tricks*, He et al. 2019): a strided
+        projection is a 2x2 average pool of stride ``s`` (ceil mode, windows
+        cut by the edge averaged over what they hold, as timm's
+        ``AvgPool2d(2, s, ceil_mode=True, count_include_pad=False)``), then a
+        stride-1 1x1 convolution, so that no input pixel is skipped.
+      preact: a pre-activation block's projection, a convolution without
+        BatchNorm (the block's input was normalised before it).
     """
 
     out_features: int
@@ -187,6 +200,8 @@ class Shortcut(nn.Module):
     option: str
     conv: ModuleDef
     norm: ModuleDef
+    avg_down: bool = False
+    preact: bool = False
 
     def __post_init__(self) -> None:
         if self.option not in SHORTCUTS:
@@ -199,11 +214,14 @@ class Shortcut(nn.Module):
     @nn.compact
     def __call__(self, x):
         in_features = x.shape[-1]
-        shape_changes = self.strides != 1 or in_features != self.out_features
-        if self.option == "C" or (self.option == "B" and shape_changes):
-            x = self.conv(self.out_features, (1, 1), strides=self.strides, name="proj_conv")(x)
-            return self.norm(name="proj_bn")(x)
-        if not shape_changes:
+        if projects(self.option, self.strides, in_features, self.out_features):
+            strides = self.strides
+            if self.avg_down and strides > 1:
+                x = _avg_pool_ceil(x, strides)
+                strides = 1
+            x = self.conv(self.out_features, (1, 1), strides=strides, name="proj_conv")(x)
+            return x if self.preact else self.norm(name="proj_bn")(x)
+        if self.strides == 1 and in_features == self.out_features:
             return x
         # Option A: x[:, ::s, ::s] keeps the top-left sample of each stride
         # window, the sample a stride-s 1x1 convolution would see.
@@ -215,6 +233,70 @@ class Shortcut(nn.Module):
                 f"{self.out_features}); use shortcut='B' or 'C'."
             )
         return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+
+
+def _avg_pool_ceil(x: jax.Array, strides: int) -> jax.Array:
+    """2x2 average pool of stride ``strides``, ceil mode, edge windows over their valid pixels."""
+    h, w = x.shape[1:3]
+    pad_h = (-(h - 2) % strides) if h >= 2 else 2 - h
+    pad_w = (-(w - 2) % strides) if w >= 2 else 2 - w
+    return nn.avg_pool(
+        x,
+        (2, 2),
+        strides=(strides, strides),
+        padding=((0, pad_h), (0, pad_w)),
+        count_include_pad=False,
+    )
+
+
+def se_channels(channels: int, ratio: float = 1 / 16, divisor: int = 8) -> int:
+    """The squeeze width of timm's ``SEModule``: ``channels * ratio`` rounded to
+    the nearest multiple of ``divisor``, at least ``divisor`` (timm's ``make_divisible``)."""
+    return max(divisor, int(channels * ratio + divisor / 2) // divisor * divisor)
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation (Hu et al., CVPR 2018), as timm's ``SEModule``.
+
+    The global mean of ``(N, H, W, C)``, a 1x1 convolution with bias to
+    :func:`se_channels` ``(C)`` channels, ReLU, a 1x1 convolution back to ``C``,
+    a sigmoid; the input is scaled by the result. Same shape and dtype out.
+    """
+
+    conv: ModuleDef
+    act: Callable = nn.relu
+
+    @nn.compact
+    def __call__(self, x):
+        channels = x.shape[-1]
+        s = jnp.mean(x, axis=(1, 2), keepdims=True)
+        s = self.conv(se_channels(channels), (1, 1), use_bias=True, name="reduce")(s)
+        s = self.conv(channels, (1, 1), use_bias=True, name="expand")(self.act(s))
+        return x * nn.sigmoid(s)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al., ECCV 2016), per example, as timm's ``DropPath``.
+
+    In training (``deterministic=False``), each example's residual branch is
+    zeroed with probability ``rate`` and the kept ones scaled by
+    ``1 / (1 - rate)``, so the expectation is unchanged; the randomness comes
+    from the ``'dropout'`` rng stream (``apply(..., rngs={'dropout': key})``).
+    Otherwise, and for ``rate == 0``, the identity.
+    """
+
+    rate: float = 0.0
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        if self.rate == 0.0 or self.deterministic:
+            return x
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(
+            self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1)
+        )
+        return x * (mask.astype(x.dtype) / jnp.asarray(keep, x.dtype))
 
 
 class BasicBlock(nn.Module):
@@ -230,7 +312,17 @@ class BasicBlock(nn.Module):
       act: the activation function.
       strides: stride of the first convolution.
       shortcut: 'A', 'B', 'C' or None for a plain block without a shortcut.
-      zero_init_residual: start the last BatchNorm scale at zero.
+      zero_init_residual: start the last BatchNorm scale at zero (the
+        residual branch then starts at zero in both layouts).
+      preact: pre-activation (He et al., *Identity Mappings in Deep Residual
+        Networks*, ECCV 2016): ``bn1``-ReLU before ``conv1``, ``bn2``-ReLU
+        before ``conv2``, nothing after the addition; a projection reads the
+        normalised input and has no BatchNorm of its own.
+      avg_down: ResNet-D projection shortcuts (:class:`Shortcut`).
+      se: squeeze-and-excitation on the residual branch, before the addition.
+      drop_path: stochastic-depth rate of this block (:class:`DropPath`).
+      dropout: dropout rate between the two convolutions (wide ResNets).
+      deterministic: no drop path or dropout (evaluation).
     """
 
     filters: int
@@ -240,6 +332,12 @@ class BasicBlock(nn.Module):
     strides: int = 1
     shortcut: str | None = "B"
     zero_init_residual: bool = False
+    preact: bool = False
+    avg_down: bool = False
+    se: bool = False
+    drop_path: float = 0.0
+    dropout: float = 0.0
+    deterministic: bool = True
 
     def __post_init__(self) -> None:
         check_shortcut(self.shortcut)
@@ -247,27 +345,37 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        residual = x
+        scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+        if self.preact:
+            p = self.act(self.norm(name="bn1")(x))
+            y = self.conv(self.filters, (3, 3), strides=self.strides, name="conv1")(p)
+            y = self.act(self.norm(scale_init=scale_init, name="bn2")(y))
+            y = nn.Dropout(self.dropout, deterministic=self.deterministic)(y)
+            y = self.conv(self.filters, (3, 3), name="conv2")(y)
+            return _residual(self, y, x, p, self.filters)
         y = self.conv(self.filters, (3, 3), strides=self.strides, name="conv1")(x)
         y = self.act(self.norm(name="bn1")(y))
+        y = nn.Dropout(self.dropout, deterministic=self.deterministic)(y)
         y = self.conv(self.filters, (3, 3), name="conv2")(y)
-        scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
         y = self.norm(scale_init=scale_init, name="bn2")(y)
-        if self.shortcut is not None:
-            y = y + Shortcut(
-                self.filters, self.strides, self.shortcut, self.conv, self.norm, name="shortcut"
-            )(residual)
-        return self.act(y)
+        return self.act(_residual(self, y, x, x, self.filters))
 
 
 class BottleneckBlock(nn.Module):
     """1x1 reduce, 3x3, 1x1 expand (Fig. 5 right of the paper).
 
     Maps ``(N, H, W, C)`` to ``(N, ceil(H/strides), ceil(W/strides), 4 * filters)``.
-    Fields as :class:`BasicBlock`, plus ``variant``: ``'v1'`` puts the stride in
-    the first 1x1 convolution, as in the paper and Keras; ``'v1.5'`` puts it in
-    the 3x3, as in torchvision (more accurate, about 6% more multiply-adds for
-    ResNet-50, as counted by :func:`resnet_jax.count_macs`).
+    Fields as :class:`BasicBlock`, plus:
+
+    * ``variant``: ``'v1'`` puts the stride in the first 1x1 convolution, as
+      in the paper and Keras; ``'v1.5'`` puts it in the 3x3, as in
+      torchvision and timm (ResNet-B; more accurate, about 6% more
+      multiply-adds for ResNet-50, as counted by :func:`resnet_jax.count_macs`).
+    * ``groups`` and ``base_width``: the 3x3 convolution has ``groups`` groups
+      (ResNeXt's cardinality, Xie et al. 2017) and the inner width is
+      ``int(filters * base_width / 64) * groups``, as torchvision's
+      ``groups``/``width_per_group``: ``resnext50_32x4d`` is 32 and 4,
+      ``wide_resnet50_2`` 1 and 128; 1 and 64 is the paper's bottleneck.
     """
 
     filters: int
@@ -278,6 +386,14 @@ class BottleneckBlock(nn.Module):
     shortcut: str | None = "B"
     zero_init_residual: bool = False
     variant: str = "v1"
+    groups: int = 1
+    base_width: int = 64
+    preact: bool = False
+    avg_down: bool = False
+    se: bool = False
+    drop_path: float = 0.0
+    dropout: float = 0.0
+    deterministic: bool = True
 
     def __post_init__(self) -> None:
         check_shortcut(self.shortcut)
@@ -286,20 +402,54 @@ class BottleneckBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        residual = x
+        width = int(self.filters * self.base_width / 64) * self.groups
+        out = self.filters * 4
         s1, s2 = (self.strides, 1) if self.variant == "v1" else (1, self.strides)
-        y = self.conv(self.filters, (1, 1), strides=s1, name="conv1")(x)
-        y = self.act(self.norm(name="bn1")(y))
-        y = self.conv(self.filters, (3, 3), strides=s2, name="conv2")(y)
-        y = self.act(self.norm(name="bn2")(y))
-        y = self.conv(self.filters * 4, (1, 1), name="conv3")(y)
         scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+        grouped = dict(feature_group_count=self.groups)
+        if self.preact:
+            p = self.act(self.norm(name="bn1")(x))
+            y = self.conv(width, (1, 1), strides=s1, name="conv1")(p)
+            y = self.act(self.norm(name="bn2")(y))
+            y = self.conv(width, (3, 3), strides=s2, name="conv2", **grouped)(y)
+            y = self.act(self.norm(scale_init=scale_init, name="bn3")(y))
+            y = nn.Dropout(self.dropout, deterministic=self.deterministic)(y)
+            y = self.conv(out, (1, 1), name="conv3")(y)
+            return _residual(self, y, x, p, out)
+        y = self.conv(width, (1, 1), strides=s1, name="conv1")(x)
+        y = self.act(self.norm(name="bn1")(y))
+        y = self.conv(width, (3, 3), strides=s2, name="conv2", **grouped)(y)
+        y = self.act(self.norm(name="bn2")(y))
+        y = nn.Dropout(self.dropout, deterministic=self.deterministic)(y)
+        y = self.conv(out, (1, 1), name="conv3")(y)
         y = self.norm(scale_init=scale_init, name="bn3")(y)
-        if self.shortcut is not None:
-            y = y + Shortcut(
-                self.filters * 4, self.strides, self.shortcut, self.conv, self.norm, name="shortcut"
-            )(residual)
-        return self.act(y)
+        return self.act(_residual(self, y, x, x, out))
+
+
+def _residual(block: nn.Module, y: jax.Array, x: jax.Array, p: jax.Array, out: int) -> jax.Array:
+    """The residual branch ``y`` (SE, drop path) plus the block's shortcut.
+
+    ``x`` is the block's input and ``p`` what a projection reads: the
+    normalised input in a pre-activation block, ``x`` otherwise. Runs in the
+    block's scope (``se``, ``shortcut``).
+    """
+    if block.se:
+        y = SqueezeExcite(block.conv, block.act, name="se")(y)
+    y = DropPath(block.drop_path, block.deterministic)(y)
+    if block.shortcut is None:
+        return y
+    projected = projects(block.shortcut, block.strides, x.shape[-1], out)
+    shortcut = Shortcut(
+        out,
+        block.strides,
+        block.shortcut,
+        block.conv,
+        block.norm,
+        avg_down=block.avg_down,
+        preact=block.preact,
+        name="shortcut",
+    )
+    return y + shortcut(p if projected else x)
 
 
 def materialize(x: jax.Array) -> jax.Array:

@@ -37,7 +37,17 @@ from resnet_jax.models.layers import (
     padded_conv,
 )
 
-STEMS = ("imagenet", "cifar")
+STEMS = ("imagenet", "cifar", "deep")
+# The ResNet fields a block receives, each only where the block declares it.
+BLOCK_FIELDS = (
+    "variant",
+    "groups",
+    "base_width",
+    "preact",
+    "avg_down",
+    "se",
+    "dropout",
+)
 IMAGENET_WIDTHS = (64, 128, 256, 512)
 CIFAR_WIDTHS = (16, 32, 64)
 
@@ -49,12 +59,15 @@ class Features(NamedTuple):
     For ``(N, H, W, C)`` inputs:
 
     Attributes:
-      stem: ``(N, ceil(H/4), ceil(W/4), stem_width)`` after the ImageNet stem's
-        max-pool, ``(N, H, W, stem_width)`` after the CIFAR stem; compute dtype.
+      stem: ``(N, ceil(H/4), ceil(W/4), stem_width)`` after the ImageNet (or
+        deep) stem's max-pool, ``(N, H, W, stem_width)`` after the CIFAR stem;
+        compute dtype. In a pre-activation net it is not normalised.
       stages: one ``(N, H_i, W_i, C_i)`` output per stage, compute dtype; the
         spatial size halves at the start of every stage after the first, and
         ``C_i`` is ``widths[i]`` (basic blocks) or ``4 * widths[i]`` (bottleneck).
-      pooled: ``(N, C_last)`` global average of the last stage, float32.
+        In a pre-activation net the last one is before the final BatchNorm-ReLU.
+      pooled: ``(N, C_last)`` global average of the last stage (after the
+        final BatchNorm-ReLU of a pre-activation net), float32.
       logits: ``(N, num_classes)`` float32, or None when ``num_classes == 0``.
     """
 
@@ -70,9 +83,10 @@ def _check_resnet_fields(m: ResNet) -> None:
     check_variant(m.variant)
     if m.stem not in STEMS:
         raise ValueError(
-            f"Unknown stem {m.stem!r}; valid: 'imagenet' (7x7/2 conv + 3x3/2 max-pool) "
-            "or 'cifar' (3x3 conv)."
+            f"Unknown stem {m.stem!r}; valid: 'imagenet' (7x7/2 conv + 3x3/2 max-pool), "
+            "'cifar' (3x3 conv) or 'deep' (three 3x3 convs + 3x3/2 max-pool, ResNet-C/D)."
         )
+    _check_family_fields(m)
     if not isinstance(m.num_classes, int) or m.num_classes < 0:
         raise ValueError(
             f"num_classes must be an int >= 0 (0 drops the classifier), got {m.num_classes!r}."
@@ -101,6 +115,54 @@ def _check_resnet_fields(m: ResNet) -> None:
         _check_dtype(getattr(m, field), field)
 
 
+def _check_family_fields(m: ResNet) -> None:
+    """Raises ValueError for the later ResNets' fields (groups, widths, SE,
+    pre-activation, ResNet-D, drop path, dropout) that name no network."""
+    for field in ("groups", "base_width"):
+        value = getattr(m, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{field} must be an int >= 1, got {value!r}.")
+    for field in ("drop_path_rate", "dropout_rate"):
+        value = getattr(m, field)
+        if not (isinstance(value, int | float) and 0 <= value < 1):
+            raise ValueError(
+                f"{field} must be in [0, 1) (the probability of dropping), got {value!r}."
+            )
+    declared = getattr(m.block_cls, "__dataclass_fields__", {})
+    defaults = dict(groups=1, base_width=64, preact=False, avg_down=False, se=False, dropout=0.0)
+    for field, default in defaults.items():
+        value = m.dropout_rate if field == "dropout" else getattr(m, field)
+        if value != default and field not in declared:
+            what = getattr(m.block_cls, "__name__", str(m.block_cls))
+            hint = (
+                " Grouped and wider 3x3 convolutions (ResNeXt, wide ResNets) are "
+                "bottleneck options; widen basic blocks with widths=."
+                if field in ("groups", "base_width")
+                else ""
+            )
+            raise ValueError(f"{field}={value!r} does not apply to {what}.{hint}")
+    if m.drop_path_rate and "drop_path" not in declared:
+        raise ValueError(f"drop_path_rate does not apply to {m.block_cls.__name__}.")
+    if m.drop_path_rate and m.shortcut is None:
+        raise ValueError(
+            "drop_path_rate drops residual branches; a plain network (shortcut=None) has none."
+        )
+    if m.preact:
+        clash = [f for f in ("se", "avg_down") if getattr(m, f)] + (
+            ["stem='deep'"] if m.stem == "deep" else []
+        )
+        if clash:
+            raise ValueError(
+                f"preact=True with {', '.join(clash)}: no such pre-activation network is "
+                "published (timm's resnetv2_50d and BiT use GroupNorm); drop one of them."
+            )
+    if m.avg_down and m.shortcut != "B":
+        raise ValueError(
+            f"avg_down=True is ResNet-D's projection shortcut; it needs shortcut='B', got "
+            f"{m.shortcut!r}."
+        )
+
+
 def _check_dtype(dtype: Any, field: str) -> None:
     try:
         kind = jnp.dtype(dtype)
@@ -125,12 +187,28 @@ class ResNet(nn.Module):
       block_cls: :class:`BasicBlock` or :class:`BottleneckBlock` (or any module
         with the same fields; ``variant`` is passed only to a block that declares it).
       widths: base filters per stage (a bottleneck block outputs 4x that).
-      stem: ``'imagenet'`` (7x7/2 conv + 3x3/2 max-pool) or ``'cifar'`` (3x3 conv).
-      stem_width: filters of the stem convolution.
+      stem: ``'imagenet'`` (7x7/2 conv + 3x3/2 max-pool), ``'cifar'`` (3x3
+        conv) or ``'deep'`` (ResNet-C/D, *Bag of Tricks*: 3x3/2 conv to
+        ``stem_width // 2``, 3x3 conv to ``stem_width // 2``, 3x3 conv to
+        ``stem_width``, each with BatchNorm + ReLU, then the 3x3/2 max-pool).
+      stem_width: output channels of the stem.
       num_classes: classifier outputs; 0 drops the classifier and returns the
         pooled features ``(N, C)``.
       shortcut: 'A', 'B', 'C', or None for a plain network (no shortcuts).
       variant: 'v1' (paper) or 'v1.5' (stride in the bottleneck's 3x3).
+      groups, base_width: the bottleneck's grouped 3x3 (ResNeXt) and inner
+        width (wide ResNets), see :class:`BottleneckBlock`.
+      preact: pre-activation blocks (He et al. 2016b): no BatchNorm or ReLU in
+        the stem, BatchNorm-ReLU before each convolution, and a final
+        BatchNorm (``final_bn``) + ReLU before the pooling.
+      avg_down: ResNet-D shortcuts (average pool, then a stride-1 projection).
+      se: a squeeze-and-excitation module in every block.
+      drop_path_rate: stochastic depth; block ``b`` of ``B`` (counted over
+        all stages from 0) drops its residual branch with probability
+        ``drop_path_rate * b / (B - 1)``, per example, in training only (as
+        timm). Training then needs ``rngs={'dropout': key}``.
+      dropout_rate: dropout between the convolutions of each block (wide
+        ResNets); training needs the ``'dropout'`` rng too.
       zero_init_residual: start the last BatchNorm scale of each block at 0.
       bn_momentum: decay of the running statistics, ``ra = m * ra + (1 - m) *
         batch``. PyTorch's ``momentum`` is ``1 - bn_momentum`` (0.1 <-> 0.9).
@@ -162,6 +240,13 @@ class ResNet(nn.Module):
     num_classes: int = 1000
     shortcut: str | None = "B"
     variant: str = "v1"
+    groups: int = 1
+    base_width: int = 64
+    preact: bool = False
+    avg_down: bool = False
+    se: bool = False
+    drop_path_rate: float = 0.0
+    dropout_rate: float = 0.0
     zero_init_residual: bool = False
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
@@ -199,12 +284,18 @@ class ResNet(nn.Module):
         if train:
             check_batch_divides(x.shape[0], self.bn_groups, "bn_groups")
         conv, norm, act = self._layers(train)
-        x = _stem(jnp.asarray(x, self.dtype), self.stem, self.stem_width, conv, norm, act)
+        x = _stem(
+            jnp.asarray(x, self.dtype), self.stem, self.stem_width, conv, norm, act, self.preact
+        )
         stem = x
         stages = []
-        block_options = self._block_options()
+        block_options = self._block_options(train)
+        total = sum(self.stage_sizes)
+        index = 0
         for i, (size, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
             for j in range(size):
+                if self.drop_path_rate:
+                    block_options["drop_path"] = self.drop_path_rate * index / max(total - 1, 1)
                 x = self.block_cls(
                     width,
                     conv=conv,
@@ -214,7 +305,10 @@ class ResNet(nn.Module):
                     name=f"stage{i + 1}_block{j + 1}",
                     **block_options,
                 )(x)
+                index += 1
             stages.append(x)
+        if self.preact:
+            x = act(norm(name="final_bn")(x))
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         logits = None
         if self.num_classes > 0:
@@ -253,13 +347,21 @@ class ResNet(nn.Module):
         return conv, norm, act
 
     @nn.nowrap
-    def _block_options(self) -> dict[str, Any]:
-        """The fields every block gets; ``variant`` only where the block declares it."""
+    def _block_options(self, train: bool) -> dict[str, Any]:
+        """The fields every block gets; the later ones only where the block
+        declares them (a block without them is refused at construction if
+        they are set)."""
         options: dict[str, Any] = dict(
             shortcut=self.shortcut, zero_init_residual=self.zero_init_residual
         )
-        if "variant" in getattr(self.block_cls, "__dataclass_fields__", {}):
-            options["variant"] = self.variant
+        declared = getattr(self.block_cls, "__dataclass_fields__", {})
+        values = dict(
+            {f: getattr(self, f) for f in BLOCK_FIELDS if f != "dropout"},
+            dropout=self.dropout_rate,
+        )
+        options.update({f: v for f, v in values.items() if f in declared})
+        if "deterministic" in declared:
+            options["deterministic"] = not train
         return options
 
 
@@ -291,11 +393,18 @@ def _check_input(x: jax.Array, params: Mapping[str, Any]) -> None:
         )
 
 
-def _stem(x: jax.Array, kind: str, width: int, conv, norm, act) -> jax.Array:
-    """The stem, in the calling module's scope (``stem_conv``, ``stem_bn``)."""
+def _stem(x: jax.Array, kind: str, width: int, conv, norm, act, preact: bool) -> jax.Array:
+    """The stem, in the calling module's scope (``stem_conv``, ``stem_bn``; the
+    deep stem's later convolutions ``stem_conv2``/``3``, ``stem_bn2``/``3``)."""
+    if kind == "deep":
+        x = act(norm(name="stem_bn")(conv(width // 2, (3, 3), strides=2, name="stem_conv")(x)))
+        x = act(norm(name="stem_bn2")(conv(width // 2, (3, 3), name="stem_conv2")(x)))
+        x = act(norm(name="stem_bn3")(conv(width, (3, 3), name="stem_conv3")(x)))
+        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     if kind == "imagenet":
         x = conv(width, (7, 7), strides=2, name="stem_conv")(x)
-        x = act(norm(name="stem_bn")(x))
+        if not preact:
+            x = act(norm(name="stem_bn")(x))
         return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     x = conv(width, (3, 3), name="stem_conv")(x)
-    return act(norm(name="stem_bn")(x))
+    return x if preact else act(norm(name="stem_bn")(x))

@@ -41,6 +41,9 @@ class ModelSpec:
     stem: str
     stem_width: int
     residual: bool = True
+    fixed: tuple[tuple[str, Any], ...] = ()
+    default_shortcut: str | None = None
+    paper: str = "He et al. 2016"
 
     def resnet_fields(self) -> dict[str, Any]:
         """The :class:`ResNet` constructor arguments this spec fixes."""
@@ -50,11 +53,46 @@ class ModelSpec:
             widths=self.widths,
             stem=self.stem,
             stem_width=self.stem_width,
+            **dict(self.fixed),
         )
 
+    @property
+    def shortcut(self) -> str | None:
+        """The shortcut option the name builds by default (None: a plain net)."""
+        if not self.residual:
+            return None
+        return self.default_shortcut or ("A" if self.family == "cifar" else "B")
 
-def _imagenet(block: type[nn.Module], sizes: tuple[int, ...], residual: bool = True) -> ModelSpec:
-    return ModelSpec("imagenet", block, sizes, IMAGENET_WIDTHS, "imagenet", 64, residual)
+
+def _imagenet(
+    block: type[nn.Module],
+    sizes: tuple[int, ...],
+    residual: bool = True,
+    paper: str = "He et al. 2016",
+    **fixed: Any,
+) -> ModelSpec:
+    stem = fixed.pop("stem", "imagenet")
+    if block is BottleneckBlock and fixed:
+        fixed.setdefault("variant", "v1.5")  # every later bottleneck strides in its 3x3
+    return ModelSpec(
+        "imagenet",
+        block,
+        sizes,
+        IMAGENET_WIDTHS,
+        stem,
+        64,
+        residual,
+        tuple(sorted(fixed.items())),
+        paper=paper,
+    )
+
+
+_RESNET_D = dict(stem="deep", avg_down=True, variant="v1.5")
+_BAG_OF_TRICKS = "He et al. 2019 (ResNet-D)"
+_RESNEXT = "Xie et al. 2017"
+_WIDE = "Zagoruyko & Komodakis 2016"
+_SE = "Hu et al. 2018"
+_PREACT = "He et al. 2016b"
 
 
 # Table 1 of the paper (and the plain nets of Section 4.1).
@@ -66,7 +104,53 @@ IMAGENET_MODELS: dict[str, ModelSpec] = {
     "resnet152": _imagenet(BottleneckBlock, (3, 8, 36, 3)),
     "plain18": _imagenet(BasicBlock, (2, 2, 2, 2), residual=False),
     "plain34": _imagenet(BasicBlock, (3, 4, 6, 3), residual=False),
+    # ResNet-D (Bag of Tricks), as timm's resnet*d: deep stem, average-pool shortcuts.
+    "resnet18d": _imagenet(BasicBlock, (2, 2, 2, 2), paper=_BAG_OF_TRICKS, **_RESNET_D),
+    "resnet34d": _imagenet(BasicBlock, (3, 4, 6, 3), paper=_BAG_OF_TRICKS, **_RESNET_D),
+    "resnet50d": _imagenet(BottleneckBlock, (3, 4, 6, 3), paper=_BAG_OF_TRICKS, **_RESNET_D),
+    "resnet101d": _imagenet(BottleneckBlock, (3, 4, 23, 3), paper=_BAG_OF_TRICKS, **_RESNET_D),
+    "resnet152d": _imagenet(BottleneckBlock, (3, 8, 36, 3), paper=_BAG_OF_TRICKS, **_RESNET_D),
+    # ResNeXt, as torchvision's: groups x width per group.
+    "resnext50_32x4d": _imagenet(
+        BottleneckBlock, (3, 4, 6, 3), paper=_RESNEXT, groups=32, base_width=4
+    ),
+    "resnext101_32x8d": _imagenet(
+        BottleneckBlock, (3, 4, 23, 3), paper=_RESNEXT, groups=32, base_width=8
+    ),
+    "resnext101_64x4d": _imagenet(
+        BottleneckBlock, (3, 4, 23, 3), paper=_RESNEXT, groups=64, base_width=4
+    ),
+    # torchvision's wide ResNets: twice the bottleneck's inner width.
+    "wide_resnet50_2": _imagenet(BottleneckBlock, (3, 4, 6, 3), paper=_WIDE, base_width=128),
+    "wide_resnet101_2": _imagenet(BottleneckBlock, (3, 4, 23, 3), paper=_WIDE, base_width=128),
+    # Squeeze-and-excitation, as timm's seresnet*/seresnext*.
+    "seresnet50": _imagenet(BottleneckBlock, (3, 4, 6, 3), paper=_SE, se=True),
+    "seresnet101": _imagenet(BottleneckBlock, (3, 4, 23, 3), paper=_SE, se=True),
+    "seresnext50_32x4d": _imagenet(
+        BottleneckBlock, (3, 4, 6, 3), paper=_SE, se=True, groups=32, base_width=4
+    ),
+    # Pre-activation, as timm's BatchNorm resnetv2_*.
+    "resnetv2_50": _imagenet(BottleneckBlock, (3, 4, 6, 3), paper=_PREACT, preact=True),
+    "resnetv2_101": _imagenet(BottleneckBlock, (3, 4, 23, 3), paper=_PREACT, preact=True),
 }
+
+
+def _cifar_preact(block: type[nn.Module], n: int, widths=CIFAR_WIDTHS, paper=_PREACT) -> ModelSpec:
+    fixed = (("preact", True),) + ((("variant", "v1.5"),) if block is BottleneckBlock else ())
+    return ModelSpec("cifar", block, (n, n, n), tuple(widths), "cifar", 16, True, fixed, "B", paper)
+
+
+# The CIFAR nets of He et al. 2016b (pre-activation; ResNet-164 and -1001 with
+# bottlenecks, depth 9n + 2) and the wide ResNets WRN-d-k of Zagoruyko and
+# Komodakis (pre-activation basic blocks, depth 6n + 4, widths 16k/32k/64k).
+CIFAR_MODELS: dict[str, ModelSpec] = {
+    "preact_resnet110": _cifar_preact(BasicBlock, 18),
+    "preact_resnet164": _cifar_preact(BottleneckBlock, 18),
+    "preact_resnet1001": _cifar_preact(BottleneckBlock, 111),
+    "wrn16_8": _cifar_preact(BasicBlock, 2, (128, 256, 512), _WIDE),
+    "wrn28_10": _cifar_preact(BasicBlock, 4, (160, 320, 640), _WIDE),
+}
+_WRN_RE = re.compile(r"^wrn(\d+)_(\d+)$")
 # CIFAR depths of Table 6 (any 6n + 2 works through create_model).
 CIFAR_DEPTHS = (8, 20, 32, 44, 56, 110, 1202)
 
@@ -84,6 +168,8 @@ OPTIONS = (
     "bn_groups",
     "act",
     "materialize",
+    "drop_path_rate",
+    "dropout_rate",
 )
 
 
@@ -95,12 +181,14 @@ def list_models() -> list[str]:
     ``resnet152`` are the ImageNet nets; their CIFAR namesakes are
     ``cifar_resnet50`` and ``cifar_resnet152``.
     """
-    names = set(IMAGENET_MODELS)
+    names = set(IMAGENET_MODELS) | set(CIFAR_MODELS)
     for d in CIFAR_DEPTHS:
         for kind in ("resnet", "plain"):
             name = f"{kind}{d}"
             names.add(name if name not in IMAGENET_MODELS else f"cifar_{name}")
-    return sorted(names, key=lambda s: (re.sub(r"\d+", "", s), int(re.sub(r"\D", "", s))))
+    return sorted(
+        names, key=lambda s: (re.sub(r"\d+", "", s), [int(d) for d in re.findall(r"\d+", s)])
+    )
 
 
 def model_spec(name: str) -> ModelSpec:
@@ -111,6 +199,12 @@ def model_spec(name: str) -> ModelSpec:
     """
     if name in IMAGENET_MODELS:
         return IMAGENET_MODELS[name]
+    if name in CIFAR_MODELS:
+        return CIFAR_MODELS[name]
+    m = _WRN_RE.match(name)
+    if m and (int(m[1]) - 4) % 6 == 0 and int(m[1]) >= 10 and int(m[2]) >= 1:
+        k = int(m[2])
+        return _cifar_preact(BasicBlock, (int(m[1]) - 4) // 6, (16 * k, 32 * k, 64 * k), _WIDE)
     m = _CIFAR_RE.match(name)
     if m and (int(m.group(2)) - 2) % 6 == 0 and int(m.group(2)) >= 8:
         n = (int(m.group(2)) - 2) // 6
@@ -119,7 +213,8 @@ def model_spec(name: str) -> ModelSpec:
         )
     raise ValueError(
         f"Unknown model {name!r}. Valid names: {', '.join(list_models())}; CIFAR nets "
-        "accept any depth 6n+2 >= 8 (e.g. resnet1202, plain110, cifar_resnet50)."
+        "accept any depth 6n+2 >= 8 (e.g. resnet1202, plain110, cifar_resnet50), wide "
+        "ResNets any wrn<6n+4>_<k> (e.g. wrn40_4)."
     )
 
 
@@ -128,14 +223,19 @@ def create_model(name: str, **options: Any) -> ResNet:
 
     Args:
       name: one of :func:`list_models` (CIFAR: any ``resnetN``/``plainN`` with
-        ``N = 6n + 2``).
+        ``N = 6n + 2``, any ``wrnD_K`` with ``D = 6n + 4``). The names of the
+        later ResNets are torchvision's and timm's (``resnet50d``,
+        ``resnext50_32x4d``, ``wide_resnet50_2``, ``seresnet50``,
+        ``resnetv2_50``) and build their networks; they fix ``variant='v1.5'``.
       **options: ``num_classes`` (default 1000 for ImageNet nets, 10 for CIFAR
         nets; 0 for a backbone that returns pooled features), ``variant``
         ('v1' default, or 'v1.5'), ``shortcut`` ('A', 'B', 'C'; default A for
         CIFAR and B for ImageNet nets), ``dtype``, ``param_dtype``,
         ``zero_init_residual``, ``bn_momentum`` (0.9), ``bn_epsilon`` (1e-5),
         ``bn_groups`` (1; training BatchNorm statistics over that many equal
-        groups of the batch), ``act``, ``materialize`` (False); see :class:`ResNet`.
+        groups of the batch), ``act``, ``materialize`` (False),
+        ``drop_path_rate`` (0: stochastic depth off), ``dropout_rate`` (0);
+        see :class:`ResNet`.
 
     Returns:
       An uninitialised :class:`ResNet`.
@@ -159,9 +259,22 @@ def create_model(name: str, **options: Any) -> ResNet:
                 f"zero_init_residual=True would zero every block of the plain network {name}."
             )
     elif shortcut is None:
-        shortcut = "A" if spec.family == "cifar" else "B"
+        shortcut = spec.shortcut
+    fields = spec.resnet_fields()
+    if "variant" in fields and options.get("variant", fields["variant"]) != fields["variant"]:
+        raise ValueError(
+            f"{name} has its stride in the bottleneck's 3x3 (variant='v1.5') as published; "
+            f"variant={options['variant']!r} names no such network: drop variant=."
+        )
+    if "variant" in fields:
+        options.pop("variant", None)
+    if fields.get("avg_down") and shortcut != "B":
+        raise ValueError(
+            f"{name}'s shortcuts are ResNet-D's average-pool projections; shortcut="
+            f"{shortcut!r} does not apply: drop shortcut=."
+        )
     options.setdefault("num_classes", 10 if spec.family == "cifar" else 1000)
-    return ResNet(**spec.resnet_fields(), shortcut=shortcut, **options)
+    return ResNet(**fields, shortcut=shortcut, **options)
 
 
 def _preset(name: str) -> Callable[..., ResNet]:

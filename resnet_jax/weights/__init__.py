@@ -1,11 +1,15 @@
 """Converters between other frameworks' ResNet weights and ``(module, variables)``.
 
 * :func:`from_keras`: a ``keras.applications`` ResNet50/101/152 (v1) object.
-* :func:`from_torchvision`: torchvision's and timm's plain ``resnet*`` state
-  dicts, and the option-A CIFAR ResNets of most PyTorch reproductions.
+* :func:`from_torchvision`: torchvision's ``resnet*``, ``resnext*`` and
+  ``wide_resnet*`` state dicts (and timm's, which share the naming), and the
+  option-A CIFAR ResNets of most PyTorch reproductions.
+* :func:`from_timm`: timm's ``resnet*``, ``resnet*d``, ``resnext*``,
+  ``seresnet*``, ``seresnext*``, ``wide_resnet*`` and BatchNorm ``resnetv2_*``.
 * :func:`from_transformers`: Hugging Face ``ResNetModel`` /
   ``ResNetForImageClassification`` state dicts or checkpoint directories.
-* :func:`to_torchvision`: a v1.5 ImageNet model as a torchvision state dict.
+* :func:`to_torchvision`: a v1.5 ImageNet model (ResNeXt and wide included)
+  as a torchvision state dict.
 
 Every ``from_*`` returns a :class:`Converted`: a 2-tuple ``(module,
 variables)`` (``module.apply(variables, x_nhwc)``) that also carries
@@ -31,7 +35,8 @@ the converters here.
 
 Modules: :mod:`~resnet_jax.weights.preprocessing` (the records and
 :func:`preprocess`), :mod:`~resnet_jax.weights.torch_layout` (torchvision and
-timm state dicts), :mod:`~resnet_jax.weights.hf_layout` (transformers),
+timm state dicts), :mod:`~resnet_jax.weights.timm_layout` (timm's later
+ResNets), :mod:`~resnet_jax.weights.hf_layout` (transformers),
 :mod:`~resnet_jax.weights.keras_layout`, :mod:`~resnet_jax.weights.to_torch`
 (the export) and :mod:`~resnet_jax.weights.pretrained` (downloads).
 """
@@ -50,6 +55,7 @@ from resnet_jax.weights.preprocessing import (
     preprocess,
 )
 from resnet_jax.weights.pretrained import pretrained
+from resnet_jax.weights.timm_layout import from_timm
 from resnet_jax.weights.to_torch import to_torchvision
 from resnet_jax.weights.torch_layout import (
     CONVERTER_OPTIONS,
@@ -73,6 +79,7 @@ __all__ = [
     "TorchNeededError",
     "WeightsFileError",
     "from_keras",
+    "from_timm",
     "from_torchvision",
     "from_transformers",
     "preprocess",

@@ -33,9 +33,10 @@ import warnings
 from typing import Any
 
 from resnet_jax.errors import UserError, one_line
-from resnet_jax.models import model_spec
+from resnet_jax.models import list_models, model_spec
 from resnet_jax.weights.hf_layout import from_transformers
 from resnet_jax.weights.preprocessing import Converted, Preprocessing
+from resnet_jax.weights.timm_layout import from_timm
 from resnet_jax.weights.torch_layout import CONVERTER_OPTIONS, from_torchvision
 
 SOURCES = ("torchvision", "huggingface", "timm")
@@ -57,11 +58,30 @@ TORCHVISION_FILES: dict[str, dict[str, str]] = {
         "IMAGENET1K_V1": "resnet152-394f9c45.pth",
         "IMAGENET1K_V2": "resnet152-f82ba261.pth",
     },
+    "resnext50_32x4d": {
+        "IMAGENET1K_V1": "resnext50_32x4d-7cdf4587.pth",
+        "IMAGENET1K_V2": "resnext50_32x4d-1a0047aa.pth",
+    },
+    "resnext101_32x8d": {
+        "IMAGENET1K_V1": "resnext101_32x8d-8ba56ff5.pth",
+        "IMAGENET1K_V2": "resnext101_32x8d-110c445d.pth",
+    },
+    "resnext101_64x4d": {"IMAGENET1K_V1": "resnext101_64x4d-173b62eb.pth"},
+    "wide_resnet50_2": {
+        "IMAGENET1K_V1": "wide_resnet50_2-95faca4d.pth",
+        "IMAGENET1K_V2": "wide_resnet50_2-9ba9bcbe.pth",
+    },
+    "wide_resnet101_2": {
+        "IMAGENET1K_V1": "wide_resnet101_2-32ee1156.pth",
+        "IMAGENET1K_V2": "wide_resnet101_2-d733dc28.pth",
+    },
 }
 TORCHVISION_PREPROCESSING = {"IMAGENET1K_V1": "torchvision", "IMAGENET1K_V2": "torchvision-v2"}
 # timm's safetensors copies of torchvision's weights: the hub repo timm/<name>.<tag>.
 TIMM_TAGS = {"IMAGENET1K_V1": "tv_in1k", "IMAGENET1K_V2": "tv2_in1k"}
-HUGGINGFACE_REPOS = {name: f"microsoft/resnet-{name[6:]}" for name in TORCHVISION_FILES}
+HUGGINGFACE_REPOS = {
+    name: f"microsoft/resnet-{name[6:]}" for name in TORCHVISION_FILES if name[6:].isdigit()
+}
 # A hub repo's weights: the first of these it has.
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # torch.hub's check_hash reads the sha256 prefix so (torch.hub.HASH_REGEX).
@@ -86,8 +106,10 @@ def pretrained(
 
     Sources:
 
-    * ``'torchvision'``: ``name`` in resnet18/34/50/101/152; the ``.pth`` of
-      ``torchvision.models.ResNet*_Weights``, through
+    * ``'torchvision'``: ``name`` in resnet18/34/50/101/152,
+      resnext50_32x4d, resnext101_32x8d, resnext101_64x4d, wide_resnet50_2,
+      wide_resnet101_2 (``weights``: 'IMAGENET1K_V1' or, where published,
+      'IMAGENET1K_V2'); the ``.pth`` of ``torchvision.models.*_Weights``, through
       ``torch.hub.load_state_dict_from_url(check_hash=True)`` (the hex digits
       after the '-' of the file name must start its sha256) into torch.hub's
       cache, ``$TORCH_HOME/hub/checkpoints``, which torchvision shares. Needs
@@ -99,11 +121,14 @@ def pretrained(
       a transformers ResNet; ``config.json``, ``preprocessor_config.json`` (if
       the repo has one) and ``model.safetensors`` (else ``pytorch_model.bin``,
       which needs torch). Converted by ``from_transformers``.
-    * ``'timm'``: ``name`` is a timm pretrained tag of a plain ResNet, e.g.
-      ``'resnet50.a1_in1k'``, or ``'resnet50.tv_in1k'`` / ``'tv2_in1k'``
+    * ``'timm'``: ``name`` is a timm pretrained tag of a ResNet that
+      :func:`~resnet_jax.weights.from_timm` reads, e.g. ``'resnet50.a1_in1k'``,
+      ``'resnet50d.ra2_in1k'``, ``'seresnext50_32x4d.racm_in1k'``,
+      ``'resnetv2_50.a1h_in1k'``, or ``'resnet50.tv_in1k'`` / ``'tv2_in1k'``
       (torchvision's V1/V2 weights): the hub repo ``timm/<name>``, its
-      ``config.json`` and ``model.safetensors``, in torchvision's layout and
-      read without torch. Converted by ``from_torchvision`` with
+      ``config.json`` and ``model.safetensors``, read without torch.
+      Converted by ``from_timm`` (checked against the architecture the tag
+      names, where resnet_jax names it too) with
       ``Preprocessing.from_timm(config['pretrained_cfg'])``.
 
     Hub files go through ``huggingface_hub.hf_hub_download`` into its cache
@@ -328,7 +353,9 @@ def _timm(name, revision, endpoint, cache_dir, options) -> Converted:
             if cfg is None:
                 raise
         options["preprocessing"] = Preprocessing.from_timm(cfg)
-    return from_torchvision(_hub_weights(hub), **options)
+    architecture = tag.split(".")[0]
+    name = architecture if architecture in list_models() else None
+    return from_timm(_hub_weights(hub), name, **options)
 
 
 def _timm_registry_cfg(tag: str) -> dict[str, Any] | None:

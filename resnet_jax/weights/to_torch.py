@@ -1,4 +1,5 @@
-"""``to_torchvision``: a resnet_jax ImageNet ResNet as a torchvision state dict."""
+"""``to_torchvision``: a resnet_jax ImageNet ResNet (ResNeXt and wide ones too) as a
+torchvision state dict."""
 
 from __future__ import annotations
 
@@ -33,8 +34,11 @@ def to_torchvision(module: ResNet, variables: Mapping[str, Any]) -> dict[str, np
     Args:
       module: the :class:`ResNet` the variables belong to: ImageNet stem, four
         stages of widths 64/128/256/512, basic blocks or ``variant='v1.5'``
-        bottlenecks, shortcut 'B', BatchNorm epsilon 1e-5 (torchvision's
-        fixed structure; any stage sizes).
+        bottlenecks (with any ``groups`` and ``base_width``: torchvision's
+        ``resnext*`` and ``wide_resnet*``), shortcut 'B', BatchNorm epsilon
+        1e-5 (torchvision's fixed structure; any stage sizes). Build the
+        torchvision module with ``torchvision.models.ResNet(Bottleneck, sizes,
+        groups=module.groups, width_per_group=module.base_width)``.
       variables: ``{'params': ..., 'batch_stats': ...}``.
 
     Returns:
@@ -81,6 +85,15 @@ def _check_exportable(module: ResNet) -> None:
         problems.append(f"variant {module.variant!r} bottlenecks (needs 'v1.5')")
     if module.block_cls not in (BasicBlock, BottleneckBlock):
         problems.append(f"block {module.block_cls!r}")
+    for field, what in (
+        ("preact", "pre-activation blocks"),
+        ("se", "SE modules"),
+        ("avg_down", "ResNet-D shortcuts"),
+    ):
+        if getattr(module, field):
+            problems.append(f"{what} (timm's layout: not a torchvision architecture)")
+    if module.block_cls is BasicBlock and (module.groups != 1 or module.base_width != 64):
+        problems.append("grouped or widened basic blocks (torchvision's BasicBlock has neither)")
     if not math.isclose(module.bn_epsilon, TORCH_BN_EPSILON, rel_tol=1e-6):
         problems.append(f"BatchNorm epsilon {module.bn_epsilon} (torchvision's is 1e-5)")
     if problems:

@@ -13,6 +13,7 @@ naming the file.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import pickle
@@ -42,14 +43,15 @@ CONVERTER_OPTIONS = (
     "materialize",
 )
 _SUPPORTED_TORCH = (
-    "torchvision resnet18/34/50/101/152 and timm's plain resnet* (7x7 stem, v1.5 "
-    "bottlenecks or basic blocks, 1x1 projection shortcuts 'downsample.0/1'), and CIFAR "
-    "ResNets with a 3x3 stem (conv1, bn1, layer1..3, linear; option-A shortcuts, or option B "
-    "as shortcut.0/1)"
+    "torchvision resnet*, resnext*, wide_resnet* and timm's resnet*, resnet*d, resnext*, "
+    "seresnet* (7x7 or deep stem, v1.5 bottlenecks or basic blocks, 1x1 projection shortcuts "
+    "'downsample.0/1' or ResNet-D's 'downsample.1/2'), and CIFAR ResNets with a 3x3 stem "
+    "(conv1, bn1, layer1..3, linear; option-A shortcuts, or option B as shortcut.0/1); "
+    "timm's resnetv2_* through from_timm"
 )
 
 
-class _Refused(ValueError):
+class Refused(ValueError):
     """A state dict the converters cannot convert; the message names the tensor."""
 
 
@@ -297,82 +299,104 @@ def state_dict_arrays(raw: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def _refuse_variants(state: Mapping[str, np.ndarray], name: Callable[[str], str]) -> None:
-    """Raises _Refused for ResNet relatives whose tensors have other roles or shapes."""
+    """Raises Refused for ResNet relatives whose tensors have other roles."""
     for k in sorted(state):
-        if re.match(r"conv1\.\d+\.", k):
-            raise _Refused(f"tensor {name(k)} belongs to a deep (ResNet-C/D) stem")
-        if re.search(r"\.(se|se_module|attn|eca)\.", k):
-            raise _Refused(f"tensor {name(k)} belongs to a squeeze-and-excitation/attention block")
-        if re.search(r"\.(downsample|shortcut)\.2\.", k) or (
-            re.search(r"\.(downsample|shortcut)\.1\.weight$", k) and state[k].ndim == 4
+        if re.search(r"\.(se_module|attn|eca|cbam|gct)\.", k) or (
+            ".se." in k and not re.search(r"\.se\.fc[12]\.(weight|bias)$", k)
         ):
-            raise _Refused(
-                f"tensor {name(k)} belongs to an average-pool downsample (ResNet-D shortcut)"
-            )
-    for k in sorted(state):
-        m = re.match(r"(layer\d+\.\d+)\.conv2\.weight$", k)
-        first = m and state.get(f"{m[1]}.conv1.weight")
-        if first is not None and state[k].ndim == 4 and state[k].shape[1] != first.shape[0]:
-            raise _Refused(
-                f"tensor {name(k)} of shape {state[k].shape} is a grouped convolution "
-                f"({first.shape[0]} input channels, {state[k].shape[1]} per group: ResNeXt)"
-            )
-        m = re.match(r"(layer\d+\.\d+)\.conv3\.weight$", k)
-        first = m and state.get(f"{m[1]}.conv1.weight")
-        if first is not None and state[k].shape[0] != 4 * first.shape[0]:
-            raise _Refused(
-                f"tensor {name(k)} has {state[k].shape[0]} output channels, not 4x the "
-                f"bottleneck width {first.shape[0]} (a wide ResNet)"
-            )
+            raise Refused(f"tensor {name(k)} belongs to an attention block other than timm's SE")
+        if re.search(r"\.conv2\.(conv|fc1|fc2|bn0|bn1|rsoftmax)\.", k) or "radix" in k:
+            raise Refused(f"tensor {name(k)} belongs to a split-attention block (ResNeSt)")
+        if k.startswith(("attnpool.", "head.attn", "global_pool.")) or ".drop_block." in k:
+            raise Refused(f"tensor {name(k)} belongs to an attention pool or other head")
+    if "conv1.0.weight" in state and any(k.startswith("conv1.") and ".7." in k for k in state):
+        raise Refused("tensor conv1.7.* belongs to a stem other than ResNet-D's three convolutions")
 
 
-def _require(state: Mapping[str, np.ndarray], key: str, name: Callable[[str], str]) -> np.ndarray:
+def require(state: Mapping[str, np.ndarray], key: str, name: Callable[[str], str]) -> np.ndarray:
     if key not in state:
-        raise _Refused(f"tensor {name(key)} is missing")
+        raise Refused(f"tensor {name(key)} is missing")
     return state[key]
 
 
 def _infer(state: Mapping[str, np.ndarray], name: Callable[[str], str]) -> dict[str, Any]:
     """ResNet fields read off a state dict in torchvision's naming.
 
-    The stem from ``conv1.weight``, the block type from the presence of
-    ``conv3``, stage sizes from the ``layer{s}.{b}`` indices, widths from the
-    shapes, the shortcut option from where ``downsample``/``shortcut``
-    tensors are (none: A; in every block: C; else B).
+    The stem from ``conv1.weight`` (or timm's deep stem ``conv1.0/3/6``), the
+    block type from the presence of ``conv3``, stage sizes from the
+    ``layer{s}.{b}`` indices, widths, groups and inner width from the
+    shapes, SE from ``se.fc1``, the shortcut option from where
+    ``downsample``/``shortcut`` tensors are (none: A; in every block: C;
+    else B), ResNet-D's average-pool shortcut from ``downsample.2``.
     """
-    stem = _require(state, "conv1.weight", name)
-    if stem.ndim != 4 or stem.shape[2:] not in ((7, 7), (3, 3)):
-        raise _Refused(
+    deep = "conv1.0.weight" in state
+    stem = require(state, "conv1.0.weight" if deep else "conv1.weight", name)
+    if stem.ndim != 4 or stem.shape[2:] not in ((7, 7), (3, 3)) or (deep and stem.shape[2] != 3):
+        raise Refused(
             f"tensor {name('conv1.weight')} of shape {stem.shape} is neither a 7x7 (ImageNet) "
             "nor a 3x3 (CIFAR) stem"
         )
+    stem_width = int(require(state, "conv1.6.weight", name).shape[0]) if deep else stem.shape[0]
     blocks: dict[int, int] = {}
     for k in state:
         m = re.match(r"layer(\d+)\.(\d+)\.", k)
         if m:
             blocks[int(m[1])] = max(blocks.get(int(m[1]), 0), int(m[2]) + 1)
     if not blocks:
-        raise _Refused(f"no tensor of a residual stage (e.g. {name('layer1.0.conv1.weight')})")
+        raise Refused(f"no tensor of a residual stage (e.g. {name('layer1.0.conv1.weight')})")
     stages = range(1, max(blocks) + 1)
     stage_sizes = tuple(blocks.get(s, 0) for s in stages)
     if min(stage_sizes) == 0:
         missing = next(s for s in stages if s not in blocks)
-        raise _Refused(f"tensor {name(f'layer{missing}.0.conv1.weight')} is missing")
-    widths = tuple(int(_require(state, f"layer{s}.0.conv1.weight", name).shape[0]) for s in stages)
+        raise Refused(f"tensor {name(f'layer{missing}.0.conv1.weight')} is missing")
     bottleneck = "layer1.0.conv3.weight" in state
+    inner = int(require(state, "layer1.0.conv1.weight", name).shape[0])
+    grouped = require(state, "layer1.0.conv2.weight", name)
+    groups = max(1, inner // int(grouped.shape[1])) if grouped.ndim == 4 else 1
+    if bottleneck:
+        widths = tuple(
+            int(require(state, f"layer{s}.0.conv3.weight", name).shape[0]) // 4 for s in stages
+        )
+        base_width = inner * 64 // (groups * widths[0])
+    else:
+        widths = tuple(
+            int(require(state, f"layer{s}.0.conv1.weight", name).shape[0]) for s in stages
+        )
+        base_width = 64
     projected = {
-        m[1] for k in state if (m := re.match(r"(layer\d+\.\d+)\.(downsample|shortcut)\.0\.", k))
+        m[1] for k in state if (m := re.match(r"(layer\d+\.\d+)\.(downsample|shortcut)\.\d\.", k))
     }
+    avg_down = any(re.match(r"layer\d+\.\d+\.downsample\.2\.", k) for k in state)
+    # B projects where the shape changes: the first block of every stage but
+    # (when the stem's width is the first stage's output) the first stage.
+    out1 = widths[0] * (4 if bottleneck else 1)
+    where_b = {f"layer{s}.0" for s in stages if s > 1 or out1 != stem_width}
     n_blocks = sum(stage_sizes)
-    shortcut = "A" if not projected else "C" if len(projected) == n_blocks else "B"
-    return dict(
+    shortcut = (
+        "A"
+        if not projected
+        else "C"
+        if len(projected) == n_blocks and projected != where_b
+        else "B"
+    )
+    fields: dict[str, Any] = dict(
         stage_sizes=stage_sizes,
         block_cls=BottleneckBlock if bottleneck else BasicBlock,
         widths=widths,
-        stem="imagenet" if stem.shape[2] == 7 else "cifar",
-        stem_width=int(stem.shape[0]),
+        stem="deep" if deep else "imagenet" if stem.shape[2] == 7 else "cifar",
+        stem_width=int(stem_width),
         shortcut=shortcut,
     )
+    # The later ResNets' fields, only where they differ from the paper's net.
+    if groups != 1:
+        fields["groups"] = groups
+    if base_width != 64:
+        fields["base_width"] = base_width
+    if avg_down:
+        fields["avg_down"] = True
+    if "layer1.0.se.fc1.weight" in state:
+        fields["se"] = True
+    return fields
 
 
 _LEAF_NAMES = {
@@ -384,22 +408,49 @@ _LEAF_NAMES = {
 }
 
 
-def torch_name(path: tuple[str, ...], classifier: str = "fc", projection: str = "downsample"):
-    """The torchvision-layout name of the variable at ``(collection, *module_path, leaf)``."""
+_DEEP_STEM = {
+    "stem_conv": "conv1.0",
+    "stem_bn": "conv1.1",
+    "stem_conv2": "conv1.3",
+    "stem_bn2": "conv1.4",
+    "stem_conv3": "conv1.6",
+    "stem_bn3": "bn1",
+}
+
+
+def torch_name(
+    path: tuple[str, ...],
+    classifier: str = "fc",
+    projection: str = "downsample",
+    *,
+    deep_stem: bool = False,
+    avg_down: bool = False,
+):
+    """The torchvision-layout name of the variable at ``(collection, *module_path, leaf)``.
+
+    ``deep_stem``: timm's ResNet-C/D stem ``conv1.{0,1,3,4,6}`` + ``bn1``;
+    ``avg_down``: ResNet-D's ``downsample.{1,2}`` (after the pool);
+    squeeze-and-excitation is timm's ``se.fc1``/``se.fc2``.
+    """
     collection, *modules, leaf = path
     parts = []
+    offset = 1 if avg_down else 0
     for p in modules:
         block = re.fullmatch(r"stage(\d+)_block(\d+)", p)
         if block:
             parts.append(f"layer{block[1]}.{int(block[2]) - 1}")
+        elif deep_stem and p in _DEEP_STEM:
+            parts.append(_DEEP_STEM[p])
         elif p != "shortcut":
             parts.append(
                 {
                     "stem_conv": "conv1",
                     "stem_bn": "bn1",
                     "head": classifier,
-                    "proj_conv": f"{projection}.0",
-                    "proj_bn": f"{projection}.1",
+                    "proj_conv": f"{projection}.{offset}",
+                    "proj_bn": f"{projection}.{offset + 1}",
+                    "reduce": "fc1",
+                    "expand": "fc2",
                 }.get(p, p)
             )
     return ".".join([*parts, _LEAF_NAMES[collection, leaf]])
@@ -438,6 +489,43 @@ def variable_shapes(module: ResNet, in_channels: int) -> dict[tuple[str, ...], A
     return traverse_util.flatten_dict(shapes)
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a family of PyTorch state dicts names a ResNet's tensors.
+
+    Attributes:
+      refuse: raises Refused for tensors of layouts this converter lacks.
+      infer: the :class:`ResNet` fields read off the tensors.
+      classifier: the classifier's name prefix in a state dict (``'fc'``).
+      namer: ``(module, state) -> (variable path -> tensor name)``.
+    """
+
+    refuse: Callable[[Mapping[str, np.ndarray], Callable[[str], str]], None]
+    infer: Callable[[Mapping[str, np.ndarray], Callable[[str], str]], dict[str, Any]]
+    classifier: Callable[[Mapping[str, np.ndarray]], str]
+    namer: Callable[[ResNet, Mapping[str, np.ndarray]], Callable[[tuple[str, ...]], str]]
+
+
+def _torchvision_namer(module: ResNet, state: Mapping[str, np.ndarray]):
+    classifier = "linear" if "linear.weight" in state else "fc"
+    projection = "shortcut" if any(".shortcut.0." in k for k in state) else "downsample"
+    return functools.partial(
+        torch_name,
+        classifier=classifier,
+        projection=projection,
+        deep_stem=module.stem == "deep",
+        avg_down=module.avg_down,
+    )
+
+
+TORCHVISION_LAYOUT = Layout(
+    refuse=_refuse_variants,
+    infer=_infer,
+    classifier=lambda state: "linear" if "linear.weight" in state else "fc",
+    namer=_torchvision_namer,
+)
+
+
 def _convert(
     state: dict[str, np.ndarray],
     *,
@@ -446,38 +534,39 @@ def _convert(
     num_classes: int | None,
     variant: str,
     options: Mapping[str, Any],
+    layout: Layout | None = None,
 ) -> tuple[ResNet, dict[str, Any]]:
-    """The module and variables of a state dict in torchvision's naming."""
+    """The module and variables of a state dict in ``layout``'s naming
+    (default: torchvision's)."""
     unknown = sorted(set(options) - set(CONVERTER_OPTIONS))
     if unknown:
         raise ValueError(f"Unknown option(s) {unknown}; valid: {', '.join(CONVERTER_OPTIONS)}.")
-    _refuse_variants(state, name)
-    fields = _infer(state, name)
+    layout = layout or TORCHVISION_LAYOUT
+    layout.refuse(state, name)
+    fields = layout.infer(state, name)
     if model is not None:
         spec = model_spec(model)
         shortcut = fields["shortcut"] if spec.residual else None
         fields = dict(spec.resnet_fields(), shortcut=shortcut)
-    classifier = "linear" if "linear.weight" in state else "fc"
-    projection = "shortcut" if any(".shortcut.0." in k for k in state) else "downsample"
+    classifier = layout.classifier(state)
     state, num_classes = _classifier(state, classifier, num_classes, name)
     module = ResNet(
-        **fields,
+        **{"variant": variant, **fields},
         num_classes=num_classes,
-        variant=variant,
         **{"bn_momentum": 1 - TORCH_BN_MOMENTUM, "bn_epsilon": TORCH_BN_EPSILON, **options},
     )
-    in_channels = int(state["conv1.weight"].shape[1])
+    namer = layout.namer(module, state)
+    in_channels = int(require(state, namer(("params", "stem_conv", "kernel")), name).shape[1])
     flat: dict[tuple[str, ...], np.ndarray] = {}
     # In torchvision's order, so that the first tensor named is the first one off.
     named = {
-        torch_name(path, classifier, projection): (path, shape)
-        for path, shape in variable_shapes(module, in_channels).items()
+        namer(path): (path, shape) for path, shape in variable_shapes(module, in_channels).items()
     }
     for key in sorted(named, key=torchvision_order):
         path, shape = named[key]
-        value = _to_flax(_require(state, key, name))
+        value = _to_flax(require(state, key, name))
         if value.shape != shape.shape:
-            raise _Refused(
+            raise Refused(
                 f"tensor {name(key)} has shape {state[key].shape}, but "
                 f"{model or 'the network the other tensors describe'} needs "
                 f"{_torch_shape(shape.shape)}"
@@ -490,7 +579,7 @@ def _convert(
     )
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise _Refused(f"tensor {name(extra[0])}{more} has no place in {model or 'the network'}")
+        raise Refused(f"tensor {name(extra[0])}{more} has no place in {model or 'the network'}")
     return module, traverse_util.unflatten_dict(flat)
 
 
@@ -515,7 +604,7 @@ def _classifier(
 def convert_or_refuse(who: str, supported: str, **kw) -> tuple[ResNet, dict[str, Any]]:
     try:
         return _convert(**kw)
-    except _Refused as e:
+    except Refused as e:
         raise ValueError(
             f"{who} cannot convert this state dict: {e}. Supported: {supported}."
         ) from None
@@ -531,8 +620,11 @@ def from_torchvision(
 ) -> Converted:
     """Converts a torchvision / timm ResNet, or a PyTorch CIFAR ResNet, to Flax.
 
-    Reads torchvision's ``resnet18/34/50/101/152`` (V1 and V2 weights), timm's
-    plain ``resnet*`` (e.g. ``resnet50.a1_in1k``, ``resnet26``) and the CIFAR
+    Reads torchvision's ``resnet18/34/50/101/152``, ``resnext*`` and
+    ``wide_resnet*`` (V1 and V2 weights), timm's ``resnet*`` in the same
+    naming (``resnet50.a1_in1k``, ``resnet26``; the deep stems, ResNet-D
+    shortcuts and SE modules of ``resnet50d``/``seresnet50`` too, which
+    :func:`~resnet_jax.weights.from_timm` also reads) and the CIFAR
     ResNets of akamaster/pytorch_resnet_cifar10 and most reproductions (3x3
     stem, ``layer1..3``, ``linear``; option-A shortcuts, taken as such when
     there are no projections: pass ``name='plain20'`` etc. for a plain net; or
@@ -565,8 +657,8 @@ def from_torchvision(
       numpy arrays, with ``.preprocessing``.
 
     Raises:
-      ValueError: for a layout this converter does not support (deep stems,
-        ResNet-D shortcuts, ResNeXt, SE blocks, wide ResNets), a missing or an
+      ValueError: for a layout this converter does not support (attention
+        blocks other than timm's SE, ResNeSt, other stems), a missing or an
         extra tensor, or a shape that does not fit; the message names the tensor.
         For a file that cannot be read as a state dict (not a safetensors or
         PyTorch file, truncated or damaged, a pickled model, something else
