@@ -12,6 +12,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.variant = "v1"  # 'v1' (paper) or 'v1.5' (stride in the bottleneck 3x3)
     c.shortcut = config_dict.placeholder(str)  # None: A for CIFAR nets, B for ImageNet nets
     c.zero_init_residual = False
+    # Stochastic depth (Huang et al. 2016): the last block drops its residual
+    # branch with this probability, earlier ones linearly less (as timm); its
+    # randomness is a function of (seed, step), so resumes stay exact.
+    c.drop_path_rate = 0.0
+    c.dropout_rate = 0.0  # dropout between each block's convolutions (wide ResNets)
     c.bn_momentum = 0.9  # PyTorch momentum 0.1
     c.bn_epsilon = 1e-5
     # >1: training BatchNorm statistics over this many equal groups of the batch

@@ -44,11 +44,14 @@ from resnet_jax.training.recipe import (
     create_optimizer,
     create_train_state,
     model_from_config,
+    needs_dropout_rng,
     resolve_materialize,
 )
 from resnet_jax.training.steps import TrainState, eval_step, train_step
 
 log = logging.getLogger(__name__)
+# fold_in(key(seed), DROPOUT_STREAM) drives stochastic depth and dropout.
+DROPOUT_STREAM = 0x6472
 
 
 def host_batch_to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict:
@@ -281,6 +284,12 @@ def build_experiment(config: Any, workdir: str, mesh: Mesh | None = None) -> Exp
         skip_nonfinite=bool(config.skip_nonfinite_steps),
         mean=mean,
         freeze_bn_stats=bool(config.freeze_bn_stats),
+        # Its own stream of the seed (the parameters' init uses the seed's key itself).
+        dropout_key=(
+            jax.random.fold_in(jax.random.key(config.seed), DROPOUT_STREAM)
+            if needs_dropout_rng(config)
+            else None
+        ),
     )
     data_sharding = NamedSharding(mesh, P("data"))
     runner = make_runner(step_fn, config, pipeline, mesh)

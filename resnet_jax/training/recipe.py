@@ -41,13 +41,20 @@ def model_from_config(config: Any, num_classes: int, *, materialize: bool = Fals
     options = dict(
         num_classes=num_classes,
         dtype=DTYPES[config.dtype],
-        variant=config.variant,
         zero_init_residual=config.zero_init_residual,
         bn_momentum=config.bn_momentum,
         bn_epsilon=config.bn_epsilon,
         bn_groups=config.bn_groups,
         materialize=materialize,
+        drop_path_rate=config.get("drop_path_rate", 0.0),
+        dropout_rate=config.get("dropout_rate", 0.0),
     )
+    # The later names (resnet50d, resnext50_32x4d, ...) fix variant v1.5: the
+    # config's default 'v1' (the paper's nets') then means "the name's own";
+    # any other value is passed on, and create_model refuses a mismatch.
+    fixed = _fixed_variant(config.model)
+    if fixed is None or config.variant != "v1":
+        options["variant"] = config.variant
     if config.shortcut:
         options["shortcut"] = config.shortcut
     try:
@@ -56,6 +63,18 @@ def model_from_config(config: Any, num_classes: int, *, materialize: bool = Fals
         raise
     except ValueError as e:  # the library's checks of names and options
         raise UserError(f"{e} (from --config.model and its options)") from e
+
+
+def _fixed_variant(name: str) -> str | None:
+    try:
+        return dict(models.model_spec(name).fixed).get("variant")
+    except ValueError:  # an unknown name: create_model says so
+        return None
+
+
+def needs_dropout_rng(config: Any) -> bool:
+    """Whether the configured network draws random numbers in training."""
+    return bool(config.get("drop_path_rate", 0.0) or config.get("dropout_rate", 0.0))
 
 
 def resolve_materialize(config: Any, platform: str) -> bool:

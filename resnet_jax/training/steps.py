@@ -56,6 +56,7 @@ def train_step(
     skip_nonfinite: bool = False,
     mean: Any = None,
     freeze_bn_stats: bool = False,
+    dropout_key: jax.Array | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SGD step on a global batch; returns the new state and scalar metrics.
 
@@ -64,6 +65,11 @@ def train_step(
 
     ``batch["image"]`` is normalised float32, or uint8 pixels that are
     normalised here with ``mean`` (see :func:`model_input`).
+
+    ``dropout_key``: for a network with stochastic depth or dropout, the
+    run's key; the step's randomness is ``fold_in(dropout_key, state.step)``,
+    a function of the step alone, so a resumed run draws what the
+    uninterrupted one drew.
 
     Metrics: ``loss`` (mean cross-entropy, without the weight-decay term),
     ``accuracy``, ``learning_rate``, ``finite`` (1.0 when loss and gradients
@@ -78,7 +84,12 @@ def train_step(
         if freeze_bn_stats:
             logits, stats = state.apply_fn(variables, images, train=False), state.batch_stats
         else:
-            logits, updates = state.apply_fn(variables, images, train=True, mutable=["batch_stats"])
+            rngs = {}
+            if dropout_key is not None:
+                rngs["dropout"] = jax.random.fold_in(dropout_key, state.step)
+            logits, updates = state.apply_fn(
+                variables, images, train=True, mutable=["batch_stats"], rngs=rngs
+            )
             stats = updates["batch_stats"]
         loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
         return loss, (logits, stats)

@@ -57,3 +57,25 @@ def test_digits_default_reaches_97_percent(tmp_path):
     assert final["eval_count"] == 360
     assert final["eval_accuracy"] >= 0.97, final
     assert "eval accuracy" in out.stdout  # the one-line summary
+
+
+def test_stochastic_depth_resumes_exactly_and_differs_from_no_drop_path(tmp_path):
+    """Drop path's randomness is fold_in(key(seed), step): a run killed after
+    its step-10 checkpoint and resumed draws what the uninterrupted one drew."""
+    args = [a if "num_train_steps" not in a else "--config.num_train_steps=20" for a in TINY]
+    args.append("--config.drop_path_rate=0.3")
+    run_train(tmp_path / "ref", *args)
+    dir_ = tmp_path / "killed"
+    proc = start_train(dir_, *args)
+    deadline = time.time() + 300
+    while not os.path.isdir(dir_ / "checkpoints" / "10") and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    run_train(dir_, *args)
+    run_train(tmp_path / "off", *args[:-1])
+    ref, resumed, off = (losses(tmp_path / d)[0] for d in ("ref", "killed", "off"))
+    assert [s for s, _ in ref][-1] == 20
+    assert resumed == ref
+    assert off[0] != ref[0]  # the drop path changed the very first steps
