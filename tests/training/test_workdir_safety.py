@@ -193,8 +193,14 @@ def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, err[-3000:]
+    # 130, or killed by the SIGINT itself (-2, which a shell reports as 130
+    # too) when it lands after the save, while the interpreter finalises and
+    # has put back the default handlers: then the last line says it was saved.
+    saved = "checkpoint saved. Run the same command to resume." in err.strip().splitlines()[-1]
+    assert proc.returncode == 130 or (proc.returncode == -signal.SIGINT and saved), err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    if proc.returncode != 130:
+        return
     # During a step: the trainer's handler; after the first Ctrl-C's save has
     # ended the loop: the command's own line.
     assert err.strip().splitlines()[-1] in (
