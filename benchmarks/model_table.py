@@ -28,6 +28,27 @@ ROWS = [
     ("resnet1202", {}),
     ("plain20", {}),
     ("plain56", {}),
+    # The later ResNets (docs/models.md#the-later-resnets).
+    ("resnet18d", {}),
+    ("resnet34d", {}),
+    ("resnet50d", {}),
+    ("resnet101d", {}),
+    ("resnet152d", {}),
+    ("resnext50_32x4d", {}),
+    ("resnext101_32x8d", {}),
+    ("resnext101_64x4d", {}),
+    ("wide_resnet50_2", {}),
+    ("wide_resnet101_2", {}),
+    ("seresnet50", {}),
+    ("seresnet101", {}),
+    ("seresnext50_32x4d", {}),
+    ("resnetv2_50", {}),
+    ("resnetv2_101", {}),
+    ("preact_resnet110", {}),
+    ("preact_resnet164", {}),
+    ("preact_resnet1001", {}),
+    ("wrn16_8", {}),
+    ("wrn28_10", {}),
 ]
 
 
@@ -39,7 +60,7 @@ def count(name: str, options: dict) -> dict:
     import resnet_jax as rj
 
     model = rj.create_model(name, **options)
-    shape = (1, 224, 224, 3) if model.stem == "imagenet" else (1, 32, 32, 3)
+    shape = (1, 32, 32, 3) if model.stem == "cifar" else (1, 224, 224, 3)
     x = jax.ShapeDtypeStruct(shape, jnp.float32)
     v = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
     opt = ", ".join(f"{k}={v}" for k, v in options.items()) or f"shortcut {model.shortcut or '-'}"
