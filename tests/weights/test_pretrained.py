@@ -470,6 +470,37 @@ def test_timm_download_convert(hub, files, tmp_path):
     assert mine.preprocessing == rj.weights.PREPROCESSING["torchvision"] and len(hub.requests) == n
 
 
+def test_timm_tags_of_the_later_resnets(hub, tmp_path):
+    """A pre-activation timm repo converts through from_timm; a tag whose
+    architecture resnet_jax names is checked against it (one line naming the tensor)."""
+    pytest.importorskip("timm")
+    from timm.layers import BatchNormAct2d, create_conv2d
+    from timm.models.resnetv2 import ResNetV2
+
+    torch.manual_seed(0)
+    sd = ResNetV2(
+        layers=[1, 1, 1, 1], conv_layer=create_conv2d, norm_layer=BatchNormAct2d
+    ).state_dict()
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    safetensors_torch.save_file(sd, repo / "model.safetensors")
+    cfg = {"input_size": [3, 224, 224], "crop_pct": 0.95, "interpolation": "bicubic"}
+    (repo / "config.json").write_text(json.dumps({"architecture": "x", "pretrained_cfg": cfg}))
+    hub.add("timm/resnetv2_tiny.test_in1k", repo)
+    hub.add("timm/resnetv2_50.test_in1k", repo)
+    got = rj.weights.pretrained(
+        "resnetv2_tiny.test_in1k", source="timm", endpoint=hub.url, cache_dir=tmp_path / "c"
+    )
+    assert got.module.preact and got.module.stage_sizes == (1, 1, 1, 1)
+    assert digest(got.variables) == digest(
+        rj.weights.from_timm(repo / "model.safetensors").variables
+    )
+    with pytest.raises(ValueError, match=r"stages\.0\.blocks\.1\..* is missing"):
+        rj.weights.pretrained(
+            "resnetv2_50.test_in1k", source="timm", endpoint=hub.url, cache_dir=tmp_path / "c"
+        )
+
+
 def test_files_cached_by_huggingface_hub_are_used_offline_with_no_server(
     hub, files, tmp_path, monkeypatch
 ):
