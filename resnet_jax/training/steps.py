@@ -84,11 +84,14 @@ def train_step(
         if freeze_bn_stats:
             logits, stats = state.apply_fn(variables, images, train=False), state.batch_stats
         else:
-            rngs = {}
-            if dropout_key is not None:
-                rngs["dropout"] = jax.random.fold_in(dropout_key, state.step)
+            # rngs only for a network that draws (an apply_fn need not take it).
+            rngs = (
+                {}
+                if dropout_key is None
+                else {"rngs": {"dropout": jax.random.fold_in(dropout_key, state.step)}}
+            )
             logits, updates = state.apply_fn(
-                variables, images, train=True, mutable=["batch_stats"], rngs=rngs
+                variables, images, train=True, mutable=["batch_stats"], **rngs
             )
             stats = updates["batch_stats"]
         loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
