@@ -19,8 +19,10 @@ from tests.helpers import COMPILE_CACHE_ENV, ROOT
 PACKAGE = pathlib.Path(ROOT) / "resnet_jax"
 # Imported inside functions, each with its reason on the line: heavy frameworks
 # (TensorFlow, torch, keras), what `import resnet_jax` must not need
-# (safetensors, huggingface_hub, timm), and clu's writers (they import TensorFlow).
+# (safetensors, huggingface_hub, timm), clu's writers (they import TensorFlow),
+# and scikit-learn (1.4 s of start-up for every run, needed by the digits only).
 LAZY_ALLOWED = (
+    "sklearn",
     "tensorflow",
     "tensorflow_datasets",
     "torch",

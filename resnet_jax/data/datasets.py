@@ -23,8 +23,6 @@ from typing import Any
 
 import numpy as np
 from jax.experimental import multihost_utils
-from sklearn.datasets import load_digits as sk_load_digits
-from sklearn.model_selection import train_test_split
 
 from resnet_jax.data.integrity import (
     TRAIN_TAR,
@@ -109,8 +107,11 @@ def load_digits(
 
 def _digits_splits(test_fraction: float, split_seed: int) -> tuple[Split, Split]:
     """The whole stratified train/test split of the digits, all ten classes."""
+    # scikit-learn only here: its import costs every other run 1.4 s of start-up.
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
 
-    d = sk_load_digits()
+    d = load_digits()
     images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     labels = d.target.astype(np.int32)
     xtr, xte, ytr, yte = train_test_split(
