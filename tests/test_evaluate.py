@@ -87,6 +87,10 @@ def test_cli_equals_the_runs_own_evaluation(run, tmp_path):
     output = tmp_path / "result.json"
     out = run_evaluate(f"--workdir={run}", *TINY, f"--output={output}")
     assert out.returncode == 0, out.stderr[-3000:]
+    # stderr holds the one progress line and nothing of TensorFlow's, XLA's or absl's.
+    assert out.stderr.strip().splitlines() == [
+        "Evaluating resnet8 at step 2 of " + str(run) + " on cifar10 test (64 examples)."
+    ], out.stderr[-3000:]
     human, last = out.stdout.strip().splitlines()[-2:]
     result = json.loads(last)
     ran = _run_evals(run)[2]  # the run's final evaluation, of the same state
