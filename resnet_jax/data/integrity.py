@@ -1,6 +1,6 @@
 """Damaged data files, found and named: ImageNet's archives (every image is
-checked while tfds prepares it: :func:`prepare_imagenet`; the tar structure is
-scanned after a failure) and prepared tfds files (a TFRecord cut short, one
+checked while tfds prepares it: :func:`prepare_imagenet`; each archive's
+own tar structure is scanned before, the class tars after a failure) and prepared tfds files (a TFRecord cut short, one
 failing its checksum, a missing shard: :func:`damaged_data_error`), each as one
 :class:`~resnet_jax.errors.DataCorruptError` line that names the file and how
 to replace it or prepare again.
@@ -75,6 +75,12 @@ def prepare_imagenet(builder: Any, manual_dir: str) -> None:
             raise _DamagedImage(damaged[-1][1])
         return encode({**example, "image": data})
 
+    # Each archive's own members first (a few thousand tar headers, seconds): a
+    # tar cut at a member boundary reads as a shorter whole one, and tfds
+    # would prepare fewer examples without a word.
+    found = _archive_problem(manual_dir, class_tars=False)
+    if found is not None:
+        raise _damaged_error(*found, manual_dir) from None
     features.encode_example = checked  # this builder's only (tfds checks no image)
     try:
         builder.download_and_prepare()
@@ -83,7 +89,7 @@ def prepare_imagenet(builder: Any, manual_dir: str) -> None:
             log.info(
                 "Preparing imagenet2012 failed; looking for a damaged archive in %s.", manual_dir
             )
-            found = _archive_problem(manual_dir)
+            found = _archive_problem(manual_dir, class_tars=True)
             if found is not None:
                 damaged.append(found)
             elif isinstance(e, tf.errors.InvalidArgumentError):
@@ -93,16 +99,19 @@ def prepare_imagenet(builder: Any, manual_dir: str) -> None:
                 damaged.append((TRAIN_TAR, f"{what} (TensorFlow: {_tf_message(e)})"))
         if not damaged:
             raise
-        archive, what = damaged[0]
-        size = _ARCHIVE_BYTES.get(archive)
-        real = f" (image-net.org's is {size:,} bytes)" if size else ""
-        raise DataCorruptError(
-            f"{what}: {archive} in {manual_dir} is damaged, so imagenet2012 was not "
-            f"prepared. Download {archive} again from https://image-net.org/{real}, "
-            "replace it and run the same command again."
-        ) from e
+        raise _damaged_error(*damaged[0], manual_dir) from e
     finally:
         del features.encode_example
+
+
+def _damaged_error(archive: str, what: str, manual_dir: str) -> DataCorruptError:
+    size = _ARCHIVE_BYTES.get(archive)
+    real = f" (image-net.org's is {size:,} bytes)" if size else ""
+    return DataCorruptError(
+        f"{what}: {archive} in {manual_dir} is damaged, so imagenet2012 was not "
+        f"prepared. Download {archive} again from https://image-net.org/{real}, "
+        "replace it and run the same command again."
+    )
 
 
 def _archive_member(example: dict[str, Any], problem: str) -> tuple[str, str]:
@@ -142,16 +151,17 @@ def _jpeg_problem(data: bytes) -> str | None:
     return None
 
 
-def _archive_problem(manual_dir: str) -> tuple[str, str] | None:
+def _archive_problem(manual_dir: str, class_tars: bool) -> tuple[str, str] | None:
     """(archive, what) of the first damaged tar among ImageNet's archives, or None.
 
-    Each archive's own members first (a few thousand headers), then the class
-    tars inside the train archive (a header per image); only headers are read.
+    Each archive's own members first (a few thousand headers), then with
+    ``class_tars`` the class tars inside the train archive (a header per image);
+    only headers are read.
     """
     archives = [
         a for a in (TRAIN_TAR, VAL_TAR, TEST_TAR) if os.path.exists(os.path.join(manual_dir, a))
     ]
-    for nested in (False, True):
+    for nested in (False, True) if class_tars else (False,):
         for archive in archives:
             if nested and archive != TRAIN_TAR:
                 continue

@@ -188,6 +188,17 @@ def _cut_short_train_archive(manual_dir, written):
     return r"ILSVRC2012_img_train.tar: n\d+\.tar is cut short \(its last [\d,]+ bytes are missing\)"
 
 
+def _train_archive_cut_at_a_member_boundary(manual_dir, written):
+    """The outer tar cut after its first class tar: a shorter tar that reads
+    whole, without the end-of-archive marker, which would prepare fewer classes."""
+    path = os.path.join(manual_dir, mini_imagenet.TRAIN_TAR)
+    with tarfile.open(path) as tar:
+        first = tar.next()
+        end = first.offset_data + -(-first.size // 512) * 512
+    os.truncate(path, end)
+    return rf"ILSVRC2012_img_train.tar ends at byte {end:,} without the end-of-archive marker"
+
+
 def _class_tar_not_a_tar(manual_dir, written):
     class_tar = written.train[0][1] + ".tar"
     _rewrite(
@@ -209,6 +220,7 @@ def _empty_validation_archive(manual_dir, written):
         _png,
         _cut_short_validation_image,
         _cut_short_train_archive,
+        _train_archive_cut_at_a_member_boundary,
         _class_tar_not_a_tar,
         _empty_validation_archive,
     ],
