@@ -163,9 +163,14 @@ def plot(models: dict, out: str, ymax: float | None = None, title: str | None = 
     split = "validation" if imagenet else "test"
     depths = sorted({d for _, d in models})
     colors = {d: plt.get_cmap("tab10")(i % 10) for i, d in enumerate(depths)}
-    fig, axes = plt.subplots(1, 2, figsize=FIGSIZE, dpi=DPI, sharey=True)
+    # One panel per kind that has runs (plain and ResNets always, as Fig. 6 has them).
+    kinds = [k for k in runs.KINDS if k in ("plain", "resnet") or any(m[0] == k for m in models)]
+    panels = {"plain": "plain networks", "resnet": "ResNets", "preact": "pre-activation ResNets"}
+    width = FIGSIZE[0] * len(kinds) / 2
+    fig, axes = plt.subplots(1, len(kinds), figsize=(width, FIGSIZE[1]), dpi=DPI, sharey=True)
     top = ymax or _auto_ymax(models)
-    for ax, kind, panel in zip(axes, runs.KINDS, ("plain networks", "ResNets")):
+    for ax, kind in zip(axes, kinds):
+        panel = panels[kind]
         shown = [(d, m) for (k, d), m in sorted(models.items()) if k == kind]
         for depth, m in shown:
             c = colors[depth]

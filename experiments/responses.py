@@ -168,7 +168,7 @@ def collect(
         std = [statistics.fmean(s[name] for s in by_seed.values()) for name in layers]
         models.append(
             {
-                "model": f"{kind}{depth}",
+                "model": runs.model_name(kind, depth),
                 "label": runs.Run("", kind, depth, 0).label,
                 "kind": kind,
                 "depth": depth,

@@ -29,13 +29,18 @@ from resnet_jax.training import checkpoints
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.json"
-RUN_NAME = re.compile(r"(?:cifar_)?(plain|resnet)(\d+)(?:_seed(\d+))?")
-KINDS = ("plain", "resnet")
+RUN_NAME = re.compile(r"(?:cifar_)?(plain|resnet|preact_resnet)(\d+)(?:_seed(\d+))?")
+KINDS = ("plain", "resnet", "preact")
+# The model name's prefix of each kind (``preact_resnet56``: pre-activation, He et al. 2016b).
+MODEL_PREFIX = {"plain": "plain", "resnet": "resnet", "preact": "preact_resnet"}
+LABELS = {"plain": "plain", "resnet": "ResNet", "preact": "pre-act ResNet"}
+_KIND_OF_PREFIX = {v: k for k, v in MODEL_PREFIX.items()}
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """A workdir and the network it trained: ``kind`` ('plain' or 'resnet'), ``depth``, ``seed``."""
+    """A workdir and the network it trained: ``kind`` ('plain', 'resnet' or
+    'preact'), ``depth``, ``seed``."""
 
     workdir: str
     kind: str
@@ -44,17 +49,22 @@ class Run:
 
     @property
     def model(self) -> str:
-        return f"{self.kind}{self.depth}"
+        return model_name(self.kind, self.depth)
 
     @property
     def label(self) -> str:
-        """The paper's name: ``plain-20``, ``ResNet-56``."""
-        return f"{'ResNet' if self.kind == 'resnet' else 'plain'}-{self.depth}"
+        """The paper's name: ``plain-20``, ``ResNet-56``, ``pre-act ResNet-110``."""
+        return f"{LABELS[self.kind]}-{self.depth}"
+
+
+def model_name(kind: str, depth: int) -> str:
+    """The model of a kind and depth: ``plain20``, ``resnet56``, ``preact_resnet110``."""
+    return f"{MODEL_PREFIX[kind]}{depth}"
 
 
 def run_name(kind: str, depth: int, seed: int) -> str:
     """The sweep's workdir name of a run: ``plain20_seed1``."""
-    return f"{kind}{depth}_seed{seed}"
+    return f"{model_name(kind, depth)}_seed{seed}"
 
 
 def as_run(workdir: str | os.PathLike) -> Run | None:
@@ -72,7 +82,7 @@ def as_run(workdir: str | os.PathLike) -> Run | None:
         seed = int(stored["seed"])
     else:
         seed = int(by_name.group(3)) if by_name and by_name.group(3) else 0
-    return Run(os.fspath(workdir), model.group(1), int(model.group(2)), seed)
+    return Run(os.fspath(workdir), _KIND_OF_PREFIX[model.group(1)], int(model.group(2)), seed)
 
 
 def find_runs(root: str | os.PathLike) -> list[Run]:

@@ -142,7 +142,7 @@ class PlannedRun:
 
     @property
     def label(self) -> str:
-        return f"{self.kind}{self.depth} seed {self.seed}"
+        return f"{runs.model_name(self.kind, self.depth)} seed {self.seed}"
 
     @property
     def steps(self) -> int:
@@ -166,7 +166,7 @@ def run_config(
     # The fast path where it pays (see the module docstring), unless overridden.
     c.device_data = platform != "cpu"
     runs.apply_overrides(c, overrides)
-    c.model, c.seed = f"{kind}{depth}", seed
+    c.model, c.seed = runs.model_name(kind, depth), seed
     if c.device_data and not any(o.startswith("--config.steps_per_call") for o in overrides):
         c.steps_per_call = steps_per_call(c, platform)
     return c
@@ -410,7 +410,9 @@ def _int_list(text: str) -> list[int]:
 def _kinds(text: str) -> list[str]:
     kinds = [k.strip() for k in text.split(",") if k.strip()]
     if not kinds or any(k not in runs.KINDS for k in kinds):
-        raise argparse.ArgumentTypeError(f"{text!r}: kinds are 'plain' and 'resnet'")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: kinds are 'plain', 'resnet' and 'preact' (pre-activation ResNets)"
+        )
     return kinds
 
 
@@ -424,7 +426,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--dataset", choices=DATASETS, default="digits")
     p.add_argument("--depths", type=_int_list, help="depths 6n+2 (default: per dataset)")
     p.add_argument("--seeds", type=_int_list, default=[0, 1, 2])
-    p.add_argument("--kinds", type=_kinds, default=list(runs.KINDS))
+    p.add_argument("--kinds", type=_kinds, default=["plain", "resnet"], help="plain,resnet,preact")
     p.add_argument("--root", help="directory of the runs (default: runs/sweep_DATASET)")
     p.add_argument("--steps", type=int, default=0, help="shorten the schedule to N steps")
     p.add_argument("--stop-on-error", action="store_true", help="stop at the first failed run")

@@ -52,6 +52,8 @@ def paper_column(kind: str, depth: int) -> str:
             return "n/a (not in Table 6)"
         text = f"{PAPER_RESNET_TEST_ERROR[depth]:.2f}"
         return f"{text} (best; mean {PAPER_RESNET110_MEAN})" if depth == 110 else text
+    if kind == "preact":  # He et al. 2016b, a different paper: not Table 6
+        return "n/a (pre-activation, not in Table 6)"
     if depth == 110:
         return "> 60 (Fig. 6 caption)"
     return "n/a (Fig. 6 only)"
@@ -84,7 +86,7 @@ def collect(root: str) -> tuple[list[dict[str, Any]], list[str]]:
         results.sort(key=lambda r: r["seed"])
         rows.append(
             {
-                "model": f"{kind}{depth}",
+                "model": runs.model_name(kind, depth),
                 "label": runs.Run("", kind, depth, 0).label,
                 "kind": kind,
                 "depth": depth,

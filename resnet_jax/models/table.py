@@ -155,6 +155,7 @@ _WRN_RE = re.compile(r"^wrn(\d+)_(\d+)$")
 CIFAR_DEPTHS = (8, 20, 32, 44, 56, 110, 1202)
 
 _CIFAR_RE = re.compile(r"^(?:cifar_)?(resnet|plain)(\d+)$")
+_PREACT_RE = re.compile(r"^preact_resnet(\d+)$")
 
 OPTIONS = (
     "num_classes",
@@ -201,6 +202,9 @@ def model_spec(name: str) -> ModelSpec:
         return IMAGENET_MODELS[name]
     if name in CIFAR_MODELS:
         return CIFAR_MODELS[name]
+    m = _PREACT_RE.match(name)
+    if m and (int(m[1]) - 2) % 6 == 0 and int(m[1]) >= 8:  # basic blocks, 6n + 2
+        return _cifar_preact(BasicBlock, (int(m[1]) - 2) // 6)
     m = _WRN_RE.match(name)
     if m and (int(m[1]) - 4) % 6 == 0 and int(m[1]) >= 10 and int(m[2]) >= 1:
         k = int(m[2])
@@ -213,8 +217,8 @@ def model_spec(name: str) -> ModelSpec:
         )
     raise ValueError(
         f"Unknown model {name!r}. Valid names: {', '.join(list_models())}; CIFAR nets "
-        "accept any depth 6n+2 >= 8 (e.g. resnet1202, plain110, cifar_resnet50), wide "
-        "ResNets any wrn<6n+4>_<k> (e.g. wrn40_4)."
+        "accept any depth 6n+2 >= 8 (e.g. resnet1202, plain110, cifar_resnet50, "
+        "preact_resnet56), wide ResNets any wrn<6n+4>_<k> (e.g. wrn40_4)."
     )
 
 
@@ -223,7 +227,9 @@ def create_model(name: str, **options: Any) -> ResNet:
 
     Args:
       name: one of :func:`list_models` (CIFAR: any ``resnetN``/``plainN`` with
-        ``N = 6n + 2``, any ``wrnD_K`` with ``D = 6n + 4``). The names of the
+        ``N = 6n + 2``, ``preact_resnetN`` (pre-activation basic blocks; 164
+        and 1001 are He et al.'s bottleneck nets), any ``wrnD_K`` with
+        ``D = 6n + 4``). The names of the
         later ResNets are torchvision's and timm's (``resnet50d``,
         ``resnext50_32x4d``, ``wide_resnet50_2``, ``seresnet50``,
         ``resnetv2_50``) and build their networks; they fix ``variant='v1.5'``.

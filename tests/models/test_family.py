@@ -9,6 +9,15 @@ import pytest
 import resnet_jax as rj
 from resnet_jax.models import CIFAR_MODELS, IMAGENET_MODELS
 
+# At collection, as the converter tests do: torch imported after TensorFlow
+# (which other tests of the same worker load) can crash the process.
+try:
+    import timm
+    import torch
+    import torchvision
+except ImportError:  # the reference counts need them; the rest does not
+    timm = torch = torchvision = None
+
 NEW_IMAGENET = [n for n, s in IMAGENET_MODELS.items() if s.paper != "He et al. 2016"]
 
 
@@ -34,9 +43,8 @@ def test_every_new_name_is_listed():
 
 @pytest.mark.parametrize("name", NEW_IMAGENET)
 def test_parameter_counts_equal_torchvision_or_timm(name):
-    torch = pytest.importorskip("torch")
-    timm = pytest.importorskip("timm")
-    torchvision = pytest.importorskip("torchvision")
+    if torch is None:
+        pytest.skip("needs torch, torchvision and timm (requirements-test.txt)")
     with torch.device("meta"):  # shapes only: nothing is initialised
         if hasattr(torchvision.models, name):
             ref = getattr(torchvision.models, name)()
