@@ -136,7 +136,9 @@ IMAGENET_MODELS: dict[str, ModelSpec] = {
 
 
 def _cifar_preact(block: type[nn.Module], n: int, widths=CIFAR_WIDTHS, paper=_PREACT) -> ModelSpec:
-    fixed = (("preact", True),) + ((("variant", "v1.5"),) if block is BottleneckBlock else ())
+    # The bottlenecks stride in their first 1x1, as the authors' reference code
+    # (KaimingHe/resnet-1k-layers, resnet-pre-act.lua) does.
+    fixed = (("preact", True),) + ((("variant", "v1"),) if block is BottleneckBlock else ())
     return ModelSpec("cifar", block, (n, n, n), tuple(widths), "cifar", 16, True, fixed, "B", paper)
 
 
@@ -232,7 +234,8 @@ def create_model(name: str, **options: Any) -> ResNet:
         ``D = 6n + 4``). The names of the
         later ResNets are torchvision's and timm's (``resnet50d``,
         ``resnext50_32x4d``, ``wide_resnet50_2``, ``seresnet50``,
-        ``resnetv2_50``) and build their networks; they fix ``variant='v1.5'``.
+        ``resnetv2_50``) and build their networks; they fix ``variant='v1.5'``
+        (the CIFAR ``preact_resnet164``/``1001``: ``'v1'``, as the authors' code).
       **options: ``num_classes`` (default 1000 for ImageNet nets, 10 for CIFAR
         nets; 0 for a backbone that returns pooled features), ``variant``
         ('v1' default, or 'v1.5'), ``shortcut`` ('A', 'B', 'C'; default A for
@@ -269,7 +272,7 @@ def create_model(name: str, **options: Any) -> ResNet:
     fields = spec.resnet_fields()
     if "variant" in fields and options.get("variant", fields["variant"]) != fields["variant"]:
         raise ValueError(
-            f"{name} has its stride in the bottleneck's 3x3 (variant='v1.5') as published; "
+            f"{name} has its stride where it is published (variant={fields['variant']!r}); "
             f"variant={options['variant']!r} names no such network: drop variant=."
         )
     if "variant" in fields:

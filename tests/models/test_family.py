@@ -158,6 +158,10 @@ def test_zero_init_residual_makes_every_block_start_as_its_shortcut(name):
 def test_the_later_options_are_refused_where_they_name_no_network():
     with pytest.raises(ValueError, match="variant='v1.5'.*drop variant="):
         rj.create_model("resnext50_32x4d", variant="v1")
+    # The CIFAR bottlenecks stride in their first 1x1, as the authors' code.
+    assert rj.create_model("preact_resnet164").variant == "v1"
+    with pytest.raises(ValueError, match="variant='v1'.*drop variant="):
+        rj.create_model("preact_resnet1001", variant="v1.5")
     with pytest.raises(ValueError, match="groups=32 does not apply to BasicBlock"):
         rj.ResNet(stage_sizes=(1,), block_cls=rj.BasicBlock, widths=(64,), groups=32)
     with pytest.raises(ValueError, match="preact=True with se"):

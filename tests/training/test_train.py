@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from configs import cifar10, imagenet, imagenet_modern
+from configs import cifar10, cifar10_preact, imagenet, imagenet_modern
 from resnet_jax.training import checkpoints, loop, recipe
 from resnet_jax.training import checks as config_checks
 from resnet_jax.training import steps as train_steps
@@ -128,6 +128,17 @@ def test_modern_recipe_schedule_and_scaling():
     assert float(lr(c.num_train_steps)) == pytest.approx(0.0, abs=1e-7)
     model = recipe.model_from_config(c, 1000)
     assert model.dtype == jnp.bfloat16 and model.variant == "v1.5" and model.zero_init_residual
+
+
+def test_preact_recipe_is_the_cifar_recipe_with_warm_up_on_the_bottleneck_net():
+    c = cifar10_preact.get_config()
+    config_checks.validate_config(c, 1)
+    lr = recipe.create_learning_rate_fn(c)
+    assert float(lr(0)) == pytest.approx(0.01) and float(lr(400)) == pytest.approx(0.1)
+    assert float(lr(32_000)) == pytest.approx(0.01) and c.num_train_steps == 64_000
+    model = recipe.model_from_config(c, 10)
+    assert model.preact and model.block_cls.__name__ == "BottleneckBlock"
+    assert model.stage_sizes == (18, 18, 18) and model.variant == "v1"
 
 
 def test_weight_decay_is_l2_and_can_exclude_batchnorm_and_biases():
