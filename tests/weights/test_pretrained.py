@@ -283,6 +283,27 @@ def test_torchvision_table_goes_to_torch_home(server, files, tmp_path, monkeypat
     assert server.requests == [("GET", f"/mirror/{pth.name}")]
 
 
+def test_torchvision_resnext_v2_weights_from_the_table(server, tmp_path, monkeypatch):
+    """The ResNeXt/wide names are in the table: their V2 tag takes V2 preprocessing."""
+    torch.manual_seed(1)
+    buffer = io.BytesIO()
+    torch.save(torchvision.models.resnext50_32x4d().state_dict(), buffer)
+    pth = buffer.getvalue()
+    name = f"resnext50_32x4d-{hashlib.sha256(pth).hexdigest()[:10]}.pth"
+    server.routes[f"/mirror/{name}"] = (200, {}, pth)
+    table = dict(module.TORCHVISION_FILES["resnext50_32x4d"], IMAGENET1K_V2=name)
+    monkeypatch.setitem(module.TORCHVISION_FILES, "resnext50_32x4d", table)
+    monkeypatch.setenv(module.TORCHVISION_URL_VARIABLE, f"{server.url}/mirror/")
+    got = rj.weights.pretrained(
+        "resnext50_32x4d", weights="IMAGENET1K_V2", cache_dir=tmp_path, num_classes=0
+    )
+    assert got.preprocessing == rj.weights.PREPROCESSING["torchvision-v2"]
+    assert (got.module.groups, got.module.base_width) == (32, 4)
+    assert got.module.num_classes == 0 and server.requests == [("GET", f"/mirror/{name}")]
+    with pytest.raises(rj.errors.UserError, match="publishes no 'IMAGENET1K_V2' weights"):
+        rj.weights.pretrained("resnext101_64x4d", weights="IMAGENET1K_V2", cache_dir=tmp_path)
+
+
 def test_torchvision_checksum_mismatch_saves_nothing(server, files, tmp_path):
     # torchvision's real file name, our random weights: their sha256 does not start f37072fd.
     server.routes[f"/models/{PUBLISHED_R18}"] = (200, {}, files["pth"].read_bytes())
