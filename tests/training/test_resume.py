@@ -16,6 +16,18 @@ def losses(workdir):
     ]
 
 
+def kill_after_checkpoint(workdir, args, step):
+    """Starts train.py on ``workdir`` and kills it with SIGKILL as soon as the
+    checkpoint of ``step`` is complete (orbax renames it into place whole)."""
+    proc = start_train(workdir, *args)
+    deadline = time.time() + 300
+    while not os.path.isdir(workdir / "checkpoints" / str(step)) and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
 TINY = [
     "--config.model=resnet8",
     "--config.mock_data=True",
@@ -33,13 +45,7 @@ def test_kill_9_and_resume_reproduces_the_uninterrupted_losses(tmp_path):
     ref_dir, dir_ = tmp_path / "ref", tmp_path / "killed"
     run_train(ref_dir, *TINY)
     # Same command, killed with SIGKILL as soon as the first checkpoint is complete.
-    proc = start_train(dir_, *TINY)
-    deadline = time.time() + 300
-    while not os.path.isdir(dir_ / "checkpoints" / "10") and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_after_checkpoint(dir_, TINY, 10)
     killed_at = losses(dir_)[0]
     assert killed_at and killed_at[-1][0] < 40
     run_train(dir_, *TINY)
@@ -66,13 +72,7 @@ def test_stochastic_depth_resumes_exactly_and_differs_from_no_drop_path(tmp_path
     args.append("--config.drop_path_rate=0.3")
     run_train(tmp_path / "ref", *args)
     dir_ = tmp_path / "killed"
-    proc = start_train(dir_, *args)
-    deadline = time.time() + 300
-    while not os.path.isdir(dir_ / "checkpoints" / "10") and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_after_checkpoint(dir_, args, 10)
     run_train(dir_, *args)
     run_train(tmp_path / "off", *args[:-1])
     ref, resumed, off = (losses(tmp_path / d)[0] for d in ("ref", "killed", "off"))
