@@ -299,7 +299,29 @@ class DropPath(nn.Module):
         return x * (mask.astype(x.dtype) / jnp.asarray(keep, x.dtype))
 
 
-class BasicBlock(nn.Module):
+class _Block(nn.Module):
+    """The fields both residual blocks have (documented on :class:`BasicBlock`)."""
+
+    filters: int
+    conv: ModuleDef
+    norm: ModuleDef
+    act: Callable = nn.relu
+    strides: int = 1
+    shortcut: str | None = "B"
+    zero_init_residual: bool = False
+    preact: bool = False
+    avg_down: bool = False
+    se: bool = False
+    drop_path: float = 0.0
+    dropout: float = 0.0
+    deterministic: bool = True
+
+    def __post_init__(self) -> None:
+        check_shortcut(self.shortcut)
+        super().__post_init__()
+
+
+class BasicBlock(_Block):
     """Two 3x3 convolutions (Fig. 2 / Fig. 5 left of the paper).
 
     Maps ``(N, H, W, C)`` to ``(N, ceil(H/strides), ceil(W/strides), filters)``.
@@ -325,24 +347,6 @@ class BasicBlock(nn.Module):
       deterministic: no drop path or dropout (evaluation).
     """
 
-    filters: int
-    conv: ModuleDef
-    norm: ModuleDef
-    act: Callable = nn.relu
-    strides: int = 1
-    shortcut: str | None = "B"
-    zero_init_residual: bool = False
-    preact: bool = False
-    avg_down: bool = False
-    se: bool = False
-    drop_path: float = 0.0
-    dropout: float = 0.0
-    deterministic: bool = True
-
-    def __post_init__(self) -> None:
-        check_shortcut(self.shortcut)
-        super().__post_init__()
-
     @nn.compact
     def __call__(self, x):
         scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
@@ -361,7 +365,7 @@ class BasicBlock(nn.Module):
         return self.act(_residual(self, y, x, x, self.filters))
 
 
-class BottleneckBlock(nn.Module):
+class BottleneckBlock(_Block):
     """1x1 reduce, 3x3, 1x1 expand (Fig. 5 right of the paper).
 
     Maps ``(N, H, W, C)`` to ``(N, ceil(H/strides), ceil(W/strides), 4 * filters)``.
@@ -378,25 +382,11 @@ class BottleneckBlock(nn.Module):
       ``wide_resnet50_2`` 1 and 128; 1 and 64 is the paper's bottleneck.
     """
 
-    filters: int
-    conv: ModuleDef
-    norm: ModuleDef
-    act: Callable = nn.relu
-    strides: int = 1
-    shortcut: str | None = "B"
-    zero_init_residual: bool = False
     variant: str = "v1"
     groups: int = 1
     base_width: int = 64
-    preact: bool = False
-    avg_down: bool = False
-    se: bool = False
-    drop_path: float = 0.0
-    dropout: float = 0.0
-    deterministic: bool = True
 
     def __post_init__(self) -> None:
-        check_shortcut(self.shortcut)
         check_variant(self.variant)
         super().__post_init__()
 
