@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.image_size = 224  # the random (train) and centre (eval) crop
     c.train_scale_range = (256, 480)  # shorter side before the training crop
     c.eval_resize = 256  # shorter side before the eval crop
+    c.eval_image_size = 0  # the eval crop (0: image_size; torchvision's V2 recipe: 224 after 176)
     c.ten_crop = False  # the paper's 10-crop testing
     # ImageNet training crop: 'scale' (the paper's: shorter side uniform in
     # train_scale_range, then a random crop) or 'random_resized' (Inception-style:
@@ -77,7 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_epochs = 0.0  # with checkpoint_every_steps = 0
     c.learning_rate = 0.1
     c.lr_batch_base = 0  # >0: learning rate scaled by batch_size / lr_batch_base
-    c.lr_schedule = "step"  # 'step' or 'cosine'
+    c.lr_schedule = "step"  # 'step', 'cosine' or 'polynomial' (MLPerf's LARS decay)
+    c.lr_end_value = 0.0  # 'polynomial': the rate it decays to
+    c.lr_power = 2.0  # 'polynomial': the power of its decay
     c.lr_boundaries = (32_000, 48_000)
     c.lr_decay_factor = 0.1
     c.warmup_steps = 0
@@ -87,6 +90,40 @@ def base_config() -> ml_collections.ConfigDict:
     c.weight_decay = 1e-4
     c.weight_decay_exclude_bn_bias = False
     c.label_smoothing = 0.0
+    # 'sgd' (the paper's), 'lars' (MLPerf's: no trust ratio or weight decay on
+    # BatchNorm and biases), 'lamb' or 'adamw', each from optax.
+    c.optimizer = "sgd"
+    c.lars_trust_coefficient = 0.001
+    c.lars_eps = 0.0
+    c.adam_b1 = 0.9  # lamb and adamw
+    c.adam_b2 = 0.999
+    c.adam_eps = 1e-8
+    # >1: batch_size (one update's global batch) is split into this many
+    # consecutive micro-batches whose mean gradient makes the update: the same
+    # losses as bn_groups=k on the whole batch, with a micro-batch's activations.
+    c.grad_accum_steps = 1
+    # >0: an exponential moving average of the parameters and BatchNorm
+    # statistics, updated every ema_every_steps steps with this decay (per
+    # update); as torchvision's, the first update and every update in the
+    # warm-up (warmup_steps) copy the weights. Evaluation reports both models.
+    c.ema_decay = 0.0
+    c.ema_every_steps = 1
+    # Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019), as timm's Mixup
+    # in 'batch' mode, on the devices inside the train step: with probability
+    # mix_prob a batch is mixed with its reverse, by CutMix with probability
+    # mix_switch_prob when both alphas are set; labels mix (after smoothing).
+    c.mixup_alpha = 0.0
+    c.cutmix_alpha = 0.0
+    c.mix_prob = 1.0
+    c.mix_switch_prob = 0.5
+    # Per-image augmentation of the host pipelines (ImageNet, CIFAR, digits):
+    # '', 'randaugment' or 'trivialaugment' (TrivialAugment-wide), as torchvision's.
+    c.auto_augment = ""
+    c.randaugment_num_ops = 2
+    c.randaugment_magnitude = 9
+    # torchvision's RandomErasing(p=random_erasing): one rectangle of 2-33% of
+    # the image, aspect 0.3-3.3, set to 0 after normalisation (the mean pixel).
+    c.random_erasing = 0.0
     c.skip_nonfinite_steps = False
     # Fine-tuning (resnet_jax/finetune.py, configs/finetune.py)
     # A resnet_jax workdir (its newest checkpoint's params and batch_stats) or a
@@ -96,6 +133,8 @@ def base_config() -> ml_collections.ConfigDict:
     # True: always a freshly initialised classifier ('head'); False: a new one
     # only where its shape differs (another num_classes), else the loaded one.
     c.finetune_new_head = False
+    # True: init_from a workdir's EMA weights (a run with ema_decay > 0).
+    c.init_from_ema = False
     # BatchNorm in inference mode while training: it normalises with the
     # running statistics and leaves them unchanged.
     c.freeze_bn_stats = False

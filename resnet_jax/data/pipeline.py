@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from resnet_jax.data import transforms
+from resnet_jax.data import autoaugment, transforms
 from resnet_jax.data.datasets import (
     IMAGENET_MEAN_RGB,
     IN_MEMORY,
@@ -69,6 +69,8 @@ MAX_IMAGENET_EPOCHS_PER_PIPELINE = 4
 
 
 IMAGE_DTYPES = ("float32", "uint8")
+# fold_in(example seed, AUTO_AUGMENT_STREAM) drives RandAugment / TrivialAugment.
+AUTO_AUGMENT_STREAM = 0x6161
 
 
 # --------------------------------------------------------------------------- #
@@ -164,6 +166,7 @@ class InMemorySource(_Source):
             image = tf.gather(images, i)
             if augment:
                 image = transforms.pad_crop_flip(image, seed, pad, flip)
+                image = auto_augment(image, seed, cfg)
             return {"image": transforms.normalize(image, mean), "label": tf.gather(labels, i)}
 
         ds = tf.data.Dataset.from_tensor_slices(self._order(epoch, count, offset))
@@ -184,6 +187,24 @@ class InMemorySource(_Source):
 
         ds = tf.data.Dataset.from_tensor_slices((self.test.images[lo:hi], self.test.labels[lo:hi]))
         return ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def auto_augment(image, seed, config):
+    """``config.auto_augment`` (RandAugment or TrivialAugment-wide,
+    :mod:`resnet_jax.data.autoaugment`) after the crop and flip, from its own
+    stream of the example's seed (the crop's draws stay those of a run
+    without it); the image unchanged when it is ``''``."""
+    import tensorflow as tf  # lazy: only after configure_tensorflow()
+
+    if not config.get("auto_augment"):
+        return image
+    return autoaugment.augment(
+        image,
+        tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), AUTO_AUGMENT_STREAM),
+        config.auto_augment,
+        num_ops=int(config.randaugment_num_ops),
+        magnitude=int(config.randaugment_magnitude),
+    )
 
 
 class ImageNetSource(_Source):
@@ -242,7 +263,9 @@ class ImageNetSource(_Source):
         ds = self._load("train", seed).enumerate().skip(offset * b)
 
         def example(pos, ex):
-            image = transforms.imagenet_train(ex["image"], tf.stack([seed % (2**31), pos]), cfg)
+            example_seed = tf.stack([seed % (2**31), pos])
+            image = transforms.imagenet_train(ex["image"], example_seed, cfg)
+            image = auto_augment(image, example_seed, cfg)
             return {"image": self._output(image), "label": tf.cast(ex["label"], tf.int32)}
 
         ds = ds.take((self.steps_per_epoch - offset) * b)

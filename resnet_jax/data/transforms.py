@@ -194,16 +194,22 @@ def center_crop(encoded, resize: int, crop: int):
     return tf.ensure_shape(out[0], (crop, crop, 3))
 
 
+def eval_crop_size(config) -> int:
+    """The evaluation crop: ``eval_image_size``, or ``image_size`` when it is 0."""
+    return int(config.get("eval_image_size", 0) or config.image_size)
+
+
 def imagenet_eval(encoded, config):
     """The center crop of JPEG bytes ``encoded`` as (S, S, 3), the crop of the
     image resized to shorter side ``eval_resize`` (only the window it reads is
     decoded); or the paper's 10 crops (4 corners + center, and their flips) as
-    (10, S, S, 3), decoded once; float32 on the 0..255 scale, S = ``image_size``.
+    (10, S, S, 3), decoded once; float32 on the 0..255 scale, S =
+    :func:`eval_crop_size` (``eval_image_size``, or ``image_size`` when 0).
     Sizes and offsets follow torchvision's ``Resize``, ``CenterCrop`` and
     ``TenCrop``."""
     import tensorflow as tf  # lazy: only after configure_tensorflow()
 
-    crop, resize = int(config.image_size), int(config.eval_resize)
+    crop, resize = eval_crop_size(config), int(config.eval_resize)
     if not config.ten_crop:
         return center_crop(encoded, resize, crop)
     image = tf.cast(tf.io.decode_jpeg(encoded, channels=3), tf.float32)

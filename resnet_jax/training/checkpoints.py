@@ -60,6 +60,11 @@ def fingerprint(config: Any) -> dict[str, Any]:
     fp["freeze_bn_stats"] = True if config.get("freeze_bn_stats") else None
     n = int(config.get("train_examples_per_class") or 0)
     fp["train_subset"] = [n, int(config.get("train_subset_seed") or 0)] if n else None
+    # The modern recipe's keys that change the state's structure (None at
+    # their defaults): another optimizer's state, an EMA in the state.
+    optimizer = config.get("optimizer", "sgd")
+    fp["optimizer"] = None if optimizer == "sgd" else optimizer
+    fp["ema"] = True if config.get("ema_decay") else None
     return fp
 
 

@@ -19,10 +19,11 @@ import math
 import os
 from typing import Any
 
+from resnet_jax.data.autoaugment import check as augment_check
 from resnet_jax.data.datasets import IN_MEMORY, check_dataset
-from resnet_jax.data.transforms import TRAIN_CROPS
+from resnet_jax.data.transforms import TRAIN_CROPS, eval_crop_size
 from resnet_jax.errors import UserError
-from resnet_jax.training.recipe import model_from_config
+from resnet_jax.training.recipe import LR_SCHEDULES, OPTIMIZERS, model_from_config
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,65 @@ def _check_optimisation(config: Any) -> None:
     )
     _check_boundaries(config)
     _require(
-        config.lr_schedule in ("step", "cosine"),
-        f"Unknown lr_schedule {config.lr_schedule!r}; valid: 'step', 'cosine'.",
+        config.lr_schedule in LR_SCHEDULES,
+        f"Unknown lr_schedule {config.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}.",
+    )
+    _require(
+        config.lr_power > 0 and 0 <= config.lr_end_value < config.learning_rate,
+        f"lr_power={config.lr_power} must be positive and lr_end_value={config.lr_end_value} "
+        f"in [0, learning_rate={config.learning_rate}) (the 'polynomial' schedule's; "
+        "MLPerf's: 2.0 and 0.0001).",
+    )
+    _require(
+        config.optimizer in OPTIMIZERS,
+        f"Unknown optimizer {config.optimizer!r}; valid: {', '.join(OPTIMIZERS)}.",
+    )
+    _require(
+        config.lars_trust_coefficient > 0 and config.lars_eps >= 0,
+        f"lars_trust_coefficient={config.lars_trust_coefficient} must be positive and "
+        f"lars_eps={config.lars_eps} >= 0 (MLPerf's: 0.001 and 0).",
+    )
+    _require(
+        0 <= config.adam_b1 < 1 and 0 <= config.adam_b2 < 1 and config.adam_eps > 0,
+        f"adam_b1={config.adam_b1} and adam_b2={config.adam_b2} must be in [0, 1) and "
+        f"adam_eps={config.adam_eps} positive (e.g. 0.9, 0.999, 1e-8).",
+    )
+
+
+def _check_regularisation(config: Any) -> None:
+    """EMA, mixup/CutMix, auto-augmentation and random erasing."""
+    _require(
+        0 <= config.ema_decay < 1,
+        f"ema_decay={config.ema_decay} must be in [0, 1) (0: no EMA; torchvision's "
+        "recipe: 0.99998 a step).",
+    )
+    every = config.ema_every_steps
+    _require(
+        isinstance(every, int) and every >= 1,
+        f"ema_every_steps={every} must be an integer >= 1.",
+    )
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        _require(
+            math.isfinite(config[key]) and config[key] >= 0,
+            f"{key}={config[key]} must be >= 0 (0: off; timm's and torchvision's: 0.2 to 1.0).",
+        )
+    for key in ("mix_prob", "mix_switch_prob", "random_erasing"):
+        _require(0 <= config[key] <= 1, f"{key}={config[key]} must be a probability in [0, 1].")
+    augment_check(config.auto_augment, config.randaugment_num_ops, config.randaugment_magnitude)
+    _require(
+        not (config.auto_augment and config.device_data),
+        f"auto_augment={config.auto_augment!r} runs in the host input pipeline, not on the "
+        "device-resident fast path: set --config.device_data=False (random_erasing, mixup "
+        "and CutMix run on the devices and work on both paths).",
+    )
+    _require(
+        not (config.auto_augment and not config.augment),
+        f"auto_augment={config.auto_augment!r} is part of the training augmentation, which "
+        "augment=False turns off: set one of them.",
+    )
+    _require(
+        isinstance(config.init_from_ema, bool) and (config.init_from or not config.init_from_ema),
+        "init_from_ema=True takes the EMA weights of the run given by --config.init_from; set it.",
     )
 
 
@@ -144,12 +202,15 @@ def _check_model_and_data(config: Any) -> None:
         f"prefetch_batches={config.prefetch_batches} must be an integer >= 0 (0: no prefetching).",
     )
     lo, hi = config.train_scale_range
+    crop = eval_crop_size(config)
     _require(
         config.image_size > 0
         and config.image_size <= lo <= hi
-        and config.eval_resize >= config.image_size,
+        and config.eval_image_size >= 0
+        and config.eval_resize >= crop,
         f"image sizes must satisfy 0 < image_size ({config.image_size}) <= train_scale_range "
-        f"({lo}, {hi}) in increasing order, and eval_resize ({config.eval_resize}) >= image_size.",
+        f"({lo}, {hi}) in increasing order, eval_image_size ({config.eval_image_size}) >= 0, "
+        f"and eval_resize ({config.eval_resize}) >= the eval crop ({crop}).",
     )
     _require(
         config.train_crop in TRAIN_CROPS,
@@ -193,6 +254,11 @@ def _check_finetuning(config: Any) -> None:
     )
 
 
+def _divisor(n: int, k: int) -> int:
+    """The largest divisor of ``n`` at most ``k`` (a valid accumulation count)."""
+    return max(d for d in range(1, max(min(n, k), 1) + 1) if n % d == 0)
+
+
 # Each step count and the epoch count that stands in for it when it is 0.
 _EPOCH_KEYS = {
     "num_train_steps": "num_epochs",
@@ -210,9 +276,19 @@ def _check_batches(config: Any, num_devices: int) -> None:
         f"({num_devices}) so that every device gets an equal share; use e.g. "
         f"--config.batch_size={num_devices * max(1, b // num_devices)}.",
     )
+    k = config.grad_accum_steps
     _require(
-        config.bn_groups >= 1 and b % config.bn_groups == 0,
-        f"batch_size={b} must be divisible by bn_groups={config.bn_groups} "
+        isinstance(k, int) and k >= 1 and b % (k * num_devices) == 0,
+        f"grad_accum_steps={k} must be an integer >= 1 that splits batch_size={b} into "
+        f"micro-batches divisible by the number of devices ({num_devices}); use e.g. "
+        f"--config.grad_accum_steps={_divisor(b // num_devices, k) if b % num_devices == 0 else 1}.",
+    )
+    micro = b // k
+    _require(
+        config.bn_groups >= 1 and micro % config.bn_groups == 0,
+        f"batch_size={b}"
+        + (f" / grad_accum_steps={k}" if k > 1 else "")
+        + f" must be divisible by bn_groups={config.bn_groups} "
         "(BatchNorm statistics over equal groups of the batch).",
     )
     # Evaluation pads its batches up to a multiple of the devices (masked).
@@ -322,6 +398,7 @@ def validate_config(config: Any, num_devices: int, num_processes: int = 1) -> No
     _check_batches(config, num_devices)
     _check_host_memory(config, num_processes)
     _check_optimisation(config)
+    _check_regularisation(config)
     _check_finetuning(config)
 
 
@@ -343,7 +420,8 @@ def _check_host_memory(config: Any, num_processes: int) -> None:
     total = host_memory_bytes()
     if not total:
         return
-    shape, itemsize = _INPUT.get(config.dataset, ((config.image_size, config.image_size, 3), 1))
+    side = max(int(config.image_size), eval_crop_size(config))
+    shape, itemsize = _INPUT.get(config.dataset, ((side, side, 3), 1))
     per_image = math.prod(shape) * itemsize
     crops = 10 if config.ten_crop else 1
     in_flight = int(config.prefetch_batches) + 2  # prefetched, being copied, being made

@@ -38,6 +38,7 @@ from resnet_jax.training.checks import (
     resolve_schedule,
     validate_config,
 )
+from resnet_jax.training.mixing import MixConfig
 from resnet_jax.training.recipe import (
     create_learning_rate_fn,
     create_mesh,
@@ -47,11 +48,13 @@ from resnet_jax.training.recipe import (
     needs_dropout_rng,
     resolve_materialize,
 )
-from resnet_jax.training.steps import TrainState, eval_step, train_step
+from resnet_jax.training.steps import EmaConfig, TrainState, ema_state, eval_step, train_step
 
 log = logging.getLogger(__name__)
-# fold_in(key(seed), DROPOUT_STREAM) drives stochastic depth and dropout.
+# fold_in(key(seed), DROPOUT_STREAM) drives stochastic depth and dropout;
+# AUGMENT_STREAM random erasing, mixup and CutMix.
 DROPOUT_STREAM = 0x6472
+AUGMENT_STREAM = 0x6D6978
 
 
 def host_batch_to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict:
@@ -214,7 +217,8 @@ class Experiment:
         """The fresh, replicated train state of ``config.seed``."""
         shape = self.pipeline.info.image_shape
         rng = jax.random.key(self.config.seed)
-        return create_train_state(self.model, self.tx, shape, rng, self.replicated)
+        ema = bool(self.config.ema_decay)
+        return create_train_state(self.model, self.tx, shape, rng, self.replicated, ema=ema)
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and (replicated) shardings of the train state, computed
@@ -225,15 +229,26 @@ class Experiment:
         )
 
     def evaluate(self, state: TrainState) -> dict[str, float]:
+        """``eval_loss``, ``eval_accuracy``, ... of the model and, with
+        ``ema_decay``, the same of its EMA weights as ``eval_ema_loss``,
+        ``eval_ema_accuracy``, ..."""
         top5 = self.config.dataset == "imagenet2012"
-        return evaluate(
-            state,
-            self.pipeline.eval_batches(),
-            self.eval_fn,
-            self.data_sharding,
-            top5=top5,
-            prefetch_batches=int(self.config.prefetch_batches),
-        )
+
+        def run(s: TrainState) -> dict[str, float]:
+            return evaluate(
+                s,
+                self.pipeline.eval_batches(),
+                self.eval_fn,
+                self.data_sharding,
+                top5=top5,
+                prefetch_batches=int(self.config.prefetch_batches),
+            )
+
+        metrics = run(state)
+        if state.ema is not None:
+            ema = run(ema_state(state))
+            metrics |= {f"eval_ema_{k[5:]}": v for k, v in ema.items() if k != "eval_count"}
+        return metrics
 
 
 def make_runner(
@@ -247,6 +262,35 @@ def make_runner(
         return DeviceStepRunner(step_fn, config, pipeline, mesh, unroll=cpu)
     data_sharding = NamedSharding(mesh, P("data"))
     return HostStepRunner(step_fn, pipeline, data_sharding, int(config.prefetch_batches))
+
+
+def modern_step_options(config: Any, mesh: Mesh) -> dict[str, Any]:
+    """The train step's keyword arguments for the modern recipe's options
+    (EMA, mixup/CutMix, random erasing, gradient accumulation); none at their
+    defaults, so the paper's step is compiled as before."""
+    options: dict[str, Any] = {}
+    mix = MixConfig(
+        mixup_alpha=float(config.mixup_alpha),
+        cutmix_alpha=float(config.cutmix_alpha),
+        mix_prob=float(config.mix_prob),
+        mix_switch_prob=float(config.mix_switch_prob),
+    )
+    if mix.enabled:
+        options["mix"] = mix
+    if config.random_erasing:
+        options["random_erasing"] = float(config.random_erasing)
+    if options:
+        options["augment_key"] = jax.random.fold_in(jax.random.key(config.seed), AUGMENT_STREAM)
+    if config.grad_accum_steps > 1:
+        options["grad_accum_steps"] = int(config.grad_accum_steps)
+        options["micro_batch_sharding"] = NamedSharding(mesh, P(None, "data"))
+    if config.ema_decay:
+        options["ema"] = EmaConfig(
+            decay=float(config.ema_decay),
+            every_steps=int(config.ema_every_steps),
+            warmup_steps=int(config.warmup_steps),
+        )
+    return options
 
 
 def build_experiment(config: Any, workdir: str, mesh: Mesh | None = None) -> Experiment:
@@ -290,6 +334,7 @@ def build_experiment(config: Any, workdir: str, mesh: Mesh | None = None) -> Exp
             if needs_dropout_rng(config)
             else None
         ),
+        **modern_step_options(config, mesh),
     )
     data_sharding = NamedSharding(mesh, P("data"))
     runner = make_runner(step_fn, config, pipeline, mesh)

@@ -355,6 +355,8 @@ def summary_line(summary: dict[str, Any]) -> str:
         parts.append(
             f"eval loss {summary['eval_loss']:.4f} on {int(summary['eval_count'])} examples"
         )
+    if "eval_ema_accuracy" in summary:
+        parts.append(f"EMA eval accuracy {100 * summary['eval_ema_accuracy']:.2f}%")
     parts.append(f"wall time {summary['wall_seconds']:.1f} s")
     if summary.get("train_images_per_sec") is not None:
         parts.append(f"{summary['train_images_per_sec']:.0f} train images/s")

@@ -20,6 +20,8 @@ from resnet_jax.training.steps import TrainState
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+LR_SCHEDULES = ("step", "cosine", "polynomial")
+OPTIMIZERS = ("sgd", "lars", "lamb", "adamw")
 
 
 def model_from_config(config: Any, num_classes: int, *, materialize: bool = False) -> models.ResNet:
@@ -96,7 +98,11 @@ def create_learning_rate_fn(config: Any) -> optax.Schedule:
     each of ``lr_boundaries``; the first ``warmup_steps`` use the constant
     ``warmup_learning_rate`` (the paper's ResNet-110 warm-up: 0.01 for ~400
     iterations). ``'cosine'``: linear warm-up over ``warmup_steps`` from 0,
-    then cosine decay to 0 at ``num_train_steps``.
+    then cosine decay to 0 at ``num_train_steps``. ``'polynomial'`` (MLPerf's
+    LARS schedule, its ``PolynomialDecayWithWarmup``): ``lr * step /
+    warmup_steps`` up to ``warmup_steps``, then ``(lr - lr_end_value) * (1 -
+    t / T) ** lr_power + lr_end_value`` with ``t = step - warmup_steps`` and
+    ``T = num_train_steps - warmup_steps + 1``.
     """
     lr = effective_learning_rate(config)
     warmup = int(config.warmup_steps)
@@ -114,7 +120,19 @@ def create_learning_rate_fn(config: Any) -> optax.Schedule:
         return optax.warmup_cosine_decay_schedule(
             0.0, lr, max(warmup, 1), int(config.num_train_steps), end_value=0.0
         )
-    raise UserError(f"Unknown lr_schedule {config.lr_schedule!r}; valid: 'step', 'cosine'.")
+    if config.lr_schedule == "polynomial":
+        decay = optax.polynomial_schedule(
+            lr,
+            float(config.lr_end_value),
+            float(config.lr_power),
+            transition_steps=max(int(config.num_train_steps) - warmup + 1, 1),
+        )
+        if not warmup:
+            return decay
+        return lambda step: jnp.where(step <= warmup, lr * step / warmup, decay(step - warmup))
+    raise UserError(
+        f"Unknown lr_schedule {config.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}."
+    )
 
 
 def _decay_mask(params: Any) -> Any:
@@ -124,24 +142,60 @@ def _decay_mask(params: Any) -> Any:
     )
 
 
+def base_optimizer(config: Any, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+    """``config.optimizer`` at ``learning_rate_fn``, each from optax.
+
+    - ``'sgd'``: the paper's: L2 weight decay added to the gradient, then SGD
+      with ``momentum`` (``nesterov``).
+    - ``'lars'``: ``optax.lars`` (You et al. 2017) with ``momentum``,
+      ``lars_trust_coefficient`` and ``lars_eps``; as MLPerf's reference, the
+      BatchNorm scales and biases get neither weight decay nor the trust ratio
+      (whatever ``weight_decay_exclude_bn_bias`` says). optax's trust ratio is
+      ``eta * |w| / |g + wd * w|``; MLPerf's TF reference divides by
+      ``|g| + wd * |w|`` instead (equal when g and w are parallel).
+    - ``'lamb'``, ``'adamw'``: ``optax.lamb`` and ``optax.adamw`` with
+      ``adam_b1``, ``adam_b2``, ``adam_eps``, and decoupled weight decay.
+
+    ``weight_decay_exclude_bn_bias`` masks the weight decay of sgd, lamb and adamw.
+    """
+    wd = float(config.weight_decay)
+    mask = _decay_mask if config.weight_decay_exclude_bn_bias else None
+    name = config.get("optimizer", "sgd")
+    if name == "sgd":
+        return optax.chain(
+            optax.add_decayed_weights(wd, mask=mask),
+            optax.sgd(learning_rate_fn, momentum=config.momentum, nesterov=config.nesterov),
+        )
+    if name == "lars":
+        return optax.lars(
+            learning_rate_fn,
+            weight_decay=wd,
+            weight_decay_mask=_decay_mask,
+            trust_coefficient=float(config.lars_trust_coefficient),
+            eps=float(config.lars_eps),
+            trust_ratio_mask=_decay_mask,
+            momentum=float(config.momentum),
+            nesterov=bool(config.nesterov),
+        )
+    adam = dict(b1=float(config.adam_b1), b2=float(config.adam_b2), eps=float(config.adam_eps))
+    if name == "lamb":
+        return optax.lamb(learning_rate_fn, weight_decay=wd, mask=mask, **adam)
+    if name == "adamw":
+        return optax.adamw(learning_rate_fn, weight_decay=wd, mask=mask, **adam)
+    raise UserError(f"Unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}.")
+
+
 def create_optimizer(config: Any, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
-    """SGD with momentum and L2 weight decay added to the gradient (as in the paper).
+    """The configured optimizer (:func:`base_optimizer`).
 
     With ``freeze_backbone`` or ``backbone_lr_multiplier``, the head and the
     backbone are two groups of an ``optax.multi_transform``
     (:func:`resnet_jax.training.finetune.partition_optimizer`).
     """
-    mask = _decay_mask if config.weight_decay_exclude_bn_bias else None
-
-    def sgd(lr_fn: optax.Schedule) -> optax.GradientTransformation:
-        return optax.chain(
-            optax.add_decayed_weights(config.weight_decay, mask=mask),
-            optax.sgd(lr_fn, momentum=config.momentum, nesterov=config.nesterov),
-        )
-
+    make = lambda lr_fn: base_optimizer(config, lr_fn)  # noqa: E731
     if finetune.uses_groups(config):
-        return finetune.partition_optimizer(config, sgd, learning_rate_fn)
-    return sgd(learning_rate_fn)
+        return finetune.partition_optimizer(config, make, learning_rate_fn)
+    return make(learning_rate_fn)
 
 
 def create_mesh(devices: Any = None) -> Mesh:
@@ -156,8 +210,10 @@ def create_train_state(
     image_shape: tuple[int, ...],
     rng: jax.Array,
     sharding: NamedSharding,
+    ema: bool = False,
 ) -> TrainState:
-    """Initialises the replicated state directly on the devices."""
+    """Initialises the replicated state directly on the devices; with ``ema``,
+    its average starts as a copy of the initial weights."""
 
     def init(rng):
         variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
@@ -166,6 +222,8 @@ def create_train_state(
             params=variables["params"],
             batch_stats=variables["batch_stats"],
             tx=tx,
+            # Copies: a donated state must not hold one buffer twice.
+            ema=jax.tree.map(jnp.copy, dict(variables)) if ema else None,
         )
 
     return jax.jit(init, out_shardings=sharding)(rng)
