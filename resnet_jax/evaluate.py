@@ -1,11 +1,11 @@
 r"""Evaluates a trained or converted ResNet on a dataset's evaluation split.
 
     python -m resnet_jax.evaluate --config configs/imagenet.py [--config.key=value ...] \
-        (--workdir W [--step N] | --weights PATH [--source auto|torchvision|transformers]) \
+        (--workdir W [--step N] [--ema] | --weights PATH [--source auto|torchvision|transformers]) \
         [--ten_crop] [--output FILE]
 
 * ``--workdir``: the newest (or ``--step``) checkpoint of a training run of
-  ``train.py``. Give the run's own ``--config`` and overrides: the model is
+  ``train.py``; with ``--ema``, its EMA weights (a run with ``ema_decay``). Give the run's own ``--config`` and overrides: the model is
   built from them and the checkpoint must match their fingerprint (model,
   dataset, classes, ...; see :mod:`resnet_jax.training.checkpoints`). The input is the
   pipeline's own (``image / 255 - mean``), and the numbers are those the
@@ -213,13 +213,23 @@ def restore_checkpoint(exp: experiment.Experiment, step: int | None = None) -> t
 
 
 def evaluate_workdir(
-    config: Any, workdir: str, step: int | None = None, ten_crop: bool | None = None
+    config: Any,
+    workdir: str,
+    step: int | None = None,
+    ten_crop: bool | None = None,
+    ema: bool = False,
 ) -> dict[str, Any]:
     """Evaluates the checkpoint of a training run in ``workdir`` (see the module doc).
 
     ``config`` is the run's config (with its overrides). Returns the result
-    dict (``top1``, ``top5``, ``loss``, ``count``, ``crops``, ``step``, ...).
+    dict (``top1``, ``top5``, ``loss``, ``count``, ``crops``, ``step``,
+    ``weights``: ``'ema'`` with ``ema`` (the run's EMA weights), else ``'model'``).
     """
+    if ema and not config.ema_decay:
+        raise UserError(
+            "--ema evaluates the EMA weights of a run trained with ema_decay > 0; this "
+            "config has ema_decay=0 (give the run's config, or drop --ema)."
+        )
     c = _prepare_config(config, ten_crop)
     # The trainer's own parts (pipeline, model, jitted eval step); the on-device
     # training set of the fast path is not needed to evaluate.
@@ -227,6 +237,8 @@ def evaluate_workdir(
     checkpoint_steps(workdir, step)  # before the pipeline is built: a mistake stops at once
     exp = experiment.build_experiment(c, workdir)
     state, restored_step = restore_checkpoint(exp, step)
+    if ema:
+        state = train_steps.ema_state(state)
     log.info(
         "Evaluating %s at step %d of %s on %s %s (%d examples).",
         exp.config.model,
@@ -237,7 +249,13 @@ def evaluate_workdir(
         exp.pipeline.info.eval_size,
     )
     result = _run(exp.config, state, exp.pipeline, exp.eval_fn, exp.mesh)
-    return {**result, "model": exp.config.model, "workdir": str(workdir), "step": restored_step}
+    return {
+        **result,
+        "model": exp.config.model,
+        "workdir": str(workdir),
+        "step": restored_step,
+        "weights": "ema" if ema else "model",
+    }
 
 
 # --------------------------------------------------------------------------- #
@@ -331,6 +349,7 @@ def _weights_config(config: Any, converted: rj.weights.Converted, path: str) -> 
                 "(e.g. --config configs/cifar10.py)."
             )
         c.image_size, c.eval_resize = int(p.crop), int(p.resize)
+        c.eval_image_size = 0
     elif p.resize is not None or p.crop is not None:
         raise UserError(
             f"--weights {path} expect images resized to {p.resize} and cropped to {p.crop} "
@@ -485,6 +504,7 @@ def _flags():
     flags.DEFINE_string("weights", None, "A converted file or directory (torchvision, HF).")
     flags.DEFINE_enum("source", "auto", list(SOURCES), "The layout of --weights.")
     flags.DEFINE_bool("ten_crop", None, "10-crop testing (ImageNet); default: the config's.")
+    flags.DEFINE_bool("ema", False, "With --workdir: its EMA weights (a run with ema_decay).")
     flags.DEFINE_string("output", None, "Also write the JSON result here (a new file).")
     config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
     launch.define_absl_flags(flags)
@@ -501,6 +521,8 @@ def _check_flags(FLAGS) -> None:
         )
     if FLAGS.step is not None and FLAGS.workdir is None:
         launch.fail(PROG, "--step selects a checkpoint of --workdir; --weights has none.")
+    if FLAGS.ema and FLAGS.workdir is None:
+        launch.fail(PROG, "--ema selects the EMA weights of a --workdir run; --weights has none.")
     if FLAGS.source != "auto" and FLAGS.weights is None:
         launch.fail(PROG, "--source describes --weights; a --workdir checkpoint has none.")
 
@@ -521,7 +543,9 @@ def _main(argv: list[str]) -> None:
         launch.start(launch.options_from(FLAGS))
         data_lib.configure_tensorflow()
         if FLAGS.workdir is not None:
-            result = evaluate_workdir(FLAGS.config, FLAGS.workdir, FLAGS.step, FLAGS.ten_crop)
+            result = evaluate_workdir(
+                FLAGS.config, FLAGS.workdir, FLAGS.step, FLAGS.ten_crop, ema=FLAGS.ema
+            )
         else:
             result = evaluate_weights(FLAGS.config, FLAGS.weights, FLAGS.source, FLAGS.ten_crop)
         if jax.process_index() == 0:

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -96,10 +97,11 @@ def partition_optimizer(
 # --------------------------------------------------------------------------- #
 
 
-def read_checkpoint_variables(workdir: str) -> tuple[int, dict[str, Any]]:
+def read_checkpoint_variables(workdir: str, ema: bool = False) -> tuple[int, dict[str, Any]]:
     """``(step, {'params', 'batch_stats'})`` of a resnet_jax workdir's newest
-    checkpoint, as numpy arrays (its optimizer state and step are not read).
-    Nothing in the workdir is changed.
+    checkpoint, as numpy arrays (its optimizer state and step are not read);
+    with ``ema``, its EMA weights (a run with ``ema_decay``). Nothing in the
+    workdir is changed.
 
     Raises:
       UserError: the workdir has no checkpoint, or its newest one cannot be
@@ -122,6 +124,13 @@ def read_checkpoint_variables(workdir: str) -> tuple[int, dict[str, Any]]:
     tree = getattr(tree, "tree", tree)
     if tree is None:  # what orbax returns for most damage: it logs the error itself
         raise UserError(_damaged(workdir, checkpoint, steps, "no readable metadata"))
+    if ema:
+        if not isinstance(tree.get("ema"), dict):
+            raise UserError(
+                f"init_from={workdir!r}: the checkpoint {checkpoint} has no EMA weights (the "
+                "run had ema_decay=0); set --config.init_from_ema=False to start from its weights."
+            )
+        tree = tree["ema"]
     missing = [k for k in ("params", "batch_stats") if k not in tree]
     if missing:
         raise UserError(
@@ -175,10 +184,11 @@ def _convert(path: str) -> tuple[Any, dict[str, Any]]:
         return from_transformers(path)
 
 
-def load_variables(path: str) -> tuple[str, dict[str, Any], Any]:
+def load_variables(path: str, ema: bool = False) -> tuple[str, dict[str, Any], Any]:
     """``(description, {'params', 'batch_stats'}, converted or None)`` of
     ``init_from``; ``converted`` is the converter's ``Converted`` (module,
-    variables, ``.preprocessing``), None for a workdir.
+    variables, ``.preprocessing``), None for a workdir. ``ema``: a workdir's
+    EMA weights (converted weights have none: refused).
 
     A directory with ``checkpoints/`` is a resnet_jax workdir (module None);
     another directory is a transformers checkpoint; a file is a torchvision or
@@ -195,8 +205,13 @@ def load_variables(path: str) -> tuple[str, dict[str, Any], Any]:
             "checkpoints/) or a torchvision/timm/transformers weights file or directory."
         )
     if layout.is_workdir(path):
-        step, variables = read_checkpoint_variables(path)
-        return f"resnet_jax checkpoint step {step}", variables, None
+        step, variables = read_checkpoint_variables(path, ema=ema)
+        return f"resnet_jax checkpoint step {step}{' (EMA)' if ema else ''}", variables, None
+    if ema:
+        raise UserError(
+            f"init_from_ema=True takes the EMA weights of a resnet_jax workdir; {path!r} is "
+            "converted weights: set --config.init_from_ema=False."
+        )
     try:
         converted = _convert(path)
     except WeightsFileError as e:
@@ -379,7 +394,7 @@ def _start_variables(config: Any, model: Any, target: dict[str, Any]) -> tuple[A
     read, checked against ``model`` and merged into ``target`` (arrays or
     shapes of the config's ``{'params', 'batch_stats'}``)."""
     source = config.init_from
-    description, loaded, converted = load_variables(source)
+    description, loaded, converted = load_variables(source, bool(config.get("init_from_ema")))
     _check_variant(None if converted is None else converted[0], model, source)
     if converted is not None:
         loaded = to_trainer_input(loaded, converted.preprocessing, source)
@@ -439,6 +454,7 @@ def initial_state(config: Any, model: Any, pixel_mean: Any, sharding: Any, state
             params=variables["params"],
             batch_stats=variables["batch_stats"],
             opt_state=state.tx.init(variables["params"]),
+            ema=None if state.ema is None else jax.tree.map(jnp.copy, dict(variables)),
         )
 
     new = jax.jit(start, out_shardings=sharding)(state, merged)
