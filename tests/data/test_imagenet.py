@@ -9,9 +9,11 @@ import itertools
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ import pytest
 from configs import imagenet
 from resnet_jax import data as data_lib
 from resnet_jax import mini_imagenet
-from tests.helpers import ROOT, read_metrics, run_train, train_losses
+from tests.helpers import ROOT, read_metrics, run_train, start_train, train_losses
 
 NUM_CLASSES, TRAIN_PER_CLASS = 10, 8  # 80 training images: 10 steps of batch 8 per epoch
 NUM_VAL = 10  # all the first validation images whose labels are among the 10 classes
@@ -273,6 +275,56 @@ def test_modern_recipe_with_small_sizes(mini, tmp_path):
     (ev,) = _evals(tmp_path)
     assert ev["eval_count"] == NUM_VAL
     assert all(math.isfinite(loss) for _, loss in train_losses(tmp_path))
+
+
+# Every option of the modern recipe at once (issue 22); a step schedule so that
+# the shortened resume below keeps the learning rate of every step.
+EVERY_OPTION = (
+    "--config.optimizer=lars",
+    "--config.learning_rate=1.0",
+    "--config.ema_decay=0.9",
+    "--config.ema_every_steps=2",
+    "--config.mixup_alpha=0.2",
+    "--config.cutmix_alpha=1.0",
+    "--config.auto_augment=trivialaugment",
+    "--config.random_erasing=0.5",
+    "--config.grad_accum_steps=2",
+    "--config.label_smoothing=0.1",
+    "--config.drop_path_rate=0.1",
+    "--config.train_crop=random_resized",
+)
+
+
+@pytest.mark.slow
+def test_every_modern_option_trains_evaluates_and_resumes_exactly_after_sigterm(mini, tmp_path):
+    data_dir, _ = mini
+    args = (f"--config.data_dir={data_dir}", *SMALL, *EVERY_OPTION)
+    workdir = tmp_path / "stopped"
+    proc = start_train(workdir, *args, "--config.num_train_steps=400", devices=4)
+    path = workdir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # under way: 3 steps logged
+        if path.exists() and len(path.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    saved = max(int(s) for s in os.listdir(workdir / "checkpoints"))
+    assert 3 <= saved < 400  # the step the signal stopped it at
+    end = saved + 3
+    run_train(workdir, *args, f"--config.num_train_steps={end}", devices=4)
+    ref = tmp_path / "uninterrupted"
+    run_train(ref, *args, f"--config.num_train_steps={end}", devices=4)
+    got, want = train_losses(workdir), train_losses(ref)
+    assert [s for s, _ in want] == list(range(1, end + 1))
+    assert all(math.isfinite(loss) for _, loss in want)
+    assert got == want  # bit for bit across the SIGTERM, with every option on
+    (ev,) = [m for m in _evals(workdir) if m["step"] == end]
+    (ref_ev,) = _evals(ref)
+    assert ev == ref_ev and ev["eval_count"] == NUM_VAL
+    assert {"eval_ema_accuracy", "eval_ema_loss", "eval_ema_top5_accuracy"} <= set(ev)
+    assert ev["eval_ema_loss"] != ev["eval_loss"]  # the average is another model
 
 
 # --------------------------------------------------------------------------- #
