@@ -71,6 +71,13 @@ run benchmarks.input_pipeline --config configs/cifar10.py --model resnet20 --ste
   --log-every 25 --config.mock_data=True --config.mock_num_examples=2048 \
   --compilation-cache-dir=
 run benchmarks.host_memory --steps 3000 --compilation-cache-dir=
+
+# The modern recipe (issue 22): gradient accumulation's compiled memory for
+# ResNet-50 at 224 (shapes only, ~6 min of compiles) and each option's cost
+# on ResNet-20 (~3 min).
+run benchmarks.accumulation_memory --model resnet50 --batch-size 256 --accum 1,2,4,8 \
+  --compilation-cache-dir=
+run benchmarks.option_cost --model resnet20 --batch-size 128 --compilation-cache-dir=
 run benchmarks.model_table
 
 rm -rf "$cache"

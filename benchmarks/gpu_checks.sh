@@ -54,6 +54,10 @@ if [[ $which == resnet50 || $which == all ]]; then
     --repeats 5
   run benchmarks.profile_step --model resnet50 --batch-size 128 --dtype bfloat16 \
     --trace-dir "$out/trace"
+  # The modern recipe (issue 22): accumulation's memory, each option's cost.
+  run benchmarks.accumulation_memory --model resnet50 --batch-size 256 --accum 1,2,4,8
+  run benchmarks.option_cost --model resnet50 --batch-size 128 --dtype bfloat16 --steps 50 \
+    --warmup 10 --repeats 3
 fi
 if [[ $which == cifar || $which == all ]]; then
   run benchmarks.compare_torch --model resnet56 --batch-size 128 --dtype bfloat16 --steps 100 \

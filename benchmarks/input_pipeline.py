@@ -324,9 +324,25 @@ class RandomShorterSide:
         return F.resize(image, random.randint(self.lo, self.hi))
 
 
-def torch_pipeline(folder: str, kind: str, crop: int, scale_range, batch: int, workers: int):
+def torch_auto_augment(policy: str, num_ops: int, magnitude: int) -> list:
+    """torchvision's op for ``config.auto_augment`` (after the crop and flip,
+    where resnet_jax applies it): RandAugment, TrivialAugmentWide, or none."""
+    from torchvision import transforms
+
+    if policy == "randaugment":
+        return [transforms.RandAugment(num_ops=num_ops, magnitude=magnitude)]
+    if policy == "trivialaugment":
+        return [transforms.TrivialAugmentWide()]
+    return []
+
+
+def torch_pipeline(
+    folder: str, kind: str, crop: int, scale_range, batch: int, workers: int, auto=("", 2, 9)
+):
     """torchvision's ImageFolder + DataLoader with the same training
-    augmentation (``kind``: ``scale`` or ``random_resized``); endless batches."""
+    augmentation (``kind``: ``scale`` or ``random_resized``; ``auto``:
+    ``(config.auto_augment, randaugment_num_ops, randaugment_magnitude)``);
+    endless batches."""
     import torch
     from torchvision import datasets, transforms
 
@@ -338,6 +354,7 @@ def torch_pipeline(folder: str, kind: str, crop: int, scale_range, batch: int, w
         [
             *geometry,
             transforms.RandomHorizontalFlip(),
+            *torch_auto_augment(*auto),
             transforms.ToTensor(),
             transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[1.0, 1.0, 1.0]),
         ]
@@ -356,11 +373,13 @@ def torch_pipeline(folder: str, kind: str, crop: int, scale_range, batch: int, w
         yield from loader
 
 
-def measure_torch(folder: str, kind: str, crop: int, scale_range, batch: int, n: int, warmup: int):
+def measure_torch(
+    folder: str, kind: str, crop: int, scale_range, batch: int, n: int, warmup: int, auto
+):
     """:func:`torch_pipeline` timed with one worker per core. Runs in a fresh
     (spawned) process: PyTorch's forked workers crash beside TensorFlow's threads."""
     t0 = time.perf_counter()
-    batches = torch_pipeline(folder, kind, crop, scale_range, batch, cores())
+    batches = torch_pipeline(folder, kind, crop, scale_range, batch, cores(), auto)
     next(batches)
     first = time.perf_counter() - t0
     row = time_batches(batches, n, warmup, batch)
@@ -503,6 +522,12 @@ def pipeline_only(a, config) -> dict:
     if "torchvision" in designs and importlib.util.find_spec("torchvision") is None:
         print("torchvision is not installed: skipping the PyTorch pipeline.")
         designs.remove("torchvision")
+    if config.get("auto_augment") and "full" in designs:
+        print("The full-decode pipeline has no auto_augment: skipping it.")
+        designs.remove("full")
+    if config.get("auto_augment") and "grain" in designs:
+        print("benchmarks.grain_pipeline has no auto_augment: skipping design (b).")
+        designs.remove("grain")
     if "grain" in designs and importlib.util.find_spec("grain") is None:
         print("grain is not installed: skipping design (b).")
         designs.remove("grain")
@@ -528,7 +553,9 @@ def pipeline_only(a, config) -> dict:
             extract_image_folder(config.data_dir, folder, 10**9)  # every training JPEG
             args = (folder, data.transforms.train_crop(config), int(config.image_size))
             jobs["torchvision"] = (measure_torch, *args, tuple(config.train_scale_range), b, n)
-            jobs["torchvision"] += (warmup,)
+            auto = (config.get("auto_augment", ""), int(config.get("randaugment_num_ops", 2)))
+            auto += (int(config.get("randaugment_magnitude", 9)),)
+            jobs["torchvision"] += (warmup, auto)
         print(f"{cores()} cores, batch {b}, {n} timed batches after {warmup}, {a.repeats} repeats")
         load = [os.getloadavg()]
         runs = {d: [] for d in designs}
@@ -595,6 +622,10 @@ def pipeline_result(a, config, rows: dict, load: list, examples: int) -> dict:
         "batch_size": config.batch_size,
         "image_size": int(config.image_size),
         "train_scale_range": list(config.train_scale_range),
+        # The same policy on both pipelines ('' is the paper's augmentation).
+        "auto_augment": config.get("auto_augment", ""),
+        "randaugment_num_ops": int(config.get("randaugment_num_ops", 2)),
+        "randaugment_magnitude": int(config.get("randaugment_magnitude", 9)),
         "shuffle_buffer": int(config.shuffle_buffer),
         "train_examples": examples,
         "steps": a.steps,

@@ -7,7 +7,8 @@ A table is the text between ``<!-- table:NAME [KEY=VALUE ...] -->`` and
 ``<!-- /table -->``, each at the start of a line; everything outside the
 markers is left as it is. NAME is
 a benchmark (``throughput``, ``compare_torch``, ``cifar_fast``,
-``profile_step``, ``input_pipeline``, ``host_memory``, ``model_table``);
+``profile_step``, ``input_pipeline``, ``host_memory``, ``model_table``,
+``accumulation_memory``, ``option_cost``);
 ``KEY=VALUE`` keeps the lines whose result has that value (``platform=cpu``,
 ``materialize=true``). Each row is the newest line of one setting (the
 table's key fields, the hardware and the devices), and cites its commit, UTC
@@ -253,9 +254,11 @@ def _pipeline_only(r: dict) -> list[list[str]]:
     def rss(name):
         return _figure(p[name]["rss_mb"]) if name in p else "-"
 
+    ratio = r.get("per_core_vs_torchvision")
     return [
-        [r["train_crop"], str(r["batch_size"]), str(r["cores"])]
+        [r["train_crop"], r.get("auto_augment") or "paper's", str(r["batch_size"]), str(r["cores"])]
         + [per_core("crop"), per_core("full"), per_core("torchvision")]
+        + [f"**{ratio:.2f}**" if ratio else "-"]
         + [rss("crop"), rss("full"), rss("torchvision"), str(r["cores_for_8x3000"])]
     ]
 
@@ -391,6 +394,26 @@ _B_FASTER = (
 )
 
 
+def _accumulation_memory(r: dict) -> list[list[str]]:
+    setting = [model(r), str(r["batch_size"]), str(r["image_size"]), r["dtype"], devices(r)]
+    rows = []
+    for i, row in enumerate(r["rows"]):
+        k = row["grad_accum_steps"]
+        cells = [str(k), str(row["micro_batch"]), f"{row['temp_bytes'] / 2**30:.2f}"]
+        cells += [f"{r['temp_ratio_to_k1'][str(k)]:.2f}", num(row["argument_bytes"] / 2**20)]
+        rows.append((setting if i == 0 else [""] * len(setting)) + cells)
+    return rows
+
+
+def _option_cost(r: dict) -> list[list[str]]:
+    setting = [model(r), str(r["batch_size"]), r["dtype"], devices(r), on_off(r["materialize"])]
+    rows = []
+    for i, v in enumerate(r["variants"]):
+        cells = [v["variant"], spread(v["images_per_sec"]), f"{v['relative_to_baseline']:.2f}"]
+        rows.append((setting if i == 0 else [""] * len(setting)) + cells)
+    return rows
+
+
 def _host_memory(r: dict) -> list[list[str]]:
     first, last = r["rss_first"], r["rss_last"]
     return [
@@ -441,9 +464,10 @@ TABLES: dict[str, Table] = {
         _input_pipeline,
     ),
     "input_pipeline_only": Table(
-        ("mode", "train_crop", "batch_size"),
-        ("train crop", ">batch", ">cores", ">img/s/core, crop decode", ">img/s/core, full decode")
-        + (">img/s/core, torchvision", ">RSS MiB, crop", ">RSS MiB, full", ">RSS MiB, torchvision")
+        ("mode", "train_crop", "auto_augment", "batch_size"),
+        ("train crop", "augmentation", ">batch", ">cores", ">img/s/core, crop decode")
+        + (">img/s/core, full decode", ">img/s/core, torchvision", ">crop / torchvision")
+        + (">RSS MiB, crop", ">RSS MiB, full", ">RSS MiB, torchvision")
         + (">cores for 8 x 3,000 img/s",),
         _pipeline_only,
         benchmark="input_pipeline",
@@ -456,6 +480,18 @@ TABLES: dict[str, Table] = {
         _pipeline_designs,
         benchmark="input_pipeline",
         notes=_designs_verdict,
+    ),
+    "accumulation_memory": Table(
+        ("model", "variant", "batch_size", "image_size", "dtype", "materialize"),
+        ("model", ">batch", ">input", "dtype", "devices", ">grad_accum_steps", ">micro-batch")
+        + (">temporary GiB", ">temporary / k=1", ">arguments MiB"),
+        _accumulation_memory,
+    ),
+    "option_cost": Table(
+        ("model", "batch_size", "dtype", "materialize"),
+        ("model", ">batch", "dtype", "devices", "materialize", "option", ">images/s")
+        + (">relative to the paper's step",),
+        _option_cost,
     ),
     "host_memory": Table(
         ("model", "batch_size", "steps"),
