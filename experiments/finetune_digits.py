@@ -203,7 +203,7 @@ def run_all(args: argparse.Namespace, overrides: Sequence[str], out=print) -> di
 # --------------------------------------------------------------------------- #
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -225,7 +225,7 @@ def summarize(records: Sequence[dict]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"labels_per_class": labels}
         for m, acc in by.items():
             if acc:
-                mean, std = _mean_std(list(acc.values()))
+                mean, std = mean_std(list(acc.values()))
                 row[m] = {
                     "seeds": sorted(acc),
                     "accuracies": [acc[k] for k in sorted(acc)],
@@ -235,7 +235,7 @@ def summarize(records: Sequence[dict]) -> list[dict[str, Any]]:
         for m in FINETUNES:
             seeds = sorted(set(by[m]) & set(by["scratch"]))
             if seeds:
-                mean, std = _mean_std([by[m][k] - by["scratch"][k] for k in seeds])
+                mean, std = mean_std([by[m][k] - by["scratch"][k] for k in seeds])
                 row[f"{m}_minus_scratch"] = {"seeds": seeds, "mean": mean, "std": std}
         rows.append(row)
     return rows
@@ -256,7 +256,9 @@ def _commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
-def provenance(argv: Sequence[str], started: float, finished: float) -> dict[str, Any]:
+def provenance(
+    argv: Sequence[str], started: float, finished: float, prog: str = "experiments.finetune_digits"
+) -> dict[str, Any]:
     import flax
     import jax
     import optax
@@ -265,7 +267,7 @@ def provenance(argv: Sequence[str], started: float, finished: float) -> dict[str
         return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
     return {
-        "command": " ".join(["python -m experiments.finetune_digits", *argv]),
+        "command": " ".join([f"python -m {prog}", *argv]),
         "started": utc(started),
         "finished": utc(finished),
         "wall_seconds": round(finished - started, 1),

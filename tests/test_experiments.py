@@ -317,3 +317,46 @@ def test_fig4_from_imagenet_runs_named_by_their_workdirs(tmp_path):
     assert {(r["kind"], r["depth"], r["curve"]) for r in rows} == {
         (k, "18", c) for k in ("plain", "resnet") for c in ("train", "test")
     }
+
+
+def test_modern_digits_records_raw_and_ema_accuracies_per_recipe(tmp_path):
+    import logging
+
+    from experiments import modern_digits
+
+    logger = logging.getLogger("resnet_jax")
+    saved = (logger.handlers[:], logger.propagate, logger.level)
+    root, out = tmp_path / "runs", tmp_path / "results"
+    argv = [
+        f"--root={root}",
+        f"--out={out}",
+        "--seeds=4",
+        "--steps=2",
+        "--config.model=resnet8",
+        "--config.eval_batch_size=120",
+        CACHE,
+    ]
+    try:
+        assert modern_digits.main(argv) == 0
+        with pytest.raises(UserError, match="sets ema_decay itself"):
+            modern_digits.main([*argv, "--config.ema_decay=0.5"])
+    finally:
+        logger.handlers[:], logger.propagate, logger.level = saved
+    results = json.loads((out / "results.json").read_text())
+    assert results["provenance"]["command"].startswith("python -m experiments.modern_digits")
+    by = {r["recipe"]: r for r in results["runs"]}
+    assert list(by) == list(modern_digits.RECIPES)
+    for name, r in by.items():
+        assert r["seed"] == 4 and r["steps"] == 2 and r["eval_count"] == 360
+        for k, v in modern_digits.RECIPES[name].items():
+            assert r["overrides"][k] == v
+        assert ("eval_ema_accuracy" in r) == bool(modern_digits.RECIPES[name].get("ema_decay"))
+    assert 0.0 <= by["ema"]["eval_ema_accuracy"] <= 1.0
+    rows = {row["recipe"]: row for row in results["summary"]}
+    assert "minus_paper" not in rows["paper"]
+    assert np.isclose(
+        rows["all"]["minus_paper"]["mean"],
+        by["all"]["eval_ema_accuracy"] - by["paper"]["eval_accuracy"],
+    )
+    md = (out / "results.md").read_text()
+    assert "`auto_augment=trivialaugment`" in md and results["provenance"]["command"] in md
