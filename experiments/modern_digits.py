@@ -101,7 +101,13 @@ def run_all(args: argparse.Namespace, overrides: Sequence[str], out=print) -> di
                 "seed": seed,
                 "workdir": workdir,
                 "config": CONFIG,
-                "overrides": {k: v for k, v in sorted(mine.items()) if base.get(k) != v},
+                # What differs from configs/digits.py, and the recipe's keys and the
+                # seed even at their defaults: train.py --config.KEY=VALUE for each.
+                "overrides": {
+                    k: v
+                    for k, v in sorted(mine.items())
+                    if base.get(k) != v or k in RECIPES[recipe] or k == "seed"
+                },
                 "eval_accuracy": s["eval_accuracy"],
                 "eval_loss": s["eval_loss"],
                 "eval_count": int(s["eval_count"]),
