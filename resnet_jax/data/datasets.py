@@ -161,12 +161,24 @@ def read_tfds_split(name: str, split: str, data_dir: str | None) -> Split:
 
     Raises:
       DataCorruptError: a prepared file is cut short, damaged or missing.
+      DataNotFoundError: tfds could not download or write the dataset (no
+        network, an unwritable ``data_dir``).
     """
     tfds = tfds_module()
     # Batches of 10k rather than batch_size=-1, which aborts under tfds' mock_data.
     import tensorflow as tf  # lazy: only after configure_tensorflow()
 
-    ds = tfds.load(name, split=split, data_dir=data_dir, as_supervised=True).batch(10_000)
+    try:
+        ds = tfds.load(name, split=split, data_dir=data_dir, as_supervised=True)
+    except OSError as e:  # requests' ConnectionError is one: a download that failed
+        where = data_dir or os.path.expanduser("~/tensorflow_datasets")
+        raise DataNotFoundError(
+            f"tfds could not prepare {name} in {where} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else 'no message'}); on a machine "
+            "without internet, prepare it on one that has it and copy the directory here "
+            "(--config.data_dir=DIR), or run offline with --config.mock_data=True."
+        ) from e
+    ds = ds.batch(10_000)
     try:
         parts = list(tfds.as_numpy(ds))
     except tf.errors.OpError as e:

@@ -179,6 +179,24 @@ def test_paper_validation_split_holds_out_the_end_of_train(monkeypatch):
     assert calls == [("cifar10", "train"), ("cifar10", "test")]
 
 
+def test_a_download_that_fails_offline_is_one_line_naming_the_fixes(monkeypatch, tmp_path):
+    import requests
+
+    tfds = data_lib.tfds_module()
+
+    def offline(*args, **kwargs):
+        raise requests.exceptions.ConnectionError(
+            "HTTPSConnectionPool(host='www.cs.toronto.edu', port=443): Max retries exceeded\nmore"
+        )
+
+    monkeypatch.setattr(tfds, "load", offline)
+    with pytest.raises(DataNotFoundError) as e:
+        datasets.read_tfds_split("cifar10", "train", str(tmp_path))
+    message = str(e.value)
+    assert "\n" not in message and f"cifar10 in {tmp_path}" in message
+    assert "ConnectionError" in message and "--config.mock_data=True" in message
+
+
 # --------------------------------------------------------------------------- #
 # Evaluation
 # --------------------------------------------------------------------------- #
