@@ -300,7 +300,9 @@ def test_every_modern_option_trains_evaluates_and_resumes_exactly_after_sigterm(
     data_dir, _ = mini
     args = (f"--config.data_dir={data_dir}", *SMALL, *EVERY_OPTION)
     workdir = tmp_path / "stopped"
-    proc = start_train(workdir, *args, "--config.num_train_steps=400", devices=4, config="configs/imagenet.py")
+    proc = start_train(
+        workdir, *args, "--config.num_train_steps=400", devices=4, config="configs/imagenet.py"
+    )
     path = workdir / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:  # under way: 3 steps logged
@@ -313,9 +315,13 @@ def test_every_modern_option_trains_evaluates_and_resumes_exactly_after_sigterm(
     saved = max(int(s) for s in os.listdir(workdir / "checkpoints"))
     assert 3 <= saved < 400  # the step the signal stopped it at
     end = saved + 3
-    run_train(workdir, *args, f"--config.num_train_steps={end}", devices=4, config="configs/imagenet.py")
+    run_train(
+        workdir, *args, f"--config.num_train_steps={end}", devices=4, config="configs/imagenet.py"
+    )
     ref = tmp_path / "uninterrupted"
-    run_train(ref, *args, f"--config.num_train_steps={end}", devices=4, config="configs/imagenet.py")
+    run_train(
+        ref, *args, f"--config.num_train_steps={end}", devices=4, config="configs/imagenet.py"
+    )
     got, want = train_losses(workdir), train_losses(ref)
     assert [s for s, _ in want] == list(range(1, end + 1))
     assert all(math.isfinite(loss) for _, loss in want)
