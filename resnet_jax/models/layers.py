@@ -224,8 +224,11 @@ class Shortcut(nn.Module):
         if self.strides == 1 and in_features == self.out_features:
             return x
         # Option A: x[:, ::s, ::s] keeps the top-left sample of each stride
-        # window, the sample a stride-s 1x1 convolution would see.
-        x = x[:, :: self.strides, :: self.strides, :]
+        # window, the sample a stride-s 1x1 convolution would see. (lax.slice,
+        # not x[:, ::s, ::s]: with a symbolic batch, as in an export, indexing
+        # becomes a gather.)
+        for axis in (1, 2):
+            x = lax.slice_in_dim(x, 0, None, stride=self.strides, axis=axis)
         extra = self.out_features - in_features
         if extra < 0:
             raise ValueError(
