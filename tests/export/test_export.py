@@ -1,0 +1,223 @@
+"""Exported files, run in their own runtimes, against the JAX model (issue 23)."""
+
+import os
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch  # noqa: F401  (before TensorFlow, see tests/conftest.py)
+import torchvision
+
+import resnet_jax as rj
+from resnet_jax import export as ex
+from resnet_jax.errors import UserError
+
+BATCHES = (1, 3)
+RTOL = 1e-4  # of the largest logit
+
+
+def _randomised(module, size):
+    """Variables with BatchNorm statistics and affine terms away from their
+    initial values, so that a wrong fold of BatchNorm shows."""
+    init = jax.jit(
+        lambda: module.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
+    )
+    v = init()
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(v))
+    rs = np.random.RandomState(0)
+    for k, a in flat.items():
+        if k[-1] == "mean" or k[-1] == "bias":
+            flat[k] = rs.normal(0, 0.1, a.shape).astype(np.float32)
+        elif k[-1] in ("var", "scale"):
+            flat[k] = rs.uniform(0.5, 1.5, a.shape).astype(np.float32)
+    return flax.traverse_util.unflatten_dict(flat)
+
+
+def _images(batch, size, dtype=np.float32):
+    rs = np.random.RandomState(batch)
+    if dtype == np.uint8:
+        return rs.randint(0, 256, (batch, size, size, 3)).astype(np.uint8)
+    return rs.normal(size=(batch, size, size, 3)).astype(np.float32)
+
+
+def _close(got, ref):
+    err = np.max(np.abs(np.asarray(got) - ref)) / np.max(np.abs(ref))
+    assert err < RTOL, err
+
+
+def run_file(path, fmt, x):
+    """The file's logits on ``x``, in the format's own runtime."""
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        return session.run(None, {"images": x})[0]
+    if fmt == "stablehlo":
+        with open(path, "rb") as f:
+            return np.asarray(jax.export.deserialize(f.read()).call(x))
+    if fmt == "savedmodel":
+        import tensorflow as tf
+
+        loaded = tf.saved_model.load(path)
+        return loaded.signatures["serving_default"](images=tf.constant(x))["logits"].numpy()
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=path)
+    inp = it.get_input_details()[0]
+    it.resize_tensor_input(inp["index"], x.shape)
+    it.allocate_tensors()
+    it.set_tensor(inp["index"], x)
+    it.invoke()
+    return it.get_tensor(it.get_output_details()[0]["index"])
+
+
+def _jax_logits(module, variables, x):
+    return np.asarray(module.apply(variables, x, train=False))
+
+
+def _export(tmp_path, module, variables, fmt, size, **kw):
+    path = str(tmp_path / ("model" + ex.SUFFIXES[fmt]))
+    ex.export(module, variables, path, fmt, image_shape=(size, size, 3), **kw)
+    return path
+
+
+# Every kind of network of the library, in ONNX (the writer that is this
+# project's own); every format on two of them.
+KINDS = {
+    "resnet20": {},  # option-A shortcuts (strided slices, channel pads)
+    "resnet18": {},
+    "resnet50": {},  # v1
+    "resnet50_v1.5": {"variant": "v1.5"},
+    "resnetv2_50": {},  # pre-activation
+    "resnet50d": {},  # deep stem, average-pool shortcuts (ceil mode)
+    "resnext50_32x4d": {},  # grouped convolutions
+    "wrn16_8": {},  # wide, pre-activation
+    "seresnet50": {},  # squeeze-and-excitation
+}
+
+
+def _size(name):
+    return 32  # the ImageNet nets too: small inputs keep the suite fast
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_onnx_equals_jax_for_every_kind_of_network(kind, tmp_path):
+    name = kind.split("_v1")[0]
+    module = rj.create_model(name, num_classes=10, **KINDS[kind])
+    size = _size(name)
+    variables = _randomised(module, size)
+    path = _export(tmp_path, module, variables, "onnx", size)
+    for b in BATCHES:
+        x = _images(b, size)
+        _close(run_file(path, "onnx", x), _jax_logits(module, variables, x))
+
+
+def test_onnx_folds_batchnorm_and_keeps_nchw():
+    import onnx
+
+    module = rj.create_model("resnet18", num_classes=10)
+    data = ex.onnx_bytes(
+        ex.serving_function(module, _randomised(module, 64)), (64, 64, 3)
+    )  # fmt: skip
+    ops = [n.op_type for n in onnx.load_from_string(data).graph.node]
+    assert ops.count("Conv") == 20
+    assert "Sub" not in ops and "Mul" not in ops  # the 20 BatchNorms are in the Conv weights
+    assert ops.count("Transpose") == 1  # the NHWC input, once
+
+
+@pytest.fixture(scope="module")
+def torchvision_resnet18():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("fmt", ex.FORMATS)
+def test_every_format_equals_jax_and_torch(fmt, torchvision_resnet18, tmp_path):
+    """A torchvision-converted ResNet-18: the file equals the JAX model and torch."""
+    module, variables = rj.weights.from_torchvision(torchvision_resnet18.state_dict())
+    path = _export(tmp_path, module, variables, fmt, 64)
+    for b in BATCHES:
+        x = _images(b, 64)
+        ref = _jax_logits(module, variables, x)
+        got = run_file(path, fmt, x)
+        _close(got, ref)
+        with torch.no_grad():
+            torch_logits = torchvision_resnet18(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+        _close(got, torch_logits)
+
+
+@pytest.mark.parametrize("fmt", ex.FORMATS)
+def test_option_a_cifar_net_in_every_format(fmt, tmp_path):
+    module = rj.create_model("resnet20", num_classes=10)
+    variables = _randomised(module, 32)
+    path = _export(tmp_path, module, variables, fmt, 32)
+    for b in BATCHES:
+        x = _images(b, 32)
+        _close(run_file(path, fmt, x), _jax_logits(module, variables, x))
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "stablehlo"])
+def test_uint8_input_folds_the_normalisation(fmt, tmp_path):
+    module = rj.create_model("resnet18", num_classes=10)
+    variables = _randomised(module, 64)
+    mean, std = rj.weights.IMAGENET_MEAN, rj.weights.IMAGENET_STD
+    path = _export(tmp_path, module, variables, fmt, 64, uint8=True, mean=mean, std=std)
+    x = _images(2, 64, np.uint8)
+    normalised = (x.astype(np.float32) / 255 - np.asarray(mean)) / np.asarray(std)
+    ref = np.asarray(module.apply(variables, normalised.astype(np.float32), train=False))
+    _close(run_file(path, fmt, x), ref)
+
+
+def test_fixed_batch_and_bfloat16_network(tmp_path):
+    import onnx
+
+    module = rj.create_model("resnet20", num_classes=10, dtype=jnp.bfloat16)
+    variables = _randomised(module, 32)
+    path = _export(tmp_path, module, variables, "onnx", 32, batch_size=4)
+    dims = onnx.load(path).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [4, 32, 32, 3]
+    x = _images(4, 32)
+    f32 = module.clone(dtype=jnp.float32)  # exported in float32 by default
+    _close(run_file(path, "onnx", x), np.asarray(f32.apply(variables, x, train=False)))
+    with pytest.raises(UserError, match="float32"):
+        _export(tmp_path, module, variables, "onnx", 32, dtype="bfloat16")
+
+
+def test_an_existing_file_is_kept_without_force(tmp_path):
+    module = rj.create_model("resnet8", num_classes=10)
+    variables = _randomised(module, 32)
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"mine")
+    with pytest.raises(UserError, match="exists; give --force"):
+        ex.export(module, variables, str(path), "onnx", image_shape=(32, 32, 3))
+    assert path.read_bytes() == b"mine"
+    ex.export(module, variables, str(path), "onnx", image_shape=(32, 32, 3), force=True)
+    assert path.read_bytes() != b"mine"
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx"]  # no temporary left behind
+
+
+def test_a_failed_export_leaves_nothing(tmp_path, monkeypatch):
+    module = rj.create_model("resnet8", num_classes=10)
+    variables = _randomised(module, 32)
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"mine")
+    from resnet_jax.export import onnx_graph
+
+    def broken(*a, **k):
+        raise onnx_graph.UnsupportedError("the primitive 'gather' has no ONNX translation here")
+
+    monkeypatch.setattr(onnx_graph, "jaxpr_to_onnx", broken)
+    with pytest.raises(UserError, match="cannot be written as ONNX here: the primitive 'gather'"):
+        ex.export(module, variables, str(path), "onnx", image_shape=(32, 32, 3), force=True)
+    assert path.read_bytes() == b"mine"
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx"]
