@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax.errors import UserError
+from resnet_jax.export import onnx_graph
 
 FORMATS = ("stablehlo", "savedmodel", "onnx", "tflite")
 SUFFIXES = {"stablehlo": ".stablehlo", "savedmodel": "", "onnx": ".onnx", "tflite": ".tflite"}
@@ -128,6 +129,7 @@ def _tf_module(
     platforms: Sequence[str],
 ) -> Any:
     """A tf.Module whose ``serving`` tf.function computes ``module_fn(variables, x)``."""
+    # TensorFlow only for the formats that are TensorFlow's (import resnet_jax needs jax + flax).
     import tensorflow as tf
     from jax.experimental import jax2tf
 
@@ -164,7 +166,7 @@ def write_savedmodel(
     platforms: Sequence[str] = PLATFORMS,
 ) -> None:
     """A SavedModel of ``module_fn(variables, images)`` in ``directory``."""
-    import tensorflow as tf
+    import tensorflow as tf  # only this format's
 
     holder = _tf_module(module_fn, variables, image_shape, batch_size, input_dtype, platforms)
     tf.saved_model.save(holder, directory, signatures={"serving_default": holder.serving})
@@ -179,7 +181,7 @@ def tflite_bytes(
     input_dtype: Any = np.float32,
 ) -> bytes:
     """LiteRT's flatbuffer of ``module_fn(variables, images)`` (float32)."""
-    import tensorflow as tf
+    import tensorflow as tf  # only this format's
 
     with tempfile.TemporaryDirectory() as tmp:
         write_savedmodel(
@@ -198,9 +200,7 @@ def onnx_bytes(
     input_dtype: Any = np.float32,
 ) -> bytes:
     """``fn`` as an ONNX model (:func:`resnet_jax.export.onnx_graph.jaxpr_to_onnx`)."""
-    from resnet_jax.export.onnx_graph import jaxpr_to_onnx
-
-    model = jaxpr_to_onnx(fn, (1, *image_shape), input_dtype, batch_size=batch_size)
+    model = onnx_graph.jaxpr_to_onnx(fn, (1, *image_shape), input_dtype, batch_size=batch_size)
     return model.SerializeToString()
 
 
@@ -314,11 +314,9 @@ def export(
 
 
 def _onnx_or_refuse(fn: Callable, image_shape: Sequence[int], **kw: Any) -> bytes:
-    from resnet_jax.export.onnx_graph import UnsupportedError
-
     try:
         return onnx_bytes(fn, image_shape, **kw)
-    except UnsupportedError as e:
+    except onnx_graph.UnsupportedError as e:
         raise UserError(f"this network cannot be written as ONNX here: {e}.") from e
     except ImportError as e:
         raise UserError("--format=onnx needs the onnx package: pip install onnx.") from e
