@@ -58,6 +58,10 @@ if [[ $which == resnet50 || $which == all ]]; then
   run benchmarks.accumulation_memory --model resnet50 --batch-size 256 --accum 1,2,4,8
   run benchmarks.option_cost --model resnet50 --batch-size 128 --dtype bfloat16 --steps 50 \
     --warmup 10 --repeats 3
+  # Export (issue 23): the same ResNet-50 weights in JAX, onnxruntime (CUDA provider
+  # where installed), torch eager and torch.compile (no TensorFlow on the GPU image).
+  run benchmarks.inference --runtimes jax,onnxruntime,torch,torch_compile --steps 50 \
+    --warmup 10 --repeats 3
 fi
 if [[ $which == cifar || $which == all ]]; then
   run benchmarks.compare_torch --model resnet56 --batch-size 128 --dtype bfloat16 --steps 100 \
