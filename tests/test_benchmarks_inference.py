@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch  # noqa: F401  (before TensorFlow, see tests/conftest.py)
+import torchvision  # noqa: F401  (it loads torch._dynamo and triton, which crash after TensorFlow)
 
 from benchmarks import inference
 
