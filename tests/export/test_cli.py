@@ -58,11 +58,12 @@ def weights(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_weights_to_a_uint8_onnx_file_equals_torch(weights, tmp_path):
+@pytest.mark.parametrize("fmt", ["onnx", "savedmodel", "tflite"])
+def test_weights_to_a_uint8_file_equals_torch(fmt, weights, tmp_path):
     model, path = weights
-    out = tmp_path / "r18.onnx"
+    out = tmp_path / ("r18" + rj.export.SUFFIXES[fmt])
     done = run_export(
-        "--format=onnx", f"--output={out}", f"--weights={path}", "--uint8", "--image_size=64"
+        f"--format={fmt}", f"--output={out}", f"--weights={path}", "--uint8", "--image_size=64"
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.splitlines()[-1])
@@ -72,7 +73,7 @@ def test_weights_to_a_uint8_onnx_file_equals_torch(weights, tmp_path):
     normalised = ((x / 255.0 - mean) / std).astype(np.float32)
     with torch.no_grad():
         ref = model(torch.from_numpy(normalised.transpose(0, 3, 1, 2))).numpy()
-    got = run_file(str(out), "onnx", x)
+    got = run_file(str(out), fmt, x)
     assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) < 1e-4
 
 

@@ -83,8 +83,9 @@ def _export(tmp_path, module, variables, fmt, size, **kw):
     return path
 
 
-# Every kind of network of the library, in ONNX (the writer that is this
-# project's own); every format on two of them.
+# Every kind of network of the library, in every format. ResNet-20 and
+# ResNet-18 are in every format below (option A; converted from torchvision),
+# so they are checked here in ONNX only, the writer that is this project's own.
 KINDS = {
     "resnet20": {},  # option-A shortcuts (strided slices, channel pads)
     "resnet18": {},
@@ -96,22 +97,22 @@ KINDS = {
     "wrn16_8": {},  # wide, pre-activation
     "seresnet50": {},  # squeeze-and-excitation
 }
+ELSEWHERE = ("resnet20", "resnet18", "resnet50_v1.5")  # every format, in the tests below
+KIND_FORMATS = [
+    (k, f) for k in sorted(KINDS) for f in ex.FORMATS if f == "onnx" or k not in ELSEWHERE
+]
+SIZE = 32  # the ImageNet nets too: small inputs keep the suite fast
 
 
-def _size(name):
-    return 32  # the ImageNet nets too: small inputs keep the suite fast
-
-
-@pytest.mark.parametrize("kind", sorted(KINDS))
-def test_onnx_equals_jax_for_every_kind_of_network(kind, tmp_path):
+@pytest.mark.parametrize("kind,fmt", KIND_FORMATS)
+def test_every_kind_of_network_in_every_format(kind, fmt, tmp_path):
     name = kind.split("_v1")[0]
     module = rj.create_model(name, num_classes=10, **KINDS[kind])
-    size = _size(name)
-    variables = _randomised(module, size)
-    path = _export(tmp_path, module, variables, "onnx", size)
+    variables = _randomised(module, SIZE)
+    path = _export(tmp_path, module, variables, fmt, SIZE)
     for b in BATCHES:
-        x = _images(b, size)
-        _close(run_file(path, "onnx", x), _jax_logits(module, variables, x))
+        x = _images(b, SIZE)
+        _close(run_file(path, fmt, x), _jax_logits(module, variables, x))
 
 
 def test_onnx_folds_batchnorm_and_keeps_nchw():
@@ -127,10 +128,14 @@ def test_onnx_folds_batchnorm_and_keeps_nchw():
     assert ops.count("Transpose") == 1  # the NHWC input, once
 
 
-@pytest.fixture(scope="module")
-def torchvision_resnet18():
+TORCHVISION = {"resnet18": 64, "resnet50": 32}  # architecture: image size
+
+
+@pytest.fixture(scope="module", params=sorted(TORCHVISION))
+def torchvision_net(request):
+    """A torchvision network with BatchNorm statistics away from their initial values."""
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10).eval()
+    model = getattr(torchvision.models, request.param)(num_classes=10).eval()
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -138,21 +143,22 @@ def torchvision_resnet18():
                 m.running_var.uniform_(0.5, 1.5)
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.normal_(0, 0.1)
-    return model
+    return model, TORCHVISION[request.param]
 
 
 @pytest.mark.parametrize("fmt", ex.FORMATS)
-def test_every_format_equals_jax_and_torch(fmt, torchvision_resnet18, tmp_path):
-    """A torchvision-converted ResNet-18: the file equals the JAX model and torch."""
-    module, variables = rj.weights.from_torchvision(torchvision_resnet18.state_dict())
-    path = _export(tmp_path, module, variables, fmt, 64)
+def test_every_format_equals_jax_and_torch(fmt, torchvision_net, tmp_path):
+    """A torchvision-converted ResNet-18 and ResNet-50: the file equals the JAX model and torch."""
+    net, size = torchvision_net
+    module, variables = rj.weights.from_torchvision(net.state_dict())
+    path = _export(tmp_path, module, variables, fmt, size)
     for b in BATCHES:
-        x = _images(b, 64)
+        x = _images(b, size)
         ref = _jax_logits(module, variables, x)
         got = run_file(path, fmt, x)
         _close(got, ref)
         with torch.no_grad():
-            torch_logits = torchvision_resnet18(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+            torch_logits = net(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
         _close(got, torch_logits)
 
 
