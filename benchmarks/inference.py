@@ -13,6 +13,9 @@ TensorFlow is not installed, as on the GPU image), ``torch`` (eager, the
 torchvision model) and ``torch_compile`` (``torch.compile`` of it). Every
 runtime gets the same float32 NCHW/NHWC batch of normal noise; its logits are
 checked against JAX's before it is timed (``max_rel_error`` is recorded).
+Each call takes and returns host (numpy) arrays, so on a GPU every runtime's
+time includes the transfers; ``where`` records the device or execution
+provider each ran on (torch on CUDA where it is available).
 Each (runtime, batch) is warmed up with ``--warmup`` calls, then timed
 ``--repeats`` times ``--steps`` calls; the record holds the median latency
 (ms a call) and images/s. A runtime that cannot run here is recorded with its
@@ -46,15 +49,16 @@ def _timed(call, x, warmup: int, steps: int, repeats: int) -> list[float]:
     return seconds
 
 
-def _runners(name: str, module, variables, model, size: int, tmp: str) -> Any:
-    """A callable ``x_nhwc -> logits (numpy)`` for runtime ``name``."""
+def _runners(name: str, module, variables, model, size: int, tmp: str) -> tuple[Any, str]:
+    """A callable ``x_nhwc -> logits (numpy)`` for runtime ``name``, and where it runs.
+    Each takes and returns host arrays: the transfers are in every runtime's time."""
     import jax
 
     from resnet_jax import export as ex
 
     if name == "jax":
         f = jax.jit(lambda x: module.apply(variables, x, train=False))
-        return lambda x: np.asarray(f(x))
+        return (lambda x: np.asarray(f(x))), jax.devices()[0].platform
     if name == "onnxruntime":
         import onnxruntime as ort
 
@@ -65,23 +69,27 @@ def _runners(name: str, module, variables, model, size: int, tmp: str) -> Any:
             if p in ort.get_available_providers()
         ]  # fmt: skip
         s = ort.InferenceSession(path, providers=providers)
-        return lambda x: s.run(None, {"images": x})[0]
+        return (lambda x: s.run(None, {"images": x})[0]), s.get_providers()[0]
     if name == "savedmodel":
         import tensorflow as tf
 
         path = os.path.join(tmp, "sm")
         ex.export(module, variables, path, "savedmodel", image_shape=(size, size, 3))
         f = tf.saved_model.load(path).signatures["serving_default"]
-        return lambda x: f(images=tf.constant(x))["logits"].numpy()
+        where = "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
+        return (lambda x: f(images=tf.constant(x))["logits"].numpy()), where
     import torch
 
-    m = model if name == "torch" else torch.compile(model)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    m = model.to(device)
+    m = m if name == "torch" else torch.compile(m)
 
     def run(x):
         with torch.inference_mode():
-            return m(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+            y = m(torch.from_numpy(x.transpose(0, 3, 1, 2)).to(device))
+            return y.cpu().numpy()
 
-    return run
+    return run, device
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -110,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for name in runtimes:
             try:
-                call = _runners(name, module, variables, model, a.image_size, tmp)
+                call, where = _runners(name, module, variables, model, a.image_size, tmp)
             except Exception as e:  # recorded: the runtime cannot run here
                 rows.append({"runtime": name, "error": f"{type(e).__name__}: {e}"[:300]})
                 continue
@@ -129,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
                     continue
                 per_call = statistics.median(seconds) / a.steps
                 rows.append({
-                    "runtime": name, "batch": b, "latency_ms": 1e3 * per_call,
+                    "runtime": name, "where": where, "batch": b, "latency_ms": 1e3 * per_call,
                     "images_per_sec": b / per_call, "max_rel_error": err,
                     "seconds": seconds,
                 })  # fmt: skip

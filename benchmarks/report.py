@@ -424,6 +424,31 @@ def _host_memory(r: dict) -> list[list[str]]:
     ]
 
 
+_RUNTIME_NAMES = {
+    "jax": "JAX jit", "onnxruntime": "onnxruntime (exported ONNX)",
+    "savedmodel": "TensorFlow (exported SavedModel)", "torch": "PyTorch eager",
+    "torch_compile": "torch.compile",
+}  # fmt: skip
+
+
+def _inference(r: dict) -> list[list[str]]:
+    out = []
+    for row in r["rows"]:
+        name = _RUNTIME_NAMES.get(row["runtime"], row["runtime"])
+        first = [r["model"], f"{r['image_size']}x{r['image_size']}", name]
+        if "error" in row:  # the runtime could not run here: say why
+            out.append([*first, str(row.get("batch", "-")), "-", "-", "-", "-", row["error"]])
+            continue
+        per_call = [t / r["steps"] for t in row["seconds"]]
+        low, high = 1e3 * min(per_call), 1e3 * max(per_call)
+        out.append([
+            *first, str(row["batch"]), row.get("where", "-"),
+            f"{num(row['latency_ms'])} ({num(low)}–{num(high)})",
+            num(row["images_per_sec"]), f"{row['max_rel_error']:.1e}", "",
+        ])  # fmt: skip
+    return out
+
+
 def _model_table(r: dict) -> list[list[str]]:
     return [
         [m["model"], m["options"], m["input"], f"{m['params']:,}", f"{m['macs'] / 1e9:.3g} G"]
@@ -498,6 +523,12 @@ TABLES: dict[str, Table] = {
         ("model", ">batch", ">steps", "devices", ">RSS MiB, first", ">RSS MiB, last")
         + (">growth MiB", ">max MiB"),
         _host_memory,
+    ),
+    "inference": Table(
+        ("model", "image_size", "platform"),
+        ("model", "input", "runtime", ">batch", "on", ">ms a call (min–max)", ">images/s")
+        + (">max error vs JAX", "error"),
+        _inference,
     ),
     "model_table": Table(
         ("models",), ("model", "options", "input", ">params", ">multiply-adds"), _model_table

@@ -6,7 +6,7 @@ import pytest
 import torch  # noqa: F401  (before TensorFlow, see tests/conftest.py)
 import torchvision  # noqa: F401  (it loads torch._dynamo and triton, which crash after TensorFlow)
 
-from benchmarks import inference
+from benchmarks import inference, report
 
 
 @pytest.mark.slow
@@ -25,6 +25,9 @@ def test_inference_benchmark_records_each_runtime(tmp_path):
     ]
     for r in rows:
         assert r["latency_ms"] > 0 and r["max_rel_error"] < 1e-4, r
+    assert {r["where"] for r in rows} == {"cpu", "CPUExecutionProvider"}
+    table = report.render_table("inference", {"platform": "cpu"}, [line])
+    assert table.count("| resnet18 | 32x32 |") == 6 and "onnxruntime (exported ONNX)" in table
     assert line["provenance"]["command"].startswith(
         "python -m benchmarks.inference --model=resnet18"
     )
