@@ -212,6 +212,33 @@ def restore_checkpoint(exp: experiment.Experiment, step: int | None = None) -> t
     return state, int(jax.device_get(state.step))
 
 
+def restore_run(
+    config: Any,
+    workdir: str,
+    step: int | None = None,
+    ema: bool = False,
+    ten_crop: bool | None = None,
+) -> tuple[experiment.Experiment, Any, int]:
+    """``(experiment, state, step)``: the run in ``workdir`` rebuilt from its
+    ``config`` (with its overrides) and its checkpoint at ``step`` (default the
+    newest) restored; with ``ema`` the state holds the run's EMA weights."""
+    if ema and not config.ema_decay:
+        raise UserError(
+            "--ema takes the EMA weights of a run trained with ema_decay > 0; this "
+            "config has ema_decay=0 (give the run's config, or drop --ema)."
+        )
+    c = _prepare_config(config, ten_crop)
+    # The trainer's own parts (pipeline, model, jitted eval step); the on-device
+    # training set of the fast path is not needed to evaluate or export.
+    c.device_data, c.steps_per_call = False, 1
+    checkpoint_steps(workdir, step)  # before the pipeline is built: a mistake stops at once
+    exp = experiment.build_experiment(c, workdir)
+    state, restored_step = restore_checkpoint(exp, step)
+    if ema:
+        state = train_steps.ema_state(state)
+    return exp, state, restored_step
+
+
 def evaluate_workdir(
     config: Any,
     workdir: str,
@@ -225,20 +252,8 @@ def evaluate_workdir(
     dict (``top1``, ``top5``, ``loss``, ``count``, ``crops``, ``step``,
     ``weights``: ``'ema'`` with ``ema`` (the run's EMA weights), else ``'model'``).
     """
-    if ema and not config.ema_decay:
-        raise UserError(
-            "--ema evaluates the EMA weights of a run trained with ema_decay > 0; this "
-            "config has ema_decay=0 (give the run's config, or drop --ema)."
-        )
-    c = _prepare_config(config, ten_crop)
-    # The trainer's own parts (pipeline, model, jitted eval step); the on-device
-    # training set of the fast path is not needed to evaluate.
-    c.device_data, c.steps_per_call = False, 1
-    checkpoint_steps(workdir, step)  # before the pipeline is built: a mistake stops at once
-    exp = experiment.build_experiment(c, workdir)
-    state, restored_step = restore_checkpoint(exp, step)
-    if ema:
-        state = train_steps.ema_state(state)
+    exp, state, restored_step = restore_run(config, workdir, step, ema, ten_crop)
+    c = exp.config
     log.info(
         "Evaluating %s at step %d of %s on %s %s (%d examples).",
         exp.config.model,

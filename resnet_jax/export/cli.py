@@ -34,26 +34,13 @@ from resnet_jax import data as data_lib
 from resnet_jax import evaluate, launch
 from resnet_jax.errors import UserError
 from resnet_jax.export import formats
-from resnet_jax.training import experiment
-from resnet_jax.training import steps as train_steps
 
 PROG = "export"
 
 
 def from_workdir(config, workdir: str, step: int | None, ema: bool):
-    """``(module, variables, image_shape, mean)`` of a run's checkpoint."""
-    if ema and not config.ema_decay:
-        raise UserError(
-            "--ema exports the EMA weights of a run with ema_decay > 0; this config has none."
-        )
-    c = config.copy_and_resolve_references()
-    data_lib.check_dataset(c.dataset)
-    c.device_data, c.steps_per_call, c.ten_crop = False, 1, False
-    evaluate.checkpoint_steps(workdir, step)
-    exp = experiment.build_experiment(c, workdir)
-    state, restored = evaluate.restore_checkpoint(exp, step)
-    if ema:
-        state = train_steps.ema_state(state)
+    """``(module, variables, image_shape, mean, step)`` of a run's checkpoint."""
+    exp, state, restored = evaluate.restore_run(config, workdir, step, ema, ten_crop=False)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     return exp.model, variables, tuple(exp.pipeline.info.image_shape), exp.pipeline.mean, restored
 

@@ -46,6 +46,15 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PLATFORMS = ("cpu", "cuda", "tpu")
 
 
+def _float32_variables(variables: Any) -> dict[str, Any]:
+    """The ``params`` and ``batch_stats`` of ``variables``, as float32 numpy arrays."""
+    return {
+        k: jax.tree.map(lambda a: np.asarray(a, np.float32), variables[k])
+        for k in ("params", "batch_stats")
+        if k in variables
+    }
+
+
 def serving_function(
     module: Any,
     variables: Any,
@@ -72,11 +81,7 @@ def serving_function(
     if getattr(module, "materialize", False):
         fields["materialize"] = False  # a trainer's fusion boundary, not part of the function
     net = module.clone(**fields)
-    variables = {
-        k: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), variables[k])
-        for k in ("params", "batch_stats")
-        if k in variables
-    }
+    variables = jax.tree.map(jnp.asarray, _float32_variables(variables))
     mean32 = np.asarray(mean, np.float32)
     std32 = np.asarray(std, np.float32)
 
@@ -327,8 +332,7 @@ def _with_variables(
 ) -> tuple[Callable, Any]:
     """``(fn(variables, x), variables)``: the serving function with its
     variables an argument (they become the SavedModel's tf.Variables)."""
-    params = {k: variables[k] for k in ("params", "batch_stats") if k in variables}
-    params = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+    params = _float32_variables(variables)
 
     def module_fn(v, x):
         return serving_function(
