@@ -155,12 +155,7 @@ def train_step(
     images = model_input(batch["image"], mean)
     labels = batch["label"]
     target = targets(labels, num_classes, label_smoothing)
-    if augment_key is not None and (random_erasing or (mix is not None and mix.enabled)):
-        k_erase, k_mix = jax.random.split(jax.random.fold_in(augment_key, state.step))
-        if random_erasing:
-            images = random_erasing_fn(k_erase, images, random_erasing)
-        if mix is not None and mix.enabled:
-            images, target, _ = mix_batch(k_mix, images, target, mix)
+    images, target = _augment(augment_key, state.step, images, target, random_erasing, mix)
 
     def loss_fn(params, images, target, rng):
         variables = {"params": params, "batch_stats": state.batch_stats}
@@ -192,16 +187,7 @@ def train_step(
         jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((grads, new_state.params))])
     )
     if skip_nonfinite:
-        # Values stay as they were; counters (optax's schedule step) advance
-        # with state.step, so the learning rate keeps following the step.
-        kept = jax.tree.map(
-            lambda new, old: (
-                new if jnp.issubdtype(new.dtype, jnp.integer) else jnp.where(finite, new, old)
-            ),
-            (new_state.params, new_state.batch_stats, new_state.opt_state),
-            (state.params, state.batch_stats, state.opt_state),
-        )
-        new_state = new_state.replace(params=kept[0], batch_stats=kept[1], opt_state=kept[2])
+        new_state = _keep_if_finite(finite, new_state, state)
     if ema is not None:
         new_state = new_state.replace(
             ema=ema_update(state.ema, new_state.params, new_state.batch_stats, new_state.step, ema)
@@ -213,6 +199,33 @@ def train_step(
         "finite": finite.astype(jnp.float32),
     }
     return new_state, metrics
+
+
+def _augment(key, step, images, target, random_erasing, mix):
+    """Random erasing (per image), then mixup/CutMix (per batch), drawn from
+    ``fold_in(key, step)``; ``(images, target)`` unchanged when both are off."""
+    if key is None or not (random_erasing or (mix is not None and mix.enabled)):
+        return images, target
+    k_erase, k_mix = jax.random.split(jax.random.fold_in(key, step))
+    if random_erasing:
+        images = random_erasing_fn(k_erase, images, random_erasing)
+    if mix is not None and mix.enabled:
+        images, target, _ = mix_batch(k_mix, images, target, mix)
+    return images, target
+
+
+def _keep_if_finite(finite, new_state, state):
+    """``new_state`` where ``finite``, else ``state``'s values. Integer leaves
+    (the step counter, optax's schedule counts) advance either way, so the
+    learning rate keeps following the step."""
+    kept = jax.tree.map(
+        lambda new, old: (
+            new if jnp.issubdtype(new.dtype, jnp.integer) else jnp.where(finite, new, old)
+        ),
+        (new_state.params, new_state.batch_stats, new_state.opt_state),
+        (state.params, state.batch_stats, state.opt_state),
+    )
+    return new_state.replace(params=kept[0], batch_stats=kept[1], opt_state=kept[2])
 
 
 def _accumulate(grad_fn, state, images, target, labels, step_rng, k, sharding):
