@@ -73,7 +73,6 @@ OWN_KEYS = (
     "backbone_lr_multiplier",
     "dataset",
 )
-RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 
 
 # --------------------------------------------------------------------------- #
@@ -329,15 +328,6 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_results(results: dict[str, Any], out_dir: str) -> tuple[str, str]:
-    """``OUT/results.json`` and ``OUT/results.md``; returns their paths."""
-    out = epath.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    runs.write_json(out / RESULTS_JSON, results)
-    (out / RESULTS_MD).write_text(markdown(results))
-    return os.fspath(out / RESULTS_JSON), os.fspath(out / RESULTS_MD)
-
-
 # --------------------------------------------------------------------------- #
 # The command line
 # --------------------------------------------------------------------------- #
@@ -379,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     results = run_all(args, overrides, out=lambda s: print(s, flush=True))
     results = {"provenance": provenance(argv, started, time.time()), **results}
-    paths = write_results(results, args.out or args.root)
+    paths = runs.write_results(args.out or args.root, results, markdown(results))
     print(f"finetune_digits: {len(results['runs'])} runs; wrote {' and '.join(paths)}", flush=True)
     return 0
 

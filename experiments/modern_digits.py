@@ -61,7 +61,6 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
 }
 OWN_KEYS = ("seed", *sorted({k for r in RECIPES.values() for k in r}))
-RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 
 
 def run_config(recipe: str, seed: int, steps: int, overrides: Sequence[str]) -> Any:
@@ -209,14 +208,6 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_results(results: dict[str, Any], out_dir: str) -> tuple[str, str]:
-    out = epath.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    runs.write_json(out / RESULTS_JSON, results)
-    (out / RESULTS_MD).write_text(markdown(results))
-    return os.fspath(out / RESULTS_JSON), os.fspath(out / RESULTS_MD)
-
-
 def _recipes(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     bad = [n for n in names if n not in RECIPES]
@@ -250,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = run_all(args, overrides, out=lambda s: print(s, flush=True))
     prov = finetune_digits.provenance(argv, started, time.time(), prog="experiments.modern_digits")
     results = {"provenance": prov, **results}
-    paths = write_results(results, args.out or args.root)
+    paths = runs.write_results(args.out or args.root, results, markdown(results))
     print(f"modern_digits: {len(results['runs'])} runs; wrote {' and '.join(paths)}", flush=True)
     return 0
 

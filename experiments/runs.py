@@ -188,6 +188,21 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     tmp.replace(path)
 
 
+RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
+
+
+def write_results(out_dir: str | os.PathLike, results: Any, markdown: str) -> tuple[str, str]:
+    """An experiment's ``OUT/results.json`` (``results``) and ``OUT/results.md``
+    (``markdown``), each written whole; returns their paths."""
+    out = epath.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / RESULTS_JSON, results)
+    tmp = out / (RESULTS_MD + ".tmp")
+    tmp.write_text(markdown)
+    tmp.replace(out / RESULTS_MD)
+    return os.fspath(out / RESULTS_JSON), os.fspath(out / RESULTS_MD)
+
+
 # --------------------------------------------------------------------------- #
 # Command lines: JAX flags, config overrides, one-line errors
 # --------------------------------------------------------------------------- #
