@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from configs import cifar10, cifar10_preact, imagenet, imagenet_modern
+from configs import cifar10, cifar10_preact, cifar10_wrn, imagenet, imagenet_modern
 from resnet_jax.training import checkpoints, loop, recipe
 from resnet_jax.training import checks as config_checks
 from resnet_jax.training import steps as train_steps
@@ -139,6 +139,18 @@ def test_preact_recipe_is_the_cifar_recipe_with_warm_up_on_the_bottleneck_net():
     model = recipe.model_from_config(c, 10)
     assert model.preact and model.block_cls.__name__ == "BottleneckBlock"
     assert model.stage_sizes == (18, 18, 18) and model.variant == "v1"
+
+
+def test_wrn_recipe_is_the_authors_200_epochs_with_decays_of_0_2():
+    c = cifar10_wrn.get_config()
+    config_checks.validate_config(c, 1)
+    assert c.num_train_steps == 200 * 390 and not c.nesterov and c.weight_decay == 5e-4
+    lr = recipe.create_learning_rate_fn(c)
+    for step, want in [(0, 0.1), (23_399, 0.1), (23_400, 0.02), (46_800, 0.004), (62_400, 8e-4)]:
+        assert float(lr(step)) == pytest.approx(want), step
+    model = recipe.model_from_config(c, 10)
+    assert model.preact and model.block_cls.__name__ == "BasicBlock"
+    assert model.stage_sizes == (4, 4, 4)
 
 
 def test_weight_decay_is_l2_and_can_exclude_batchnorm_and_biases():
