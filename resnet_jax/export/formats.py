@@ -46,10 +46,11 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PLATFORMS = ("cpu", "cuda", "tpu")
 
 
-def _float32_variables(variables: Any) -> dict[str, Any]:
-    """The ``params`` and ``batch_stats`` of ``variables``, as float32 numpy arrays."""
+def _float32_variables(variables: Any, xp: Any = np) -> dict[str, Any]:
+    """The ``params`` and ``batch_stats`` of ``variables`` as float32 arrays of
+    ``xp`` (numpy, or jax.numpy where they may be traced)."""
     return {
-        k: jax.tree.map(lambda a: np.asarray(a, np.float32), variables[k])
+        k: jax.tree.map(lambda a: xp.asarray(a, xp.float32), variables[k])
         for k in ("params", "batch_stats")
         if k in variables
     }
@@ -81,7 +82,7 @@ def serving_function(
     if getattr(module, "materialize", False):
         fields["materialize"] = False  # a trainer's fusion boundary, not part of the function
     net = module.clone(**fields)
-    variables = jax.tree.map(jnp.asarray, _float32_variables(variables))
+    variables = _float32_variables(variables, jnp)
     mean32 = np.asarray(mean, np.float32)
     std32 = np.asarray(std, np.float32)
 
