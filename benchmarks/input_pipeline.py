@@ -46,6 +46,7 @@ Without ``--config.data_dir`` it writes and prepares a miniature ImageNet
 from __future__ import annotations
 
 import ast
+import gc
 import importlib.util
 import json
 import logging
@@ -386,6 +387,11 @@ def measure_torch(
     row["rss_mb"] = rss_mb(with_children=True)
     row["pss_mb"] = rss_mb(with_children=True, kind="pss")
     row["first_batch_s"] = first
+    # The workers stop now, not at interpreter exit, where they aborted
+    # ("terminate called without an active exception").
+    batches.close()
+    del batches
+    gc.collect()
     return row
 
 

@@ -129,13 +129,44 @@ def augment(image, seed, policy: str, num_ops: int = 2, magnitude: int = 9):
     with replacement, each at magnitude bin ``magnitude`` (0..30);
     ``"trivialaugment"``: one op, its bin drawn uniformly. A signed op's
     magnitude is negated with probability 1/2. ``""``: the image unchanged.
-    Works in graph mode (``tf.data.Dataset.map``): the op is a ``tf.switch_case``.
+    Works in graph mode (``tf.data.Dataset.map``): each op is a
+    ``tf.switch_case`` over :data:`OPS`, whose branches but
+    :data:`UNCOMPILED_OPS` are XLA-compiled: XLA fuses an op's whole-image
+    passes into one loop, 2-3x faster on the CPU than TensorFlow's kernels
+    one by one.
     """
     import tensorflow as tf  # lazy: only after configure_tensorflow()
 
     check(policy, num_ops, magnitude)
     if not policy:
         return image
+    image = tf.convert_to_tensor(image)
+    _check_image(image)
+    return _augment_image(image, sample_ops(seed, policy, num_ops, magnitude), policy)
+
+
+# The blends (ratio * x + (1 - ratio) * other) stay TensorFlow kernels: XLA:CPU
+# contracts a product and a sum into one fused multiply-add, which rounds once
+# where torch rounds twice and moves truncated uint8 pixels by 1.
+UNCOMPILED_OPS = frozenset({"Brightness", "Color", "Contrast", "Sharpness"})
+
+
+@functools.cache
+def _op(name: str):
+    """Op ``name`` of :data:`OPS` as ``f(x, magnitude, exact)``: an
+    XLA-compiled ``tf.function`` (made once per process, compiled once per
+    image shape), or the plain function for :data:`UNCOMPILED_OPS`."""
+    import tensorflow as tf  # lazy: only after configure_tensorflow()
+
+    fn = _OP_FNS[name]
+    return fn if name in UNCOMPILED_OPS else tf.function(fn, jit_compile=True)
+
+
+def _augment_image(image, draws, policy: str):
+    """:func:`augment`'s image work: the ops of ``draws`` (rows of
+    :func:`sample_ops`) applied in turn."""
+    import tensorflow as tf  # lazy: only after configure_tensorflow()
+
     h, w, c = image.shape
     x, exact = _to_float(image)
     space = augmentation_space(policy, h, w)
@@ -144,11 +175,11 @@ def augment(image, seed, policy: str, num_ops: int = 2, magnitude: int = 9):
         tf.float64,
     )
     signed = tf.constant([space[op][1] for op in OPS])
-    for row in tf.unstack(sample_ops(seed, policy, num_ops, magnitude)):
+    for row in tf.unstack(draws):
         op, bin_, negate = tf.unstack(row)
         value = tf.gather_nd(table, tf.stack([op, bin_]))
         value = tf.where((negate == 1) & tf.gather(signed, op), -value, value)
-        branches = [functools.partial(_OP_FNS[name], x, value, exact) for name in OPS]
+        branches = [functools.partial(_op(name), x, value, exact) for name in OPS]
         x = tf.ensure_shape(tf.switch_case(op, branches), (h, w, c))
     return _from_float(x, image.dtype)
 
@@ -185,22 +216,29 @@ def apply_op(image, op_name: str, magnitude):
 
     if op_name not in _OP_FNS:
         raise ValueError(f"unknown op {op_name!r}; valid: {', '.join(OPS)}")
+    image = tf.convert_to_tensor(image)
+    _check_image(image)
     x, exact = _to_float(image)
-    return _from_float(_OP_FNS[op_name](x, tf.cast(magnitude, tf.float64), exact), image.dtype)
+    return _from_float(_op(op_name)(x, tf.cast(magnitude, tf.float64), exact), image.dtype)
+
+
+def _check_image(image) -> None:
+    """Raises for an image :func:`augment` and :func:`apply_op` do not take."""
+    import tensorflow as tf  # lazy: only after configure_tensorflow()
+
+    if image.shape.rank != 3 or image.shape[-1] not in (1, 3) or not image.shape.is_fully_defined():
+        raise ValueError(f"expected an (H, W, 1 or 3) image of static shape, got {image.shape}")
+    if image.dtype not in (tf.uint8, tf.float32):
+        raise TypeError(f"expected a uint8 or float32 image, got {image.dtype.name}")
 
 
 def _to_float(image):
     """(float32 pixels clipped to [0, 255], whether they are uint8 ones)."""
     import tensorflow as tf  # lazy: only after configure_tensorflow()
 
-    image = tf.convert_to_tensor(image)
-    if image.shape.rank != 3 or image.shape[-1] not in (1, 3):
-        raise ValueError(f"expected an (H, W, 1 or 3) image, got shape {image.shape}")
     if image.dtype == tf.uint8:
         return tf.cast(image, tf.float32), True
-    if image.dtype == tf.float32:
-        return tf.clip_by_value(image, 0.0, 255.0), False
-    raise TypeError(f"expected a uint8 or float32 image, got {image.dtype.name}")
+    return tf.clip_by_value(image, 0.0, 255.0), False
 
 
 def _from_float(x, dtype):
@@ -349,7 +387,8 @@ def _sharpness(x, m, exact):
         return x
     kernel = np.ones((3, 3, 1, 1), np.float32)
     kernel[1, 1] = 5.0
-    # One depthwise convolution: the sums of integer pixels are exact in float32.
+    # One depthwise convolution (nine shifted slices cost 3x as much): the
+    # sums of integer pixels are exact in float32.
     total = tf.nn.depthwise_conv2d(x[None], np.tile(kernel, (1, 1, c, 1)), [1, 1, 1, 1], "VALID")
     # total / 13 is never within 1/26 of a tie: rounding it matches torch's
     # float32 convolution rounded to uint8.
@@ -406,10 +445,10 @@ def _equalize(x, m, exact):
     h, w, c = x.shape
     values = tf.cast(_as_uint8(x, exact), tf.int32)
     index = values + 256 * tf.range(c, dtype=tf.int32)  # (H, W, C): channel c's bins
-    hist = tf.reshape(
-        tf.math.bincount(tf.reshape(index, [-1]), minlength=256 * c, maxlength=256 * c),
-        [c, 256],
+    counts = tf.raw_ops.DenseBincount(  # tf.math.bincount's, with a static size (XLA)
+        input=tf.reshape(index, [-1]), size=256 * c, weights=tf.zeros([0], tf.int32)
     )
+    hist = tf.reshape(counts, [c, 256])
     top = tf.reduce_max(tf.reshape(values, [-1, c]), axis=0)
     top_count = tf.gather(hist, top, batch_dims=1)
     step = (h * w - top_count) // 255  # (C,)
