@@ -273,7 +273,9 @@ def _affine(x, matrix):
             tf.float32,
         )
     )
-    i, j = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij")
+    i, j = np.meshgrid(
+        np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij"
+    )
     sx = t[0] * j + t[1] * i + t[2]
     sy = t[3] * j + t[4] * i + t[5]
     # std::round: half away from zero; a source at -0.5 rounds to -1 (outside).
