@@ -124,6 +124,11 @@ def base_config() -> ml_collections.ConfigDict:
     # torchvision's RandomErasing(p=random_erasing): one rectangle of 2-33% of
     # the image, aspect 0.3-3.3, set to 0 after normalisation (the mean pixel).
     c.random_erasing = 0.0
+    # Repeated augmentation (Hoffer et al. 2020; torchvision's and DeiT's
+    # RASampler): each training example r times in a row, augmented apart, in
+    # the same global batch; an epoch keeps its length (1/r of the examples,
+    # r times each). 1: off. Host pipelines only.
+    c.repeated_augmentation = 1
     c.skip_nonfinite_steps = False
     # Fine-tuning (resnet_jax/finetune.py, configs/finetune.py)
     # A resnet_jax workdir (its newest checkpoint's params and batch_stats) or a

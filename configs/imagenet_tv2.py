@@ -22,8 +22,11 @@ and the defaults of torchvision's ``references/classification/train.py``
   32 steps and 600 epochs that is the ``ema_decay`` below (per update);
 - the warm-up starts at 0, not at ``0.01 * lr`` (this trainer's cosine
   warm-up); over 5 epochs the difference is 1% of the first step's rate;
-- repeated augmentation (``--ra-sampler --ra-reps 4``) is not implemented:
-  every example is seen once an epoch;
+- repeated augmentation (``--ra-sampler --ra-reps 4``): the four copies of
+  an example are consecutive examples of one global batch, where
+  torchvision's ``RASampler`` deals them to four of its eight GPUs at the same
+  step; with ``bn_groups`` set, a group's BatchNorm statistics then see each
+  image four times;
 - the training crop's resize is bilinear without antialiasing (tf.image),
   torchvision's ``RandomResizedCrop`` on PIL images antialiases.
 """
@@ -59,6 +62,7 @@ def get_config():
     c.mix_switch_prob = 0.5
     c.auto_augment = "trivialaugment"  # --auto-augment ta_wide
     c.random_erasing = 0.1  # --random-erase 0.1
+    c.repeated_augmentation = 4  # --ra-sampler --ra-reps 4
     c.ema_every_steps = _TV_EMA_STEPS
     c.ema_decay = 1.0 - min(1.0, (1.0 - _TV_EMA_DECAY) * _TV_BATCH * _TV_EMA_STEPS / _TV_EPOCHS)
     c.train_crop = "random_resized"  # RandomResizedCrop(176)

@@ -140,7 +140,8 @@ class InMemorySource(_Source):
         epoch_seeds = [epoch_seed(self.config.seed, e) for e in range(epoch, epoch + count)]
         idx = []
         for seed in epoch_seeds:
-            perm = np.random.default_rng(seed).permutation(n)[: spe * B]
+            perm = repeat_examples(np.random.default_rng(seed).permutation(n), self.config)
+            perm = perm[: spe * B]
             # Global batch k is perm[k*B:(k+1)*B]; this host takes slice p of it.
             idx.append(perm.reshape(spe, B)[:, p * b : (p + 1) * b])
         idx = np.concatenate(idx)[offset:].reshape(-1)
@@ -187,6 +188,24 @@ class InMemorySource(_Source):
 
         ds = tf.data.Dataset.from_tensor_slices((self.test.images[lo:hi], self.test.labels[lo:hi]))
         return ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def repeated_augmentation(config) -> int:
+    """``config.repeated_augmentation``: how many times in a row each training
+    example is drawn (1: once an epoch)."""
+    return int(config.get("repeated_augmentation", 1))
+
+
+def repeat_examples(order: np.ndarray, config) -> np.ndarray:
+    """An epoch's example order with each example ``repeated_augmentation``
+    times in a row, as torchvision's ``RASampler`` (from DeiT) orders its
+    indices: ``[a, a, a, b, b, b, ...]``. The epoch keeps its length, so it
+    sees the first 1/r of the shuffled examples, each r times, augmented
+    apart (each copy has its own position, so its own seed). torchvision then
+    deals the copies to r different GPUs of the same step; here they are
+    consecutive examples of the same global batch."""
+    r = repeated_augmentation(config)
+    return order if r == 1 else np.repeat(order, r)[: len(order)]
 
 
 def auto_augment(image, seed, config):
@@ -259,8 +278,12 @@ class ImageNetSource(_Source):
 
         cfg, b = self.config, self.host_batch
         seed = epoch_seed(cfg.seed, epoch)
+        ds = self._load("train", seed)
+        repeats = repeated_augmentation(cfg)
+        if repeats > 1:  # each example `repeats` times in a row, augmented apart
+            ds = ds.flat_map(lambda ex: tf.data.Dataset.from_tensors(ex).repeat(repeats))
         # Skipping before the map: a resume decodes none of the skipped examples.
-        ds = self._load("train", seed).enumerate().skip(offset * b)
+        ds = ds.enumerate().skip(offset * b)
 
         def example(pos, ex):
             example_seed = tf.stack([seed % (2**31), pos])

@@ -125,6 +125,22 @@ def _check_regularisation(config: Any) -> None:
         f"auto_augment={config.auto_augment!r} is part of the training augmentation, which "
         "augment=False turns off: set one of them.",
     )
+    repeats = config.get("repeated_augmentation", 1)
+    _require(
+        isinstance(repeats, int) and not isinstance(repeats, bool) and repeats >= 1,
+        f"repeated_augmentation={repeats!r} must be an integer >= 1 (1: off; "
+        "torchvision's V2 recipe: 4).",
+    )
+    _require(
+        repeats == 1 or not config.device_data,
+        f"repeated_augmentation={repeats} runs in the host input pipeline, not on the "
+        "device-resident fast path: set --config.device_data=False.",
+    )
+    _require(
+        repeats == 1 or config.augment,
+        f"repeated_augmentation={repeats} repeats examples to augment them apart, and "
+        "augment=False turns the augmentation off: set one of them.",
+    )
     _require(
         isinstance(config.init_from_ema, bool) and (config.init_from or not config.init_from_ema),
         "init_from_ema=True takes the EMA weights of the run given by --config.init_from; set it.",

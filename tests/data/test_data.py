@@ -127,6 +127,43 @@ def test_augmentation_differs_between_epochs_and_is_reproduced_on_resume():
     assert_same_batches(take(fresh.train_batches(3), 5), stream[3:8])
 
 
+def test_repeated_augmentation_repeats_each_example_in_a_row_augmented_apart():
+    # 64 examples, batch 16, 4 steps an epoch; r = 4: 16 examples, 4 times each.
+    once = data_lib.InputPipeline(tiny_config(augment=False))
+    plain = data_lib.InputPipeline(tiny_config(augment=False, repeated_augmentation=4))
+    order = [
+        np.concatenate([train_indices(p, b) for b in take(p.train_batches(0), 8)])
+        for p in (once, plain)
+    ]
+    for e in (0, 1):
+        epoch, first = order[1][e * 64 : (e + 1) * 64], order[0][e * 64 : (e + 1) * 64]
+        # The shuffled epoch's first quarter, each example four times in a row.
+        np.testing.assert_array_equal(epoch, np.repeat(first[:16], 4))
+    assert set(order[1][:64].tolist()) != set(order[1][64:].tolist())
+    # Augmented, the copies differ from one another and the stream resumes exactly.
+    pipe = data_lib.InputPipeline(tiny_config(repeated_augmentation=4))
+    stream = take(pipe.train_batches(0), 6)
+    for p, b in zip(take(plain.train_batches(0), 6), stream):
+        np.testing.assert_array_equal(b["label"], p["label"])
+    copies = np.concatenate([b["image"] for b in stream]).reshape(-1, 4, 32 * 32 * 3)
+    distinct = [len({c.tobytes() for c in group}) for group in copies]
+    assert np.mean(distinct) > 3, distinct  # 162 pad-crop-flips: a repeat is rare
+    assert_same_batches(
+        take(data_lib.InputPipeline(tiny_config(repeated_augmentation=4)).train_batches(3), 3),
+        stream[3:6],
+    )
+
+
+def test_imagenet_repeated_augmentation_repeats_in_a_row_and_resumes_exactly():
+    c = tiny_imagenet(repeated_augmentation=3)  # 12 examples: 3 steps of 4 an epoch
+    a = take(data_lib.InputPipeline(c).train_batches(0), 6)
+    labels = np.concatenate([b["label"] for b in a]).reshape(-1, 3)
+    assert (labels == labels[:, :1]).all()  # every example three times in a row
+    images = np.concatenate([b["image"] for b in a]).reshape(len(labels), 3, -1)
+    assert all(len({x.tobytes() for x in group}) == 3 for group in images)  # cropped apart
+    assert_same_batches(take(data_lib.InputPipeline(c).train_batches(4), 2), a[4:])
+
+
 def test_stream_does_not_depend_on_how_epochs_are_grouped_into_pipelines(monkeypatch):
     c = tiny_config(mock_num_examples=37)  # 2 steps per epoch
     stream = take(data_lib.InputPipeline(c).train_batches(1), 7)

@@ -361,6 +361,9 @@ def test_polynomial_schedule_is_mlperfs():
         ({"auto_augment": "trivialaugment", "device_data": True}, "device_data=False"),
         ({"auto_augment": "trivialaugment", "augment": False}, "augment=False"),
         ({"init_from_ema": True}, "init_from_ema=True"),
+        ({"repeated_augmentation": 0}, "repeated_augmentation=0"),
+        ({"repeated_augmentation": 3, "device_data": True}, "device_data=False"),
+        ({"repeated_augmentation": 3, "augment": False}, "augment=False"),
     ],
 )
 def test_every_new_key_is_checked_with_one_line(overrides, words):
