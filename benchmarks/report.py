@@ -98,13 +98,14 @@ def select(lines: list[dict], benchmark: str, filters: dict[str, str]) -> list[d
     ]
 
 
-def newest_per_setting(lines: list[dict], key: Sequence[str]) -> list[dict]:
-    """The newest line of each setting, in the order of the settings."""
+def newest_per_setting(lines: list[dict], key: Sequence[str | Callable[[dict], str]]) -> list[dict]:
+    """The newest line of each setting, in the order of the settings. A key
+    is a result field or a function of the result."""
     newest: dict[tuple, dict] = {}
     for line in lines:
         r = line["result"]
         setting = (hardware(line), r.get("platform"), r.get("devices"), r.get("device_kind"))
-        setting += tuple(_text(r.get(k)) for k in key)
+        setting += tuple(k(r) if callable(k) else _text(r.get(k)) for k in key)
         old = newest.get(setting)
         if old is None or line["provenance"]["time_utc"] >= old["provenance"]["time_utc"]:
             newest[setting] = line
@@ -170,7 +171,7 @@ class Table:
     """One kind of table: the result fields that name a setting, the header
     cells (``>``: right-aligned) and the rows a line makes."""
 
-    key: tuple[str, ...]
+    key: tuple[str | Callable[[dict], str], ...]
     headers: tuple[str, ...]
     rows: Callable[[dict], list[list[str]]]
     benchmark: str | None = None  # the script whose lines it shows (default: the table's name)
@@ -405,6 +406,10 @@ def _accumulation_memory(r: dict) -> list[list[str]]:
     return rows
 
 
+def _option_names(r: dict) -> str:
+    return ",".join(v["variant"] for v in r["variants"])
+
+
 def _option_cost(r: dict) -> list[list[str]]:
     setting = [model(r), str(r["batch_size"]), r["dtype"], devices(r), on_off(r["materialize"])]
     rows = []
@@ -513,7 +518,8 @@ TABLES: dict[str, Table] = {
         _accumulation_memory,
     ),
     "option_cost": Table(
-        ("model", "batch_size", "dtype", "materialize"),
+        # A run of some of the options does not replace one of the others.
+        ("model", "batch_size", "dtype", "materialize", _option_names),
         ("model", ">batch", "dtype", "devices", "materialize", "option", ">images/s")
         + (">relative to the paper's step",),
         _option_cost,
