@@ -258,13 +258,16 @@ def _check_platforms(jax: Any) -> None:
     """Starts JAX's backends; a ``JAX_PLATFORMS`` this machine cannot run is one line."""
     try:
         jax.devices()
-    except RuntimeError as e:
+    # AssertionError: JAX skips a platform whose hardware it cannot see (cuda
+    # without an NVIDIA GPU) and then asserts that it has a default backend.
+    except (RuntimeError, AssertionError) as e:
         asked = os.environ.get("JAX_PLATFORMS")
         if not asked:
             raise  # JAX found no backend of its own accord: not a user's setting
+        reason = one_line(str(e).splitlines()[0])[:200] if str(e) else "no such device here"
         raise UserError(
             f"JAX_PLATFORMS={asked} names a backend JAX cannot start on this machine "
-            f"({one_line(str(e).splitlines()[0])[:200]}); unset it, or install JAX's plugin "
+            f"({reason}); unset it, or install JAX's plugin "
             "for it (docs/accelerators.md#installing-for-gpus-and-tpus)."
         ) from e
 

@@ -102,11 +102,14 @@ def test_command_line_mistakes_are_one_line(tmp_path, args, fragments):
     assert not (tmp_path / "w").exists()
 
 
-def test_a_backend_the_machine_lacks_is_one_line(tmp_path):
+# tpu: no TPU (nor libtpu) here, JAX raises; cuda: no NVIDIA GPU, JAX skips
+# the platform and then fails an assertion.
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_a_backend_the_machine_lacks_is_one_line(tmp_path, platform):
     cmd, env = train_command(tmp_path / "w", *CLI_TINY, devices=1)
-    env["JAX_PLATFORMS"] = "tpu"  # no TPU (nor libtpu) on a CPU machine
+    env["JAX_PLATFORMS"] = platform
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert_one_line_error(out, "JAX_PLATFORMS=tpu names a backend", "unset it")
+    assert_one_line_error(out, f"JAX_PLATFORMS={platform} names a backend", "unset it")
     assert not (tmp_path / "w").exists()
 
 
