@@ -380,6 +380,36 @@ def test_report_builds_tables_from_the_newest_line_of_each_setting(synthetic):
     assert report.NO_RUN in text.split("<!-- table:cifar_fast -->")[1]
 
 
+def _option_cost_result(variants: dict[str, float]) -> dict:
+    rows = [
+        {"variant": name, "images_per_sec": {"median": x, "min": x, "max": x, "n": 1}}
+        for name, x in variants.items()
+    ]
+    for row in rows:
+        row["relative_to_baseline"] = row["images_per_sec"]["median"] / variants["baseline"]
+    return {"model": "resnet20", "batch_size": 128, "dtype": "float32", "materialize": True}, rows
+
+
+def test_report_keeps_an_option_cost_run_of_other_options_beside_a_newer_one(tmp_path):
+    def line(variants, at, **extra):
+        result, rows = _option_cost_result(variants)
+        result.update(variants=rows, devices=1, platform="cpu", device_kind="cpu")
+        return synthetic_line("option_cost", result, f"2026-11-24T{at}:00+00:00")
+
+    lines = [
+        line({"baseline": 100.0, "accum2": 3.0}, "10:00"),
+        line({"baseline": 110.0, "ema": 99.0}, "11:00"),
+        line({"baseline": 120.0, "ema": 111.0}, "12:00"),  # replaces 11:00's run
+    ]
+    results, markdown = tmp_path / "results.jsonl", tmp_path / "BENCHMARKS.md"
+    results.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    markdown.write_text("<!-- table:option_cost -->\n<!-- /table -->\n")
+    assert report.main([f"--results={results}", f"--markdown={markdown}"]) == 0
+    text = markdown.read_text()
+    assert "| accum2 | 3.00 | 0.03 |" in text  # the 10:00 run of other options stays
+    assert "| ema | 111 | 0.93 |" in text and "| 99.0 |" not in text
+
+
 def test_report_check_fails_until_the_tables_are_regenerated(synthetic, capsys):
     results, markdown = synthetic
     args = [f"--results={results}", f"--markdown={markdown}"]
