@@ -38,6 +38,7 @@ from resnet_jax.models.layers import (
 )
 
 STEMS = ("imagenet", "cifar", "deep")
+STRIDE_BLOCKS = ("first", "last")
 # The ResNet fields a block receives, each only where the block declares it.
 BLOCK_FIELDS = (
     "variant",
@@ -87,6 +88,7 @@ def _check_resnet_fields(m: ResNet) -> None:
             "'cifar' (3x3 conv) or 'deep' (three 3x3 convs + 3x3/2 max-pool, ResNet-C/D)."
         )
     _check_family_fields(m)
+    _check_layout_fields(m)
     if not isinstance(m.num_classes, int) or m.num_classes < 0:
         raise ValueError(
             f"num_classes must be an int >= 0 (0 drops the classifier), got {m.num_classes!r}."
@@ -163,6 +165,22 @@ def _check_family_fields(m: ResNet) -> None:
         )
 
 
+def _check_layout_fields(m: ResNet) -> None:
+    """Raises ValueError for the layout options (where the stride sits, the
+    stem's bias and max-pool padding) that name no network."""
+    if m.stride_block not in STRIDE_BLOCKS:
+        raise ValueError(
+            f"Unknown stride_block {m.stride_block!r}; valid: 'first' (the paper's: every "
+            "stage after the first starts with the strided block) or 'last' (Keras' "
+            "ResNetV2: every stage but the last ends with it)."
+        )
+    for field in ("stem_bias", "stem_pool_zeros"):
+        if not isinstance(getattr(m, field), bool):
+            raise ValueError(f"{field} must be True or False, got {getattr(m, field)!r}.")
+    if m.stem_pool_zeros and m.stem == "cifar":
+        raise ValueError("stem_pool_zeros=True pads the stem's max-pool; stem='cifar' has none.")
+
+
 def _check_dtype(dtype: Any, field: str) -> None:
     try:
         kind = jnp.dtype(dtype)
@@ -223,6 +241,20 @@ class ResNet(nn.Module):
       dtype: compute dtype (e.g. ``jnp.bfloat16``). BatchNorm statistics, the
         pooled features and the logits stay float32.
       param_dtype: storage dtype of the parameters.
+      stride_block: ``'first'`` (the paper's, and every other
+        implementation's: each stage after the first starts with the strided
+        block) or ``'last'`` (Keras' ``ResNet50V2``/``101V2``/``152V2``: each
+        stage but the last ends with it, and that block's identity shortcut
+        is subsampled, Keras' 1x1 max-pool of the stride, which keeps the
+        top-left pixel of each window). The strides and output sizes are the
+        same; ``Features.stages`` then holds each stage's output after its
+        stride.
+      stem_bias: a bias in the stem's first convolution (Keras' ResNetV2; in
+        its v1 the bias is followed by BatchNorm and folds into it).
+      stem_pool_zeros: pad the stem's 3x3/2 max-pool with zeros (Keras'
+        ``ZeroPadding2D``) instead of leaving the padding out (PyTorch's and
+        Flax's). The two differ only where the pooled values can be negative,
+        as in a pre-activation stem, which has no ReLU before the pool.
       act: the activation function (ReLU).
       materialize: in training, pass every activation through
         :func:`materialize` (an identity XLA cannot fuse across) so that the
@@ -248,6 +280,9 @@ class ResNet(nn.Module):
     drop_path_rate: float = 0.0
     dropout_rate: float = 0.0
     zero_init_residual: bool = False
+    stride_block: str = "first"
+    stem_bias: bool = False
+    stem_pool_zeros: bool = False
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     bn_groups: int = 1
@@ -284,9 +319,7 @@ class ResNet(nn.Module):
         if train:
             check_batch_divides(x.shape[0], self.bn_groups, "bn_groups")
         conv, norm, act = self._layers(train)
-        x = _stem(
-            jnp.asarray(x, self.dtype), self.stem, self.stem_width, conv, norm, act, self.preact
-        )
+        x = _stem(jnp.asarray(x, self.dtype), self, conv, norm, act)
         stem = x
         stages = []
         block_options = self._block_options(train)
@@ -296,14 +329,15 @@ class ResNet(nn.Module):
             for j in range(size):
                 if self.drop_path_rate:
                     block_options["drop_path"] = self.drop_path_rate * index / max(total - 1, 1)
+                strides, options = self._block_stride(i, j, size, block_options)
                 x = self.block_cls(
                     width,
                     conv=conv,
                     norm=norm,
                     act=act,
-                    strides=2 if i > 0 and j == 0 else 1,
+                    strides=strides,
                     name=f"stage{i + 1}_block{j + 1}",
-                    **block_options,
+                    **options,
                 )(x)
                 index += 1
             stages.append(x)
@@ -345,6 +379,22 @@ class ResNet(nn.Module):
         )
         act = materialized(self.act) if train and self.materialize else self.act
         return conv, norm, act
+
+    @nn.nowrap
+    def _block_stride(
+        self, stage: int, block: int, size: int, options: dict[str, Any]
+    ) -> tuple[int, dict[str, Any]]:
+        """The stride of block ``block`` of stage ``stage`` (of ``size`` blocks),
+        and its options: with ``stride_block='last'`` a strided block whose
+        channels do not change subsamples its identity shortcut (option A with
+        no channels to pad; where the channels change, the projection strides)."""
+        if self.stride_block == "first":
+            return (2 if stage > 0 and block == 0 else 1), options
+        if stage == len(self.stage_sizes) - 1 or block != size - 1:
+            return 1, options
+        if size > 1 and self.shortcut == "B":
+            return 2, dict(options, shortcut="A")
+        return 2, options
 
     @nn.nowrap
     def _block_options(self, train: bool) -> dict[str, Any]:
@@ -393,18 +443,29 @@ def _check_input(x: jax.Array, params: Mapping[str, Any]) -> None:
         )
 
 
-def _stem(x: jax.Array, kind: str, width: int, conv, norm, act, preact: bool) -> jax.Array:
-    """The stem, in the calling module's scope (``stem_conv``, ``stem_bn``; the
-    deep stem's later convolutions ``stem_conv2``/``3``, ``stem_bn2``/``3``)."""
-    if kind == "deep":
-        x = act(norm(name="stem_bn")(conv(width // 2, (3, 3), strides=2, name="stem_conv")(x)))
+def _stem(x: jax.Array, m: ResNet, conv, norm, act) -> jax.Array:
+    """The stem of ``m``, in its scope (``stem_conv``, ``stem_bn``; the deep
+    stem's later convolutions ``stem_conv2``/``3``, ``stem_bn2``/``3``)."""
+    width = m.stem_width
+    bias = dict(use_bias=True) if m.stem_bias else {}
+    if m.stem == "deep":
+        x = conv(width // 2, (3, 3), strides=2, name="stem_conv", **bias)(x)
+        x = act(norm(name="stem_bn")(x))
         x = act(norm(name="stem_bn2")(conv(width // 2, (3, 3), name="stem_conv2")(x)))
         x = act(norm(name="stem_bn3")(conv(width, (3, 3), name="stem_conv3")(x)))
-        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    if kind == "imagenet":
-        x = conv(width, (7, 7), strides=2, name="stem_conv")(x)
-        if not preact:
+        return _stem_pool(x, m.stem_pool_zeros)
+    if m.stem == "imagenet":
+        x = conv(width, (7, 7), strides=2, name="stem_conv", **bias)(x)
+        if not m.preact:
             x = act(norm(name="stem_bn")(x))
-        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    x = conv(width, (3, 3), name="stem_conv")(x)
-    return x if preact else act(norm(name="stem_bn")(x))
+        return _stem_pool(x, m.stem_pool_zeros)
+    x = conv(width, (3, 3), name="stem_conv", **bias)(x)
+    return x if m.preact else act(norm(name="stem_bn")(x))
+
+
+def _stem_pool(x: jax.Array, zeros: bool) -> jax.Array:
+    """The stem's 3x3/2 max-pool, its one-pixel padding left out or (``zeros``) zeros."""
+    if zeros:
+        x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))

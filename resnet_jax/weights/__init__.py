@@ -1,6 +1,7 @@
 """Converters between other frameworks' ResNet weights and ``(module, variables)``.
 
-* :func:`from_keras`: a ``keras.applications`` ResNet50/101/152 (v1) object.
+* :func:`from_keras`: a ``keras.applications`` ResNet50/101/152 (v1) or
+  ResNet50V2/101V2/152V2 object.
 * :func:`from_torchvision`: torchvision's ``resnet*``, ``resnext*`` and
   ``wide_resnet*`` state dicts (and timm's, which share the naming), and the
   option-A CIFAR ResNets of most PyTorch reproductions.

@@ -91,7 +91,8 @@ class Preprocessing:
 # (ResNet*_Weights.IMAGENET1K_V1/V2.transforms()), the image processor of
 # microsoft/resnet-* (ConvNext's: shorter side 224 / crop_pct 0.875, bicubic),
 # akamaster/pytorch_resnet_cifar10 (ImageNet statistics on 32x32 images) and
-# keras.applications.resnet.preprocess_input (Caffe's BGR mean, no scaling).
+# keras.applications.resnet.preprocess_input (Caffe's BGR mean, no scaling)
+# and keras.applications.resnet_v2.preprocess_input (x / 127.5 - 1, RGB).
 PREPROCESSING: dict[str, Preprocessing] = {
     "torchvision": Preprocessing(resize=256, crop=224, interpolation="bilinear"),
     "torchvision-v2": Preprocessing(resize=232, crop=224, interpolation="bilinear"),
@@ -104,6 +105,7 @@ PREPROCESSING: dict[str, Preprocessing] = {
         crop=224,
         channels="BGR",
     ),
+    "keras-v2": Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize=256, crop=224),
 }
 
 

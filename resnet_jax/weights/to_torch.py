@@ -92,6 +92,11 @@ def _check_exportable(module: ResNet) -> None:
     ):
         if getattr(module, field):
             problems.append(f"{what} (timm's layout: not a torchvision architecture)")
+    if module.stride_block != "first":
+        problems.append(f"stride_block {module.stride_block!r} (Keras' ResNetV2 layout)")
+    for field in ("stem_bias", "stem_pool_zeros"):
+        if getattr(module, field):
+            problems.append(f"{field}=True (Keras' ResNetV2 layout)")
     if module.block_cls is BasicBlock and (module.groups != 1 or module.base_width != 64):
         problems.append("grouped or widened basic blocks (torchvision's BasicBlock has neither)")
     if not math.isclose(module.bn_epsilon, TORCH_BN_EPSILON, rel_tol=1e-6):

@@ -186,6 +186,54 @@ def test_the_later_options_are_refused_where_they_name_no_network():
         rj.create_model("wrn27_10")
 
 
+def test_keras_v2_layout_moves_the_stride_to_each_stages_last_block():
+    def net(**layout):
+        return rj.ResNet(
+            stage_sizes=(2, 3, 1),
+            block_cls=rj.BottleneckBlock,
+            widths=(4, 8, 16),
+            stem_width=4,
+            num_classes=0,
+            preact=True,
+            variant="v1.5",
+            **layout,
+        )
+
+    x = jnp.ones((1, 32, 32, 3))
+    v = net().init(jax.random.key(0), x)
+    first = net().apply(v, x, features=True)
+    last = net(stride_block="last").apply(v, x, features=True)
+    assert [s.shape[1] for s in first.stages] == [8, 4, 2]
+    assert [s.shape[1] for s in last.stages] == [4, 2, 2]  # stage 3 has no stride
+    assert first.pooled.shape == last.pooled.shape
+    # The same variables: the strided last blocks subsample their identity shortcut.
+    assert jax.tree.structure(net(stride_block="last").init(jax.random.key(0), x)) == (
+        jax.tree.structure(v)
+    )
+    # A zero-padded stem pool differs from PyTorch's only where values are negative.
+    neg = -jnp.ones((1, 16, 16, 3)) * jnp.arange(16.0)[:, None, None]
+    vb = net(stem_bias=True).init(jax.random.key(1), neg)
+    assert vb["params"]["stem_conv"]["bias"].shape == (4,)
+    a = net(stem_bias=True).apply(vb, neg, features=True).stem
+    b = net(stem_bias=True, stem_pool_zeros=True).apply(vb, neg, features=True).stem
+    assert bool(jnp.all(b >= a)) and bool(jnp.any(b > a)) and float(b.min()) <= 0 <= float(b.max())
+    with pytest.raises(ValueError, match="Unknown stride_block 'middle'"):
+        net(stride_block="middle")
+    with pytest.raises(ValueError, match="stem_bias must be True or False"):
+        net(stem_bias=1)
+    with pytest.raises(ValueError, match="stem='cifar' has none"):
+        rj.ResNet(
+            stage_sizes=(1,),
+            block_cls=rj.BasicBlock,
+            widths=(4,),
+            stem="cifar",
+            stem_pool_zeros=True,
+        )
+    resnet50 = rj.create_model("resnet50", variant="v1.5")
+    with pytest.raises(ValueError, match="stride_block 'last'.*stem_bias=True"):
+        rj.weights.to_torchvision(resnet50.copy(stride_block="last", stem_bias=True), {})
+
+
 def _drop_path_model(rate):
     return rj.ResNet(
         stage_sizes=(2, 2),
