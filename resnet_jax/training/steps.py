@@ -157,6 +157,31 @@ def train_step(
     target = targets(labels, num_classes, label_smoothing)
     images, target = _augment(augment_key, state.step, images, target, random_erasing, mix)
 
+    grad_fn = jax.value_and_grad(_loss_fn(state, freeze_bn_stats), has_aux=True)
+    step_rng = None if dropout_key is None else jax.random.fold_in(dropout_key, state.step)
+    if k == 1:
+        (loss, (logits, batch_stats)), grads = grad_fn(state.params, images, target, step_rng)
+        correct = jnp.mean(jnp.argmax(logits, -1) == labels)
+    else:
+        loss, correct, grads, batch_stats = _accumulate(
+            grad_fn, state, images, target, labels, step_rng, k, micro_batch_sharding
+        )
+    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    new_state, finite = _finish(state, new_state, loss, grads, skip_nonfinite, ema)
+    metrics = {
+        "loss": loss,
+        "accuracy": correct,
+        "learning_rate": learning_rate_fn(state.step),
+        "finite": finite.astype(jnp.float32),
+    }
+    return new_state, metrics
+
+
+def _loss_fn(state: TrainState, freeze_bn_stats: bool) -> Callable:
+    """``loss_fn(params, images, target, rng) -> (loss, (logits, batch_stats))``:
+    the mean cross-entropy of ``state``'s network against ``target``, in
+    training mode (or, with ``freeze_bn_stats``, inference mode)."""
+
     def loss_fn(params, images, target, rng):
         variables = {"params": params, "batch_stats": state.batch_stats}
         if freeze_bn_stats:
@@ -171,18 +196,14 @@ def train_step(
         loss = soft_cross_entropy(logits, target).mean()
         return loss, (logits, stats)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    step_rng = None if dropout_key is None else jax.random.fold_in(dropout_key, state.step)
-    if k == 1:
-        (loss, (logits, batch_stats)), grads = grad_fn(state.params, images, target, step_rng)
-        correct = jnp.mean(jnp.argmax(logits, -1) == labels)
-    else:
-        loss, correct, grads, batch_stats = _accumulate(
-            grad_fn, state, images, target, labels, step_rng, k, micro_batch_sharding
-        )
-    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    # Finite loss, gradients and updated parameters (a finite gradient times a
-    # huge learning rate can still overflow).
+    return loss_fn
+
+
+def _finish(state, new_state, loss, grads, skip_nonfinite, ema):
+    """``(new_state, finite)``: whether loss, gradients and updated parameters
+    are finite (a finite gradient times a huge learning rate can still
+    overflow), the update undone where not and ``skip_nonfinite``, and the EMA
+    advanced."""
     finite = jnp.isfinite(loss) & jnp.all(
         jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((grads, new_state.params))])
     )
@@ -192,13 +213,7 @@ def train_step(
         new_state = new_state.replace(
             ema=ema_update(state.ema, new_state.params, new_state.batch_stats, new_state.step, ema)
         )
-    metrics = {
-        "loss": loss,
-        "accuracy": correct,
-        "learning_rate": learning_rate_fn(state.step),
-        "finite": finite.astype(jnp.float32),
-    }
-    return new_state, metrics
+    return new_state, finite
 
 
 def _augment(key, step, images, target, random_erasing, mix):

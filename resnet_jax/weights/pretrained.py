@@ -13,6 +13,17 @@ function of resnet_jax that touches the network; the converters of
   (``check_hash=True``), into torch.hub's cache (``$TORCH_HOME``), shared
   with torchvision.
 
+Hub files go through ``huggingface_hub.hf_hub_download`` into its cache
+(``$HF_HUB_CACHE``, default ``$HF_HOME/hub``), with its progress bar, its
+token (``HF_TOKEN`` or ``hf auth login``) and its checks: it asks the hub for
+each file's commit and checksum (a HEAD request) and downloads only a file it
+lacks. With ``HF_HUB_OFFLINE=1`` the cached files are used without a request,
+and so they are when the hub cannot be reached. Files cached by transformers
+or timm are the same files, used as they are. All files of one call come from
+one commit: the one the first (``config.json``) resolves to. Every hub file
+read is checked against the checksum its cache entry is named by (the sha256,
+or git blob sha1, the hub sent): a corrupt one is refused, naming it.
+
 Both libraries are imported inside the functions that use them, so
 ``import resnet_jax`` still needs only jax and flax. Every failure is one
 line (:class:`~resnet_jax.errors.UserError`) naming the file and what to do.
@@ -131,16 +142,8 @@ def pretrained(
       names, where resnet_jax names it too) with
       ``Preprocessing.from_timm(config['pretrained_cfg'])``.
 
-    Hub files go through ``huggingface_hub.hf_hub_download`` into its cache
-    (``$HF_HUB_CACHE``, default ``$HF_HOME/hub``), with its progress bar, its
-    token (``HF_TOKEN`` or ``hf auth login``) and its checks: it asks the hub
-    for each file's commit and checksum (a HEAD request) and downloads only a
-    file it lacks. With ``HF_HUB_OFFLINE=1`` the cached files are used without
-    a request, and so they are when the hub cannot be reached. Files cached
-    by transformers or timm are the same files, used as they are. All files of one call come from one commit: the
-    one the first (``config.json``) resolves to. Every hub file read is checked
-    against the checksum its cache entry is named by (the sha256, or git blob
-    sha1, the hub sent): a corrupt one is refused, naming it.
+    Hub files: as the module's documentation says (huggingface_hub's cache,
+    token and offline mode; one commit per call; checksums checked).
 
     Args:
       name: the model, as above.
@@ -173,14 +176,7 @@ def pretrained(
         a checksum mismatch), naming the file and how to get it; a cached
         file that is corrupt, naming it; or a cache that cannot be written.
     """
-    allowed = {"num_classes", "preprocessing", *CONVERTER_OPTIONS}
-    unknown = sorted(set(options) - allowed - ({"config"} if source == "huggingface" else set()))
-    if unknown:
-        gone = " (timeout= is gone: set HF_HUB_ETAG_TIMEOUT / HF_HUB_DOWNLOAD_TIMEOUT)"
-        raise UserError(
-            f"pretrained: unknown option(s) {unknown}{gone if 'timeout' in unknown else ''}; "
-            f"valid: weights, revision, endpoint, cache_dir, {', '.join(sorted(allowed))}."
-        )
+    _check_options(source, options)
     cache = os.fspath(cache_dir) if cache_dir is not None else None
     if source == "torchvision":
         if revision != "main":
@@ -193,6 +189,18 @@ def pretrained(
     if source == "timm":
         return _timm(name, revision, endpoint, cache, options)
     raise UserError(f"pretrained: unknown source {source!r}; valid: {', '.join(SOURCES)}.")
+
+
+def _check_options(source: str, options: dict[str, Any]) -> None:
+    """Raises UserError for a converter option ``pretrained`` does not pass on."""
+    allowed = {"num_classes", "preprocessing", *CONVERTER_OPTIONS}
+    unknown = sorted(set(options) - allowed - ({"config"} if source == "huggingface" else set()))
+    if unknown:
+        gone = " (timeout= is gone: set HF_HUB_ETAG_TIMEOUT / HF_HUB_DOWNLOAD_TIMEOUT)"
+        raise UserError(
+            f"pretrained: unknown option(s) {unknown}{gone if 'timeout' in unknown else ''}; "
+            f"valid: weights, revision, endpoint, cache_dir, {', '.join(sorted(allowed))}."
+        )
 
 
 # --------------------------------------------------------------------------- #
