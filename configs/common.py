@@ -99,8 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.adam_b2 = 0.999
     c.adam_eps = 1e-8
     # >1: batch_size (one update's global batch) is split into this many
-    # consecutive micro-batches whose mean gradient makes the update: the same
-    # losses as bn_groups=k on the whole batch, with a micro-batch's activations.
+    # interleaved micro-batches (examples j, j+k, ...) whose mean gradient makes
+    # the update: the same losses as bn_groups=k on the batch reordered micro-batch
+    # by micro-batch, with a micro-batch's activations.
     c.grad_accum_steps = 1
     # >0: an exponential moving average of the parameters and BatchNorm
     # statistics, updated every ema_every_steps steps with this decay (per
