@@ -3,9 +3,11 @@
     python -m experiments.plot_curves ROOT --out ROOT/fig6.png [--ymax 20]
     python -m experiments.plot_curves ROOT --out ROOT/fig1.png --models plain20,plain56
 
-Plain networks in the left panel, ResNets in the right one; per depth, the
-training error dashed and the test (ImageNet: validation) error bold, each the
-mean over the seeds at the steps every seed logged. Read from the runs'
+Plain networks in the left panel, ResNets in the right one (Fig. 4 and 6); or,
+when every model drawn is of one kind (``--models plain20,plain56``), Fig. 1's
+layout: training error left, test error right. Per depth, the training error
+dashed and the test (ImageNet: validation) error bold, each the mean over the
+seeds at the steps every seed logged. Read from the runs'
 ``metrics.jsonl`` under ROOT (any workdirs named or configured as
 ``plainN``/``resnetN``, e.g. ImageNet plain18/34 against resnet18/34 for Fig. 4).
 
@@ -150,8 +152,13 @@ def _auto_ymax(models: dict) -> float:
     return min(100.0, max(1.0, 1.2 * max(tails))) if tails else 100.0
 
 
+PANELS = {"plain": "plain networks", "resnet": "ResNets", "preact": "pre-activation ResNets"}
+
+
 def plot(models: dict, out: str, ymax: float | None = None, title: str | None = None) -> None:
-    """Draws the two panels into ``out`` (PNG, FIGSIZE x DPI pixels)."""
+    """Draws the panels into ``out`` (PNG, FIGSIZE x DPI pixels per two
+    panels): one per kind of network (Fig. 4 and 6), or, when every model is
+    of one kind, Fig. 1's two: training error left, test error right."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,31 +170,49 @@ def plot(models: dict, out: str, ymax: float | None = None, title: str | None = 
     split = "validation" if imagenet else "test"
     depths = sorted({d for _, d in models})
     colors = {d: plt.get_cmap("tab10")(i % 10) for i, d in enumerate(depths)}
-    # One panel per kind that has runs (plain and ResNets always, as Fig. 6 has them).
-    kinds = [k for k in runs.KINDS if k in ("plain", "resnet") or any(m[0] == k for m in models)]
-    panels = {"plain": "plain networks", "resnet": "ResNets", "preact": "pre-activation ResNets"}
-    width = FIGSIZE[0] * len(kinds) / 2
-    fig, axes = plt.subplots(1, len(kinds), figsize=(width, FIGSIZE[1]), dpi=DPI, sharey=True)
+    one_kind = len({k for k, _ in models}) == 1
+    if one_kind:
+        # Fig. 1's layout: training error left, test error right.
+        kind = next(iter(models))[0]
+        shown = [(d, m) for (_, d), m in sorted(models.items())]
+        panel_list = [
+            ("training error", shown, ("train", "end")),
+            (f"{split} error", shown, ("test",)),
+        ]
+    else:
+        # One panel per kind that has runs (plain and ResNets always, as Fig. 6 has them).
+        kinds = [
+            k for k in runs.KINDS if k in ("plain", "resnet") or any(m[0] == k for m in models)
+        ]
+        panel_list = [
+            (
+                PANELS[k],
+                [(d, m) for (k2, d), m in sorted(models.items()) if k2 == k],
+                ("train", "test", "end"),
+            )
+            for k in kinds
+        ]
+    width = FIGSIZE[0] * len(panel_list) / 2
+    fig, axes = plt.subplots(1, len(panel_list), figsize=(width, FIGSIZE[1]), dpi=DPI, sharey=True)
     top = ymax or _auto_ymax(models)
-    for ax, kind in zip(axes, kinds):
-        panel = panels[kind]
-        shown = [(d, m) for (k, d), m in sorted(models.items()) if k == kind]
+    for ax, (panel, shown, parts) in zip(axes, panel_list):
         for depth, m in shown:
             c = colors[depth]
-            if m["train"]:
+            label = f"{m['label']} (n={len(m['seeds'])})"
+            if m["train"] and "train" in parts:
                 steps, means, _ = zip(*m["train"])
-                ax.plot(steps, means, "--", color=c, linewidth=1.0)
-            if m["test"]:
-                steps, means, _ = zip(*m["test"])
                 ax.plot(
                     steps,
                     means,
-                    "-",
+                    "--",
                     color=c,
-                    linewidth=2.2,
-                    label=f"{m['label']} (n={len(m['seeds'])})",
+                    linewidth=1.0,
+                    label=None if "test" in parts else label,
                 )
-            if m["end"] is not None:
+            if m["test"] and "test" in parts:
+                steps, means, _ = zip(*m["test"])
+                ax.plot(steps, means, "-", color=c, linewidth=2.2, label=label)
+            if m["end"] is not None and "end" in parts:
                 ax.plot([m["end"][0]], [m["end"][1]], "x", color=c, markersize=8, mew=2)
         if not shown:
             ax.text(0.5, 0.5, "no runs", ha="center", va="center", transform=ax.transAxes)
@@ -198,10 +223,8 @@ def plot(models: dict, out: str, ymax: float | None = None, title: str | None = 
         ax.set_ylim(0, top)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("error (%)")
-    fig.suptitle(
-        title
-        or f"{'Fig. 4' if imagenet else 'Fig. 6'}: {name}, training (dashed) and {split} (bold) error"
-    )
+    figure = "Fig. 1" if one_kind and kind == "plain" else "Fig. 4" if imagenet else "Fig. 6"
+    fig.suptitle(title or f"{figure}: {name}, training (dashed) and {split} (bold) error")
     fig.text(
         0.5,
         0.012,

@@ -273,8 +273,20 @@ def test_sweep_table_and_figures_end_to_end_and_a_rerun_trains_nothing(
     }
     test_steps = [r["step"] for r in rows if r["model"] == "plain-8" and r["curve"] == "test"]
     assert test_steps == ["2", "4"]
-    # Fig. 1: plain nets only.
+    # Fig. 1: plain nets only, in its layout (training error left, test error right).
+    import matplotlib.figure
+
+    drawn, savefig = [], matplotlib.figure.Figure.savefig
+
+    def record(fig, *a, **k):
+        drawn.append(([ax.get_title() for ax in fig.axes], fig.get_suptitle()))
+        return savefig(fig, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
     assert plot_curves.main([str(root), "--models=plain8", "--out", str(root / "fig1.png")]) == 0
+    monkeypatch.undo()
+    assert drawn[0][0] == ["training error", "test error"]
+    assert drawn[0][1].startswith("Fig. 1: digits")
     _image(root / "fig1.png", 450, 1200)
     assert {r["model"] for r in csv.DictReader((root / "fig1.csv").open())} == {"plain-8"}
 
