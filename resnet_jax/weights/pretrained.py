@@ -2,20 +2,41 @@
 
 :func:`pretrained` (re-exported as ``rj.weights.pretrained``) is the one
 function of resnet_jax that touches the network; the converters of
-:mod:`resnet_jax.weights` never do. It downloads nothing itself:
+:mod:`resnet_jax.weights` never do. It downloads nothing itself: the hub
+sources go through huggingface_hub, torchvision's through torch.hub, each
+into its library's own cache.
 
-* the hub sources (``'huggingface'``, ``'timm'``) go through
-  ``huggingface_hub.hf_hub_download``, into huggingface_hub's cache, so
-  ``HF_HOME``, ``HF_HUB_CACHE``, ``HF_ENDPOINT``, ``HF_TOKEN`` and
-  ``HF_HUB_OFFLINE`` work as for transformers and timm, whose cached files
-  are used as they are (offline too);
-* ``'torchvision'`` goes through ``torch.hub.load_state_dict_from_url``
-  (``check_hash=True``), into torch.hub's cache (``$TORCH_HOME``), shared
-  with torchvision.
+Sources:
+
+* ``'torchvision'``: ``name`` in resnet18/34/50/101/152,
+  resnext50_32x4d, resnext101_32x8d, resnext101_64x4d, wide_resnet50_2,
+  wide_resnet101_2 (``weights``: 'IMAGENET1K_V1' or, where published,
+  'IMAGENET1K_V2'); the ``.pth`` of ``torchvision.models.*_Weights``, through
+  ``torch.hub.load_state_dict_from_url(check_hash=True)`` (the hex digits
+  after the '-' of the file name must start its sha256) into torch.hub's
+  cache, ``$TORCH_HOME/hub/checkpoints``, which torchvision shares. Needs
+  torch; without it, the error names timm's safetensors copies of the
+  same weights (``source='timm'``, below). Converted by
+  ``from_torchvision``.
+* ``'huggingface'``: ``name`` in resnet18 ... resnet152 (the repos
+  ``microsoft/resnet-18`` ... ``-152``) or any repo id ``'owner/name'`` of
+  a transformers ResNet; ``config.json``, ``preprocessor_config.json`` (if
+  the repo has one) and ``model.safetensors`` (else ``pytorch_model.bin``,
+  which needs torch). Converted by ``from_transformers``.
+* ``'timm'``: ``name`` is a timm pretrained tag of a ResNet that
+  :func:`~resnet_jax.weights.from_timm` reads, e.g. ``'resnet50.a1_in1k'``,
+  ``'resnet50d.ra2_in1k'``, ``'seresnext50_32x4d.racm_in1k'``,
+  ``'resnetv2_50.a1h_in1k'``, or ``'resnet50.tv_in1k'`` / ``'tv2_in1k'``
+  (torchvision's V1/V2 weights): the hub repo ``timm/<name>``, its
+  ``config.json`` and ``model.safetensors``, read without torch.
+  Converted by ``from_timm`` (checked against the architecture the tag
+  names, where resnet_jax names it too) with
+  ``Preprocessing.from_timm(config['pretrained_cfg'])``.
 
 Hub files go through ``huggingface_hub.hf_hub_download`` into its cache
 (``$HF_HUB_CACHE``, default ``$HF_HOME/hub``), with its progress bar, its
-token (``HF_TOKEN`` or ``hf auth login``) and its checks: it asks the hub for
+token (``HF_TOKEN`` or ``hf auth login``), its server (``$HF_ENDPOINT``) and
+its checks: it asks the hub for
 each file's commit and checksum (a HEAD request) and downloads only a file it
 lacks. With ``HF_HUB_OFFLINE=1`` the cached files are used without a request,
 and so they are when the hub cannot be reached. Files cached by transformers
@@ -115,35 +136,11 @@ def pretrained(
 
     >>> model, variables = rj.weights.pretrained("resnet50", source="torchvision")
 
-    Sources:
-
-    * ``'torchvision'``: ``name`` in resnet18/34/50/101/152,
-      resnext50_32x4d, resnext101_32x8d, resnext101_64x4d, wide_resnet50_2,
-      wide_resnet101_2 (``weights``: 'IMAGENET1K_V1' or, where published,
-      'IMAGENET1K_V2'); the ``.pth`` of ``torchvision.models.*_Weights``, through
-      ``torch.hub.load_state_dict_from_url(check_hash=True)`` (the hex digits
-      after the '-' of the file name must start its sha256) into torch.hub's
-      cache, ``$TORCH_HOME/hub/checkpoints``, which torchvision shares. Needs
-      torch; without it, the error names timm's safetensors copies of the
-      same weights (``source='timm'``, below). Converted by
-      ``from_torchvision``.
-    * ``'huggingface'``: ``name`` in resnet18 ... resnet152 (the repos
-      ``microsoft/resnet-18`` ... ``-152``) or any repo id ``'owner/name'`` of
-      a transformers ResNet; ``config.json``, ``preprocessor_config.json`` (if
-      the repo has one) and ``model.safetensors`` (else ``pytorch_model.bin``,
-      which needs torch). Converted by ``from_transformers``.
-    * ``'timm'``: ``name`` is a timm pretrained tag of a ResNet that
-      :func:`~resnet_jax.weights.from_timm` reads, e.g. ``'resnet50.a1_in1k'``,
-      ``'resnet50d.ra2_in1k'``, ``'seresnext50_32x4d.racm_in1k'``,
-      ``'resnetv2_50.a1h_in1k'``, or ``'resnet50.tv_in1k'`` / ``'tv2_in1k'``
-      (torchvision's V1/V2 weights): the hub repo ``timm/<name>``, its
-      ``config.json`` and ``model.safetensors``, read without torch.
-      Converted by ``from_timm`` (checked against the architecture the tag
-      names, where resnet_jax names it too) with
-      ``Preprocessing.from_timm(config['pretrained_cfg'])``.
-
-    Hub files: as the module's documentation says (huggingface_hub's cache,
-    token and offline mode; one commit per call; checksums checked).
+    Sources (the module's documentation says which names each takes, where
+    the files go and how they are checked): ``'torchvision'`` (the ``.pth``
+    of ``torchvision.models.*_Weights`` through torch.hub; needs torch),
+    ``'huggingface'`` (a transformers ResNet repo) and ``'timm'`` (a timm
+    pretrained tag, read without torch).
 
     Args:
       name: the model, as above.
