@@ -1,5 +1,6 @@
 """Exported files, run in their own runtimes, against the JAX model (issue 23)."""
 
+import functools
 import os
 
 import flax
@@ -20,18 +21,24 @@ RTOL = 1e-4  # of the largest logit
 
 def _randomised(module, size):
     """Variables with BatchNorm statistics and affine terms away from their
-    initial values, so that a wrong fold of BatchNorm shows."""
-    init = jax.jit(
+    initial values, so that a wrong fold of BatchNorm shows. Drawn in numpy on
+    the shapes of ``jax.eval_shape`` (kernels normal with variance 1/fan-in):
+    nothing is compiled, which keeps ResNet-50's init out of every test."""
+    shapes = jax.eval_shape(
         lambda: module.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
     )
-    v = init()
-    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(v))
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes))
     rs = np.random.RandomState(0)
     for k, a in flat.items():
-        if k[-1] == "mean" or k[-1] == "bias":
-            flat[k] = rs.normal(0, 0.1, a.shape).astype(np.float32)
+        if k[-1] == "kernel":
+            value = rs.normal(0, 1 / np.sqrt(np.prod(a.shape[:-1])), a.shape)
+        elif k[-1] == "mean" or k[-1] == "bias":
+            value = rs.normal(0, 0.1, a.shape)
         elif k[-1] in ("var", "scale"):
-            flat[k] = rs.uniform(0.5, 1.5, a.shape).astype(np.float32)
+            value = rs.uniform(0.5, 1.5, a.shape)
+        else:
+            raise AssertionError(f"no random value for the variable {k}")
+        flat[k] = value.astype(a.dtype)
     return flax.traverse_util.unflatten_dict(flat)
 
 
@@ -104,15 +111,23 @@ KIND_FORMATS = [
 SIZE = 32  # the ImageNet nets too: small inputs keep the suite fast
 
 
+@functools.lru_cache(maxsize=None)
+def _network(kind):
+    """``(module, variables, {batch: (images, JAX logits)})`` of one kind, made
+    once per test process and shared by its formats."""
+    module = rj.create_model(kind.split("_v1")[0], num_classes=10, **KINDS[kind])
+    variables = _randomised(module, SIZE)
+    apply = jax.jit(functools.partial(module.apply, train=False))
+    refs = {b: (x, np.asarray(apply(variables, x))) for b in BATCHES for x in [_images(b, SIZE)]}
+    return module, variables, refs
+
+
 @pytest.mark.parametrize("kind,fmt", KIND_FORMATS)
 def test_every_kind_of_network_in_every_format(kind, fmt, tmp_path):
-    name = kind.split("_v1")[0]
-    module = rj.create_model(name, num_classes=10, **KINDS[kind])
-    variables = _randomised(module, SIZE)
+    module, variables, refs = _network(kind)
     path = _export(tmp_path, module, variables, fmt, SIZE)
-    for b in BATCHES:
-        x = _images(b, SIZE)
-        _close(run_file(path, fmt, x), _jax_logits(module, variables, x))
+    for x, ref in refs.values():
+        _close(run_file(path, fmt, x), ref)
 
 
 def test_onnx_folds_batchnorm_and_keeps_nchw():
@@ -143,22 +158,26 @@ def torchvision_net(request):
                 m.running_var.uniform_(0.5, 1.5)
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.normal_(0, 0.1)
-    return model, TORCHVISION[request.param]
+    size = TORCHVISION[request.param]
+    module, variables = rj.weights.from_torchvision(model.state_dict())
+    apply = jax.jit(functools.partial(module.apply, train=False))
+    refs = []
+    for b in BATCHES:
+        x = _images(b, size)
+        with torch.no_grad():
+            torch_logits = model(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+        refs.append((x, np.asarray(apply(variables, x)), torch_logits))
+    return module, variables, size, refs
 
 
 @pytest.mark.parametrize("fmt", ex.FORMATS)
 def test_every_format_equals_jax_and_torch(fmt, torchvision_net, tmp_path):
     """A torchvision-converted ResNet-18 and ResNet-50: the file equals the JAX model and torch."""
-    net, size = torchvision_net
-    module, variables = rj.weights.from_torchvision(net.state_dict())
+    module, variables, size, refs = torchvision_net
     path = _export(tmp_path, module, variables, fmt, size)
-    for b in BATCHES:
-        x = _images(b, size)
-        ref = _jax_logits(module, variables, x)
+    for x, ref, torch_logits in refs:
         got = run_file(path, fmt, x)
         _close(got, ref)
-        with torch.no_grad():
-            torch_logits = net(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
         _close(got, torch_logits)
 
 
