@@ -305,7 +305,9 @@ def test_the_pure_steps_import_without_orbax_or_tensorflow():
         "s = steps.TrainState.create(apply_fn=m.apply, params=v['params'],\n"
         "    batch_stats=v['batch_stats'], tx=optax.sgd(0.1))\n"
         "batch = {'image': jnp.zeros((2, 32, 32, 3)), 'label': jnp.zeros((2,), jnp.int32)}\n"
-        "s, metrics = steps.train_step(s, batch, learning_rate_fn=lambda t: 0.1, num_classes=10)\n"
+        "step = jax.jit(lambda s, b: steps.train_step(\n"
+        "    s, b, learning_rate_fn=lambda t: 0.1, num_classes=10))\n"
+        "s, metrics = step(s, batch)\n"
         "assert int(s.step) == 1\n"
         "print('ok')\n"
     )
