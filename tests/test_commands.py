@@ -8,15 +8,16 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, as_a_user
 
 pytestmark = pytest.mark.slow
 
 
-def run_command(*args, timeout=300):
+def run_command(*args, timeout=300, user=False):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", *args]
     return subprocess.run(
-        [sys.executable, "-m", *args],
+        as_a_user(cmd) if user else cmd,
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -50,3 +51,16 @@ def test_mistakes_are_one_line(tmp_path, args, says):
     args = [a.format(file=file, dir=new_dir) for a in args]
     assert says in one_line_error(run_command(*args))
     assert file.read_text() == "mine" and not new_dir.exists()
+
+
+def test_a_read_only_sweep_root_is_one_line(tmp_path):
+    """As a user without root's capabilities: the root and a folder to make in it."""
+    root = tmp_path / "read_only"
+    root.mkdir()
+    root.chmod(0o555)
+    for target in (root, root / "sub"):
+        out = run_command(
+            "experiments.sweep", "--dataset", "digits", "--root", str(target), user=True
+        )
+        assert f"--root {target} is not writable (Permission denied)" in one_line_error(out)
+    assert os.listdir(root) == []

@@ -111,7 +111,7 @@ KIND_FORMATS = [
 SIZE = 32  # the ImageNet nets too: small inputs keep the suite fast
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _network(kind):
     """``(module, variables, {batch: (images, JAX logits)})`` of one kind, made
     once per test process and shared by its formats."""

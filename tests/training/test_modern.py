@@ -99,7 +99,11 @@ def test_accumulated_step_moves_no_example_between_devices():
     lr_fn = recipe.create_learning_rate_fn(c)
     model = recipe.model_from_config(c, 10)
     state = recipe.create_train_state(
-        model, recipe.create_optimizer(c, lr_fn), (16, 16, 3), jax.random.key(0), NamedSharding(mesh, P())
+        model,
+        recipe.create_optimizer(c, lr_fn),
+        (16, 16, 3),
+        jax.random.key(0),
+        NamedSharding(mesh, P()),
     )
     step = functools.partial(
         train_steps.train_step,

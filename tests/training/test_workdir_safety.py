@@ -23,27 +23,18 @@ import numpy as np
 import pytest
 
 from resnet_jax.training import checkpoints, loop, runtime
-from tests.helpers import CLI_TINY, read_metrics, tiny_config, train_command
+from tests.helpers import CLI_TINY, as_a_user, read_metrics, tiny_config, train_command
 
 pytestmark = pytest.mark.slow
 
 RUN = (*CLI_TINY, "--config.checkpoint_every_steps=3", "--config.log_every_steps=3")
 
 
-def _as_a_user(cmd: list[str]) -> list[str]:
-    """``cmd`` without the capabilities that let root read and write any file."""
-    if os.geteuid() != 0:
-        return cmd
-    capsh = shutil.which("capsh") or "/usr/sbin/capsh"
-    line = " ".join(f"'{c}'" for c in cmd)
-    return [capsh, "--drop=cap_dac_override,cap_dac_read_search", "--", "-c", line]
-
-
 def _train(workdir, *args, user=False):
     from tests.helpers import ROOT
 
     cmd, env = train_command(workdir, *RUN, *args, devices=1)
-    cmd = _as_a_user(cmd) if user else cmd
+    cmd = as_a_user(cmd) if user else cmd
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
