@@ -63,7 +63,10 @@ def measure(a, name: str, overrides: dict) -> dict:
     c = base_config()
     c.update(overrides)
     net = rj.create_model(
-        a.model, dtype=getattr(jnp, a.dtype), materialize=common.resolve_materialize(a.materialize)
+        a.model,
+        dtype=getattr(jnp, a.dtype),
+        materialize=common.resolve_materialize(a.materialize),
+        conv_general_dilated=recipe.resolve_conv(c, jax.devices()[0].platform),
     )
     size = common.input_size(net, None)
     mesh = recipe.create_mesh()

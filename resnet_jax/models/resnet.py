@@ -262,6 +262,11 @@ class ResNet(nn.Module):
         recomputing it. Only on request: it helps XLA:CPU (see BENCHMARKS.md),
         so the trainer and benchmarks ask for it there. Values and gradients
         are the same either way.
+      conv_general_dilated: the convolution every ``nn.Conv`` of the network
+        calls (``lax.conv_general_dilated`` when None). A backend's choice,
+        not a property of the network: the trainer passes
+        :func:`resnet_jax.training.cpu_conv.conv_general_dilated` on the CPU
+        under gradient accumulation.
     """
 
     stage_sizes: Sequence[int]
@@ -290,6 +295,7 @@ class ResNet(nn.Module):
     param_dtype: Dtype = jnp.float32
     act: Callable = nn.relu
     materialize: bool = False
+    conv_general_dilated: Callable | None = None
 
     def __post_init__(self) -> None:
         _check_resnet_fields(self)
@@ -362,6 +368,7 @@ class ResNet(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             kernel_init=conv_kernel_init,
+            conv_general_dilated=self.conv_general_dilated,
         )
         # nn.BatchNorm for one group keeps the ungrouped numerics bit for bit.
         bn = (

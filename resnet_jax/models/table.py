@@ -171,6 +171,7 @@ OPTIONS = (
     "bn_groups",
     "act",
     "materialize",
+    "conv_general_dilated",
     "drop_path_rate",
     "dropout_rate",
 )
@@ -243,6 +244,7 @@ def create_model(name: str, **options: Any) -> ResNet:
         ``zero_init_residual``, ``bn_momentum`` (0.9), ``bn_epsilon`` (1e-5),
         ``bn_groups`` (1; training BatchNorm statistics over that many equal
         groups of the batch), ``act``, ``materialize`` (False),
+        ``conv_general_dilated`` (None: ``lax.conv_general_dilated``),
         ``drop_path_rate`` (0: stochastic depth off), ``dropout_rate`` (0);
         see :class:`ResNet`.
 

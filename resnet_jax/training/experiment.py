@@ -46,6 +46,7 @@ from resnet_jax.training.recipe import (
     create_train_state,
     model_from_config,
     needs_dropout_rng,
+    resolve_conv,
     resolve_materialize,
 )
 from resnet_jax.training.steps import EmaConfig, TrainState, ema_state, eval_step, train_step
@@ -317,7 +318,10 @@ def build_experiment(config: Any, workdir: str, mesh: Mesh | None = None) -> Exp
     num_classes = resolve_num_classes(config, pipeline.info.num_classes)
     platform = mesh.devices.flat[0].platform
     model = model_from_config(
-        config, num_classes, materialize=resolve_materialize(config, platform)
+        config,
+        num_classes,
+        materialize=resolve_materialize(config, platform),
+        conv=resolve_conv(config, platform),
     )
     lr_fn = create_learning_rate_fn(config)
     step_fn = functools.partial(

@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from resnet_jax import models
 from resnet_jax.errors import UserError
-from resnet_jax.training import finetune
+from resnet_jax.training import cpu_conv, finetune
 from resnet_jax.training.steps import TrainState
 
 log = logging.getLogger(__name__)
@@ -24,11 +24,14 @@ LR_SCHEDULES = ("step", "cosine", "polynomial")
 OPTIMIZERS = ("sgd", "lars", "lamb", "adamw")
 
 
-def model_from_config(config: Any, num_classes: int, *, materialize: bool = False) -> models.ResNet:
+def model_from_config(
+    config: Any, num_classes: int, *, materialize: bool = False, conv: Any = None
+) -> models.ResNet:
     """The configured network (``config.model`` and its options).
 
-    ``materialize`` is the trainer's choice for the platform (see
-    :func:`resolve_materialize`), not a property of the network.
+    ``materialize`` and ``conv`` (the network's ``conv_general_dilated``) are
+    the trainer's choices for the platform (see :func:`resolve_materialize`
+    and :func:`resolve_conv`), not properties of the network.
     """
     if config.dtype not in DTYPES:
         hint = (
@@ -48,6 +51,7 @@ def model_from_config(config: Any, num_classes: int, *, materialize: bool = Fals
         bn_epsilon=config.bn_epsilon,
         bn_groups=config.bn_groups,
         materialize=materialize,
+        conv_general_dilated=conv,
         drop_path_rate=config.get("drop_path_rate", 0.0),
         dropout_rate=config.get("dropout_rate", 0.0),
     )
@@ -83,6 +87,16 @@ def resolve_materialize(config: Any, platform: str) -> bool:
     """``config.materialize``, or when unset (None): on for CPU devices only,
     where storing activations made training faster (BENCHMARKS.md)."""
     return platform == "cpu" if config.materialize is None else bool(config.materialize)
+
+
+def resolve_conv(config: Any, platform: str) -> Any:
+    """The network's convolution for the platform: on the CPU under gradient
+    accumulation, :func:`resnet_jax.training.cpu_conv.conv_general_dilated`,
+    whose gradients XLA:CPU runs on its fast kernels inside the accumulation
+    loop; otherwise None (``lax.conv_general_dilated``)."""
+    if platform == "cpu" and config.get("grad_accum_steps", 1) > 1:
+        return cpu_conv.conv_general_dilated
+    return None
 
 
 def effective_learning_rate(config: Any) -> float:
