@@ -89,6 +89,11 @@ def _check_resnet_fields(m: ResNet) -> None:
         )
     _check_family_fields(m)
     _check_layout_fields(m)
+    if m.conv_general_dilated is not None and not callable(m.conv_general_dilated):
+        raise ValueError(
+            f"conv_general_dilated={m.conv_general_dilated!r} is not callable; give a function "
+            "with lax.conv_general_dilated's signature, or None for lax's."
+        )
     if not isinstance(m.num_classes, int) or m.num_classes < 0:
         raise ValueError(
             f"num_classes must be an int >= 0 (0 drops the classifier), got {m.num_classes!r}."

@@ -103,3 +103,8 @@ def test_the_trainer_picks_it_on_the_cpu_under_accumulation_only():
         recipe.model_from_config(c, 10, conv=recipe.resolve_conv(c, "cpu")).conv_general_dilated
         is cpu_conv.conv_general_dilated
     )
+
+
+def test_a_convolution_that_is_not_callable_is_refused():
+    with pytest.raises(ValueError, match="conv_general_dilated='eigen' is not callable"):
+        rj.create_model("resnet8", conv_general_dilated="eigen")
