@@ -11,7 +11,8 @@ commands with :func:`add_argparse_flags` (``--cpu-devices``); both then call
 
 1. before TensorFlow or JAX start: their start-up notices off the screen;
 2. logging: resnet_jax's messages plain on stderr, the libraries' only with
-   ``verbose``; orbax's background-thread noise after a failed save dropped;
+   ``verbose``; orbax's background-thread noise after a failed save, and
+   asyncio's reports of its unretrieved failed reads, dropped;
 3. the platform's XLA flags (only while JAX has not started its backends: a
    process that already runs JAX, such as a test session, keeps its own);
 4. ``jax.distributed.initialize`` for a multi-process run;
@@ -205,6 +206,25 @@ def drop_closed_loop_noise() -> None:
     sys.excepthook, sys.unraisablehook = hook, unraisable
 
 
+class _UnretrievedTaskFilter(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" reports."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Task exception was never retrieved")
+
+
+def drop_unretrieved_task_noise() -> None:
+    """When orbax reads a damaged checkpoint, each array read fails in its own
+    asyncio task; orbax raises the first error (which the one-line error
+    names) and leaves the others unretrieved, and asyncio logs each of those
+    with a traceback when it is collected, at a moment that varies from run to
+    run. Those reports are dropped (kept with ``verbose``); asyncio's other
+    messages pass."""
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _UnretrievedTaskFilter) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_UnretrievedTaskFilter())
+
+
 def configure_xla(options: Options) -> None:
     """The platform's XLA flags, while JAX has not started its backends."""
     if xla_bridge.backends_are_initialized():
@@ -234,6 +254,7 @@ def start(options: Options, *, log_level: int | None = logging.INFO) -> Any:
         setup_logging(options.verbose, log_level)
         if not options.verbose:
             drop_closed_loop_noise()
+            drop_unretrieved_task_noise()
     configure_xla(options)
     cluster = (options.coordinator_address, options.num_processes, options.process_id)
     if any(v is not None for v in cluster):

@@ -1,0 +1,41 @@
+"""resnet_jax.launch: what the start-up path keeps off the screen."""
+
+import asyncio
+import gc
+import logging
+
+from resnet_jax import launch
+
+
+def _unretrieved_failed_task():
+    """Makes asyncio report a failed task whose exception nobody retrieved, as
+    orbax leaves its sibling reads of a damaged checkpoint."""
+
+    async def fails():
+        raise ValueError("OUT_OF_RANGE: a truncated array file")
+
+    async def main():
+        asyncio.get_running_loop().create_task(fails())
+        await asyncio.sleep(0)  # the task runs and fails; nobody awaits it
+
+    asyncio.run(main())
+    gc.collect()  # asyncio reports it when the task is collected
+
+
+def test_unretrieved_task_reports_are_dropped_and_other_asyncio_messages_pass(caplog):
+    asyncio_log = logging.getLogger("asyncio")
+    before = list(asyncio_log.filters)
+    try:
+        with caplog.at_level(logging.ERROR):
+            _unretrieved_failed_task()
+        assert any("never retrieved" in r.getMessage() for r in caplog.records)  # as it was
+        caplog.clear()
+        launch.drop_unretrieved_task_noise()
+        launch.drop_unretrieved_task_noise()  # idempotent: one filter
+        assert len(asyncio_log.filters) == len(before) + 1
+        with caplog.at_level(logging.ERROR):
+            _unretrieved_failed_task()
+            asyncio_log.error("another asyncio error")
+        assert [r.getMessage() for r in caplog.records] == ["another asyncio error"]
+    finally:
+        asyncio_log.filters[:] = before
