@@ -130,10 +130,10 @@ def augment(image, seed, policy: str, num_ops: int = 2, magnitude: int = 9):
     ``"trivialaugment"``: one op, its bin drawn uniformly. A signed op's
     magnitude is negated with probability 1/2. ``""``: the image unchanged.
     Works in graph mode (``tf.data.Dataset.map``): each op is a
-    ``tf.switch_case`` over :data:`OPS`, whose branches but
-    :data:`UNCOMPILED_OPS` are XLA-compiled: XLA fuses an op's whole-image
-    passes into one loop, 2-3x faster on the CPU than TensorFlow's kernels
-    one by one.
+    ``tf.switch_case`` over :data:`OPS`, whose branches are XLA-compiled
+    (but :data:`UNCOMPILED_OPS` on uint8 images): XLA fuses an op's
+    whole-image passes into one loop, 2-3x faster on the CPU than
+    TensorFlow's kernels one by one.
     """
     import tensorflow as tf  # lazy: only after configure_tensorflow()
 
@@ -145,21 +145,28 @@ def augment(image, seed, policy: str, num_ops: int = 2, magnitude: int = 9):
     return _augment_image(image, sample_ops(seed, policy, num_ops, magnitude), policy)
 
 
-# The blends (ratio * x + (1 - ratio) * other) stay TensorFlow kernels: XLA:CPU
-# contracts a product and a sum into one fused multiply-add, which rounds once
-# where torch rounds twice and moves truncated uint8 pixels by 1.
+# On uint8 images the blends (ratio * x + (1 - ratio) * other) stay TensorFlow
+# kernels: XLA:CPU contracts a product and a sum into one fused multiply-add,
+# which rounds once where torch rounds twice and moves truncated uint8 pixels
+# by 1. On float32 images (no truncation) that is a last-bit difference, and
+# they are compiled too.
 UNCOMPILED_OPS = frozenset({"Brightness", "Color", "Contrast", "Sharpness"})
+# Ops that compile their own parts, as more than one XLA program.
+SELF_COMPILED_OPS = frozenset({"Equalize"})
 
 
 @functools.cache
-def _op(name: str):
+def _op(name: str, exact: bool):
     """Op ``name`` of :data:`OPS` as ``f(x, magnitude, exact)``: an
     XLA-compiled ``tf.function`` (made once per process, compiled once per
-    image shape), or the plain function for :data:`UNCOMPILED_OPS`."""
+    image shape), or, for :data:`UNCOMPILED_OPS` on uint8 images
+    (``exact``), the plain function."""
     import tensorflow as tf  # lazy: only after configure_tensorflow()
 
     fn = _OP_FNS[name]
-    return fn if name in UNCOMPILED_OPS else tf.function(fn, jit_compile=True)
+    if name in SELF_COMPILED_OPS or (exact and name in UNCOMPILED_OPS):
+        return fn
+    return tf.function(fn, jit_compile=True)
 
 
 def _augment_image(image, draws, policy: str):
@@ -179,7 +186,7 @@ def _augment_image(image, draws, policy: str):
         op, bin_, negate = tf.unstack(row)
         value = tf.gather_nd(table, tf.stack([op, bin_]))
         value = tf.where((negate == 1) & tf.gather(signed, op), -value, value)
-        branches = [functools.partial(_op(name), x, value, exact) for name in OPS]
+        branches = [functools.partial(_op(name, exact), x, value, exact) for name in OPS]
         x = tf.ensure_shape(tf.switch_case(op, branches), (h, w, c))
     return _from_float(x, image.dtype)
 
@@ -219,7 +226,7 @@ def apply_op(image, op_name: str, magnitude):
     image = tf.convert_to_tensor(image)
     _check_image(image)
     x, exact = _to_float(image)
-    return _from_float(_op(op_name)(x, tf.cast(magnitude, tf.float64), exact), image.dtype)
+    return _from_float(_op(op_name, exact)(x, tf.cast(magnitude, tf.float64), exact), image.dtype)
 
 
 def _check_image(image) -> None:
@@ -314,14 +321,28 @@ def _trunc(m):
     return tf.sign(m) * tf.floor(tf.abs(m))  # Python's int(m)
 
 
+def _shift(x, m, axis: int):
+    """``x`` moved by ``int(m)`` pixels along ``axis`` (1: right, 0: down for
+    m > 0), zeros shifted in: what :func:`_affine` gives for the translation
+    (whole-pixel source coordinates, no ties), as a gather of whole rows or
+    columns instead of every pixel. (A slice at a dynamic offset would make
+    XLA compile once per magnitude.)"""
+    import tensorflow as tf  # lazy: only after configure_tensorflow()
+
+    n = x.shape[axis]
+    source = tf.range(n) - tf.cast(tf.clip_by_value(_trunc(m), -n, n), tf.int32)
+    inside = tf.cast((source >= 0) & (source < n), x.dtype)
+    moved = tf.gather(x, tf.clip_by_value(source, 0, n - 1), axis=axis)
+    return moved * (inside[None, :, None] if axis == 1 else inside[:, None, None])
+
+
 def _translate_x(x, m, exact):
-    one, zero = _f64(1.0), _f64(0.0)
-    return _affine(x, (one, zero, -_trunc(m), zero, one, zero))
+    # F.affine(translate=[int(m), 0]): source x = output x - int(m).
+    return _shift(x, m, axis=1)
 
 
 def _translate_y(x, m, exact):
-    one, zero = _f64(1.0), _f64(0.0)
-    return _affine(x, (one, zero, zero, zero, one, -_trunc(m)))
+    return _shift(x, m, axis=0)
 
 
 def _rotate(x, m, exact):
@@ -387,14 +408,22 @@ def _sharpness(x, m, exact):
     h, w, c = x.shape
     if h <= 2 or w <= 2:
         return x
-    kernel = np.ones((3, 3, 1, 1), np.float32)
-    kernel[1, 1] = 5.0
-    # One depthwise convolution (nine shifted slices cost 3x as much): the
-    # sums of integer pixels are exact in float32.
-    total = tf.nn.depthwise_conv2d(x[None], np.tile(kernel, (1, 1, c, 1)), [1, 1, 1, 1], "VALID")
+    if exact:
+        # TensorFlow kernels (see UNCOMPILED_OPS): one depthwise convolution
+        # (nine shifted slices, a kernel each, cost 3x as much). The sums of
+        # integer pixels are exact in float32.
+        kernel = np.ones((3, 3, 1, 1), np.float32)
+        kernel[1, 1] = 5.0
+        kernel = np.tile(kernel, (1, 1, c, 1))
+        total = tf.nn.depthwise_conv2d(x[None], kernel, [1, 1, 1, 1], "VALID")[0]
+    else:
+        # XLA-compiled: shifted slices fuse into one loop, where XLA:CPU's
+        # depthwise convolution is 20x slower.
+        rows = x[:-2] + x[1:-1] + x[2:]
+        total = rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:] + 4.0 * x[1:-1, 1:-1]
     # total / 13 is never within 1/26 of a tie: rounding it matches torch's
     # float32 convolution rounded to uint8.
-    smooth = total[0] / 13.0
+    smooth = total / 13.0
     if exact:
         smooth = tf.round(smooth)
     border = np.ones((h, w, 1), np.float32)
@@ -441,7 +470,18 @@ def _autocontrast(x, m, exact):
 def _equalize(x, m, exact):
     """Per channel, torchvision's ``_scale_channel``: the lookup table of the
     cumulative histogram in steps of (pixels less the top value's) // 255; a
-    channel with step 0 kept."""
+    channel with step 0 kept (its table the identity).
+
+    Two XLA programs, the table and the lookup: compiled as one, XLA fuses
+    the table's computation into the lookup's gather and recomputes it for
+    every pixel (about 1.2 ms against 0.4 ms on a 224x224 image)."""
+    index, table = _compiled(_equalize_table)(x, exact)
+    return _compiled(_lookup)(table, index)
+
+
+def _equalize_table(x, exact):
+    """(``index``: (H, W, C) int32, each pixel's bin in channel-major order;
+    ``table``: (C * 256,) int32, :func:`_equalize`'s lookup table)."""
     import tensorflow as tf  # lazy: only after configure_tensorflow()
 
     h, w, c = x.shape
@@ -451,15 +491,28 @@ def _equalize(x, m, exact):
         input=tf.reshape(index, [-1]), size=256 * c, weights=tf.zeros([0], tf.int32)
     )
     hist = tf.reshape(counts, [c, 256])
-    top = tf.reduce_max(tf.reshape(values, [-1, c]), axis=0)
+    bins = tf.range(256, dtype=tf.int32)
+    top = tf.reduce_max(bins * tf.cast(hist > 0, tf.int32), axis=1)  # the top value present
     top_count = tf.gather(hist, top, batch_dims=1)
     step = (h * w - top_count) // 255  # (C,)
     safe = tf.maximum(step, 1)[:, None]
     lut = (tf.cumsum(hist, axis=1) + safe // 2) // safe
     lut = tf.clip_by_value(tf.pad(lut, [[0, 0], [1, 0]])[:, :-1], 0, 255)
-    out = tf.gather(tf.reshape(lut, [-1]), index)
-    changed = tf.cast(step > 0, tf.int32)  # (C,): no select on the image, slow on CPU
-    return tf.cast(values + (out - values) * changed, tf.float32)
+    changed = tf.cast(step > 0, tf.int32)[:, None]  # (C, 1): step 0 keeps the channel
+    return index, tf.reshape(bins + (lut - bins) * changed, [-1])
+
+
+def _lookup(table, index):
+    import tensorflow as tf  # lazy: only after configure_tensorflow()
+
+    return tf.cast(tf.gather(table, index), tf.float32)
+
+
+@functools.cache
+def _compiled(fn):
+    import tensorflow as tf  # lazy: only after configure_tensorflow()
+
+    return tf.function(fn, jit_compile=True)
 
 
 def _identity(x, m, exact):
