@@ -290,9 +290,8 @@ def _affine(x, matrix):
     ix = tf.cast(tf.floor(sx + 0.5), tf.int32)
     iy = tf.cast(tf.floor(sy + 0.5), tf.int32)
     keep = tf.cast(inside, tf.int32)
-    index = (iy * w + ix) * keep + (1 - keep) * (h * w)  # h * w: the fill pixel
-    pixels = tf.concat([tf.reshape(x, [h * w, c]), tf.zeros([1, c], x.dtype)], 0)
-    return tf.gather(pixels, index)
+    index = (iy * w + ix) * keep  # outside: pixel 0, then zeroed (no padded copy of x)
+    return tf.gather(tf.reshape(x, [h * w, c]), index) * tf.cast(keep, x.dtype)[..., None]
 
 
 def _f64(value):
