@@ -11,8 +11,8 @@ Source: mlcommons/training, ``image_classification/README_tensorflow2.md``
 
 - LARS (``lars_optimizer.py``): trust coefficient (``eeta``) 0.001, momentum
   0.9; BatchNorm parameters and biases (its ``skip_list``) get neither the
-  trust ratio nor weight decay. optax's trust ratio divides by ``|g + wd * w|``
-  where the reference divides by ``|g| + wd * |w|`` (recipe.base_optimizer).
+  trust ratio nor weight decay; its trust ratio ``eeta * |w| / (|g| + wd * |w|)``
+  (recipe.lars, not optax.lars, which divides by ``|g + wd * w|``).
 - The schedule (``PolynomialDecayWithWarmup``): linear warm-up to 10.0 over 5
   epochs, then power-2 polynomial decay to 0.0001 over ``train_steps -
   warmup_steps + 1`` steps.

@@ -156,17 +156,51 @@ def _decay_mask(params: Any) -> Any:
     )
 
 
+def lars(
+    learning_rate_fn: optax.Schedule,
+    weight_decay: float,
+    trust_coefficient: float,
+    eps: float,
+    momentum: float,
+    nesterov: bool,
+) -> optax.GradientTransformation:
+    """MLPerf's LARS (``lars_optimizer.py`` of its ResNet-50 reference): for each
+    kernel ``w`` with gradient ``g``, ``v = momentum * v + lr * r * (g + wd * w)``
+    and ``w -= v``, where the trust ratio ``r = eta * |w| / (|g| + wd * |w| + eps)``
+    (1 when ``|w|`` or ``|g|`` is 0); BatchNorm parameters and biases get
+    ``v = momentum * v + lr * g``. ``optax.lars`` divides by ``|g + wd * w|``
+    instead. The chain has ``optax.lars``'s four parts and state, so a
+    checkpoint of either restores into the other."""
+
+    def decay_and_trust(updates, state, params):
+        def one(g, w):
+            w_norm, g_norm = jnp.linalg.norm(w), jnp.linalg.norm(g)
+            ratio = trust_coefficient * w_norm / (g_norm + weight_decay * w_norm + eps)
+            ratio = jnp.where((w_norm > 0) & (g_norm > 0), ratio, 1.0).astype(g.dtype)
+            return ratio * (g + weight_decay * w)
+
+        return jax.tree.map(one, updates, params), state
+
+    kernels_only = optax.GradientTransformation(optax.init_empty_state, decay_and_trust)
+    return optax.chain(
+        optax.masked(kernels_only, _decay_mask),
+        optax.masked(optax.identity(), _decay_mask),  # optax.lars's trust ratio's place
+        optax.scale_by_learning_rate(learning_rate_fn),
+        optax.trace(decay=momentum, nesterov=nesterov),
+    )
+
+
 def base_optimizer(config: Any, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
     """``config.optimizer`` at ``learning_rate_fn``, each from optax.
 
     - ``'sgd'``: the paper's: L2 weight decay added to the gradient, then SGD
       with ``momentum`` (``nesterov``).
-    - ``'lars'``: ``optax.lars`` (You et al. 2017) with ``momentum``,
-      ``lars_trust_coefficient`` and ``lars_eps``; as MLPerf's reference, the
-      BatchNorm scales and biases get neither weight decay nor the trust ratio
-      (whatever ``weight_decay_exclude_bn_bias`` says). optax's trust ratio is
-      ``eta * |w| / |g + wd * w|``; MLPerf's TF reference divides by
-      ``|g| + wd * |w|`` instead (equal when g and w are parallel).
+    - ``'lars'``: LARS (You et al. 2017) as MLPerf's reference
+      (``lars_optimizer.py``): each kernel's update ``g + wd * w`` scaled by
+      the trust ratio ``eta * |w| / (|g| + wd * |w| + eps)`` (1 where a norm
+      is 0), then the learning rate and ``momentum``; the BatchNorm scales and
+      biases get neither weight decay nor the trust ratio (whatever
+      ``weight_decay_exclude_bn_bias`` says). :func:`lars` builds it.
     - ``'lamb'``, ``'adamw'``: ``optax.lamb`` and ``optax.adamw`` with
       ``adam_b1``, ``adam_b2``, ``adam_eps``, and decoupled weight decay.
 
@@ -181,13 +215,11 @@ def base_optimizer(config: Any, learning_rate_fn: optax.Schedule) -> optax.Gradi
             optax.sgd(learning_rate_fn, momentum=config.momentum, nesterov=config.nesterov),
         )
     if name == "lars":
-        return optax.lars(
+        return lars(
             learning_rate_fn,
             weight_decay=wd,
-            weight_decay_mask=_decay_mask,
             trust_coefficient=float(config.lars_trust_coefficient),
             eps=float(config.lars_eps),
-            trust_ratio_mask=_decay_mask,
             momentum=float(config.momentum),
             nesterov=bool(config.nesterov),
         )

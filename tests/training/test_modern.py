@@ -320,10 +320,11 @@ def test_lars_equals_a_hand_written_update_on_a_small_tree():
     for _ in range(2):
         updates, opt = tx.update(grads, opt, p)
         p = optax.apply_updates(p, updates)
-        # By hand: kernels get weight decay and the trust ratio, BatchNorm neither.
+        # By hand, as MLPerf's lars_optimizer.py: kernels get weight decay and
+        # the trust ratio eta * |w| / (|g| + wd * |w|), BatchNorm neither.
         w, g = expected["conv"]["kernel"], np.asarray(grads["conv"]["kernel"])
+        ratio = 0.01 * np.linalg.norm(w) / (np.linalg.norm(g) + 1e-3 * np.linalg.norm(w))
         g = g + 1e-3 * w
-        ratio = 0.01 * np.linalg.norm(w) / np.linalg.norm(g)
         velocity["conv"]["kernel"] = 0.9 * velocity["conv"]["kernel"] + 0.5 * ratio * g
         expected["conv"]["kernel"] = w - velocity["conv"]["kernel"]
         for name in ("scale", "bias"):
@@ -332,6 +333,18 @@ def test_lars_equals_a_hand_written_update_on_a_small_tree():
             expected["bn"][name] = expected["bn"][name] - velocity["bn"][name]
     for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(expected)):
         np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6)
+
+
+def test_lars_state_is_optax_lars_state_and_a_zero_norm_keeps_the_update():
+    """A checkpoint written with optax.lars restores into this LARS (same
+    state tree); a zero gradient or weight leaves the update unscaled (MLPerf)."""
+    params = {"conv": {"kernel": jnp.zeros((2, 2))}, "bn": {"scale": jnp.ones(2)}}
+    ours = recipe.lars(lambda step: 0.5, 1e-3, 0.01, 0.0, 0.9, False)
+    theirs = optax.lars(lambda step: 0.5, 1e-3, momentum=0.9)
+    assert jax.tree.structure(ours.init(params)) == jax.tree.structure(theirs.init(params))
+    grads = {"conv": {"kernel": jnp.ones((2, 2))}, "bn": {"scale": jnp.ones(2)}}
+    updates, _ = ours.update(grads, ours.init(params), params)
+    np.testing.assert_allclose(updates["conv"]["kernel"], -0.5 * np.ones((2, 2)), rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["lamb", "adamw"])
