@@ -68,24 +68,6 @@ def fingerprint(config: Any) -> dict[str, Any]:
     return fp
 
 
-def single_process_arrays() -> None:
-    """In a single process, orbax writes each array whole from one device.
-
-    Its default on the CPU and TPU (replica-parallel saving) has each replica
-    of a replicated array write a slice of it, which spreads the writes over
-    the hosts of a multi-host run; in one process the same host writes every
-    slice, and each slice is a ``jax.Array`` slice that XLA compiles once per
-    array shape and device: about 1.4 s of the first save of a ResNet-8 on 8
-    CPU devices, for nothing. The bytes and the checkpoint's format are the
-    same either way (either reads the other's). A multi-process run keeps
-    orbax's default. Sets orbax's process-wide handler of ``jax.Array``.
-    """
-    if jax.process_count() == 1:
-        ocp.type_handlers.register_type_handler(
-            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
-        )
-
-
 class CheckpointUnreadableError(UserError, OSError):
     """A checkpoint that cannot be read for a reason other than damage (its
     permissions, a read-only or unreadable mount, an I/O error): nothing is
@@ -204,7 +186,6 @@ class Checkpointer:
             ) from e
 
     def _open_manager(self) -> None:
-        single_process_arrays()
         self.manager = ocp.CheckpointManager(
             self.path,
             options=ocp.CheckpointManagerOptions(
