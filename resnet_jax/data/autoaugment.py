@@ -160,13 +160,11 @@ def _op(name: str, exact: bool):
     """Op ``name`` of :data:`OPS` as ``f(x, magnitude, exact)``: an
     XLA-compiled ``tf.function`` (made once per process, compiled once per
     image shape), or, for :data:`UNCOMPILED_OPS` on uint8 images
-    (``exact``), the plain function."""
-    import tensorflow as tf  # lazy: only after configure_tensorflow()
-
+    (``exact``) and :data:`SELF_COMPILED_OPS`, the plain function."""
     fn = _OP_FNS[name]
     if name in SELF_COMPILED_OPS or (exact and name in UNCOMPILED_OPS):
         return fn
-    return tf.function(fn, jit_compile=True)
+    return _compiled(fn)
 
 
 def _augment_image(image, draws, policy: str):
@@ -509,6 +507,7 @@ def _lookup(table, index):
 
 @functools.cache
 def _compiled(fn):
+    """``fn`` as an XLA-compiled ``tf.function``, made once per process."""
     import tensorflow as tf  # lazy: only after configure_tensorflow()
 
     return tf.function(fn, jit_compile=True)
