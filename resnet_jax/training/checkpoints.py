@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import shutil
@@ -66,6 +67,26 @@ def fingerprint(config: Any) -> dict[str, Any]:
     fp["optimizer"] = None if optimizer == "sgd" else optimizer
     fp["ema"] = True if config.get("ema_decay") else None
     return fp
+
+
+@functools.cache
+def single_process_arrays() -> None:
+    """In a single process, orbax writes each array whole from one device.
+
+    Its default on the CPU and TPU (replica-parallel saving) has each replica
+    of a replicated array write a slice of it, which spreads the writes over
+    the hosts of a multi-host run; in one process the same host writes every
+    slice, and each slice is a ``jax.Array`` slice that XLA compiles once per
+    array shape and device: about 1.4 s of the first save of a ResNet-8 on 8
+    CPU devices, for nothing. The bytes and the checkpoint's format are the
+    same either way (either reads the other's). A multi-process run keeps
+    orbax's default (on GPUs orbax already writes whole arrays). Sets orbax's
+    process-wide handler of ``jax.Array``, once per process.
+    """
+    if jax.process_count() == 1:
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
+        )
 
 
 class CheckpointUnreadableError(UserError, OSError):
@@ -186,6 +207,7 @@ class Checkpointer:
             ) from e
 
     def _open_manager(self) -> None:
+        single_process_arrays()
         self.manager = ocp.CheckpointManager(
             self.path,
             options=ocp.CheckpointManagerOptions(
