@@ -1,6 +1,7 @@
 """TensorFlow's set-up for feeding JAX, done once before its first use: quiet
-C++ logs and every GPU hidden from it (:func:`configure_tensorflow`); tfds
-imported after it (:func:`tfds_module`). Importing this module imports neither.
+C++ logs and every GPU hidden from it (:func:`configure_tensorflow`);
+TensorFlow and tfds imported after it (:func:`tensorflow_module`,
+:func:`tfds_module`). Importing this module imports neither.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import contextlib
 import functools
 import logging
 import os
+import sys
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -27,7 +29,7 @@ def configure_tensorflow() -> None:
     makes the next call run again.)
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf  # lazy: only after configure_tensorflow()
+    tf = _import_tensorflow()
 
     try:
         tf.config.set_visible_devices([], "GPU")
@@ -36,6 +38,43 @@ def configure_tensorflow() -> None:
             "TensorFlow initialised its GPUs before configure_tensorflow(); "
             "it may hold accelerator memory that JAX needs."
         )
+
+
+# TensorFlow's __init__ imports these eagerly, only to register Keras's
+# optimizers for loading Keras models from SavedModels, and carries on without
+# them (it catches the ImportError). The import brings in all of Keras 3 and,
+# through Keras's scikit-learn wrappers, scikit-learn: about 1.2 s of every
+# start-up that reads data, for nothing here, which loads no Keras model
+# through TensorFlow. ``keras`` itself still imports as usual afterwards.
+_KERAS_EAGER_IMPORTS = ("keras.src.optimizers", "tf_keras.src.optimizers")
+
+
+def _import_tensorflow():
+    """``import tensorflow`` without its eager import of Keras's optimizers.
+
+    A module set to ``None`` in ``sys.modules`` fails to import at once
+    (Python's documented way); the entries are removed again right after, so
+    nothing else sees them. A no-op when TensorFlow or Keras is already
+    imported.
+    """
+    if "tensorflow" not in sys.modules:
+        skipped = [m for m in _KERAS_EAGER_IMPORTS if m not in sys.modules]
+        sys.modules.update(dict.fromkeys(skipped))
+        try:
+            import tensorflow  # noqa: F401  (lazy: only after configure_tensorflow())
+        finally:
+            for m in skipped:
+                if sys.modules.get(m, 0) is None:
+                    del sys.modules[m]
+    import tensorflow as tf  # lazy: only after configure_tensorflow()
+
+    return tf
+
+
+def tensorflow_module():
+    """The ``tensorflow`` module, imported after :func:`configure_tensorflow`."""
+    configure_tensorflow()
+    return _import_tensorflow()
 
 
 def tfds_module():
