@@ -45,6 +45,8 @@ from resnet_jax.errors import FLAG_PARSE_ERRORS, UserError, flag_error_message, 
 log = logging.getLogger("resnet_jax")
 
 DEFAULT_CACHE = os.path.expanduser("~/.cache/resnet_jax/jax_compilation_cache")
+# JAX's variable for the shortest compile time whose program the cache keeps.
+MIN_COMPILE_TIME_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
 
 
 @dataclasses.dataclass
@@ -269,7 +271,10 @@ def start(options: Options, *, log_level: int | None = logging.INFO) -> Any:
     _check_platforms(jax)
     if options.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", options.compilation_cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        # Programs that took 0.5 s or more to compile (JAX's default: 1 s);
+        # JAX's own variable, where it is set, decides instead.
+        if MIN_COMPILE_TIME_ENV not in os.environ:
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     if jax.process_index() != 0 and not options.verbose and log_level is not None:
         log.setLevel(logging.WARNING)  # one plan on the screen, not one per process
     return jax

@@ -20,13 +20,20 @@ _CACHE = os.path.join(
     os.environ.get("PYTEST_CACHE_ROOT", "/tmp"), f"resnet_jax_test_cache_{os.getpid()}"
 )
 os.environ.setdefault("RESNET_JAX_TEST_COMPILE_CACHE", _CACHE)
+# Every program goes into it, however quick its compile: the tests compile the
+# same small programs in many processes and many fresh jit objects (train.py
+# and launch keep the cache's 0.5 s minimum unless this variable is set).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 def pytest_configure(config):
     import jax
 
     jax.config.update("jax_compilation_cache_dir", os.environ["RESNET_JAX_TEST_COMPILE_CACHE"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update(
+        "jax_persistent_cache_min_compile_time_secs",
+        float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+    )
 
 
 def pytest_unconfigure(config):

@@ -39,3 +39,34 @@ def test_unretrieved_task_reports_are_dropped_and_other_asyncio_messages_pass(ca
         assert [r.getMessage() for r in caplog.records] == ["another asyncio error"]
     finally:
         asyncio_log.filters[:] = before
+
+
+def test_the_compilation_cache_keeps_quick_programs_only_when_jax_is_told_to(tmp_path):
+    """launch keeps programs of 0.5 s or more, unless JAX's own variable is set."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import jax\n"
+        "from resnet_jax import launch\n"
+        f"launch.start(launch.Options(compilation_cache_dir={str(tmp_path)!r}), log_level=None)\n"
+        "print(jax.config.jax_compilation_cache_dir,"
+        " jax.config.jax_persistent_cache_min_compile_time_secs)\n"
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    seen = {}
+    for value in (None, "0", "2.5"):
+        env.pop(launch.MIN_COMPILE_TIME_ENV, None)
+        if value is not None:
+            env[launch.MIN_COMPILE_TIME_ENV] = value
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        seen[value] = out.stdout.split()
+    assert seen == {
+        None: [str(tmp_path), "0.5"],
+        "0": [str(tmp_path), "0.0"],
+        "2.5": [str(tmp_path), "2.5"],
+    }

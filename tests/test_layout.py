@@ -251,7 +251,6 @@ def _run_blocked(blocked: tuple[str, ...], code: str) -> subprocess.CompletedPro
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     if os.environ.get(COMPILE_CACHE_ENV):  # the session's cache: each program compiles once
         env["JAX_COMPILATION_CACHE_DIR"] = os.environ[COMPILE_CACHE_ENV]
-        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
     return subprocess.run(
         [sys.executable, "-c", program],
         capture_output=True,
