@@ -10,8 +10,10 @@
   devices (the CIFAR fast path).
 * :mod:`~resnet_jax.data.prefetch`: global batches assembled ahead on a thread.
 
-This package is the only one that uses TensorFlow, and none of its modules
-imports it at import time (:func:`configure_tensorflow` runs first).
+TensorFlow feeds the input pipeline; the trainer's TensorBoard writer takes it
+from :func:`tf_setup.tensorflow_module` too, and only the SavedModel and LiteRT
+exports import it themselves. No module here imports it at import time
+(:func:`configure_tensorflow` runs first).
 """
 
 from resnet_jax.data.datasets import (
