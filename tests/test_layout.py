@@ -19,7 +19,8 @@ from tests.helpers import COMPILE_CACHE_ENV, ROOT
 PACKAGE = pathlib.Path(ROOT) / "resnet_jax"
 # Imported inside functions, each with its reason on the line: heavy frameworks
 # (TensorFlow, torch, keras), what `import resnet_jax` must not need
-# (safetensors, huggingface_hub, timm), and scikit-learn (1.4 s of start-up for every run, needed by the digits only).
+# (safetensors, huggingface_hub, timm), and scikit-learn (1.4 s of start-up
+# for every run, needed by the digits only).
 LAZY_ALLOWED = (
     "sklearn",
     "tensorflow",
@@ -312,9 +313,9 @@ def test_the_pure_steps_import_without_orbax_or_tensorflow():
 
 
 def test_a_run_reads_data_and_writes_tensorboard_without_importing_keras(tmp_path):
-    """TensorFlow's eager import of Keras's optimizers is skipped (1.2 s of
-    start-up, with scikit-learn); the scalars are in the events file, and
-    Keras still imports afterwards."""
+    """TensorFlow's eager import of Keras's optimizers (with scikit-learn) is
+    skipped; the scalars are in the events file, and Keras still imports
+    afterwards."""
     code = f"""
 import os, sys
 from etils import epath

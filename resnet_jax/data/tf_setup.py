@@ -43,8 +43,8 @@ def configure_tensorflow() -> None:
 # TensorFlow's __init__ imports these eagerly, only to register Keras's
 # optimizers for loading Keras models from SavedModels, and carries on without
 # them (it catches the ImportError). The import brings in all of Keras 3 and,
-# through Keras's scikit-learn wrappers, scikit-learn: about 1.2 s of every
-# start-up that reads data, for nothing here, which loads no Keras model
+# through Keras's scikit-learn wrappers, scikit-learn: about a third of
+# TensorFlow's import time, for nothing here, which loads no Keras model
 # through TensorFlow. ``keras`` itself still imports as usual afterwards.
 _KERAS_EAGER_IMPORTS = ("keras.src.optimizers", "tf_keras.src.optimizers")
 

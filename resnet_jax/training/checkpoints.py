@@ -77,8 +77,8 @@ def single_process_arrays() -> None:
     of a replicated array write a slice of it, which spreads the writes over
     the hosts of a multi-host run; in one process the same host writes every
     slice, and each slice is a ``jax.Array`` slice that XLA compiles once per
-    array shape and device: about 1.4 s of the first save of a ResNet-8 on 8
-    CPU devices, for nothing. The bytes and the checkpoint's format are the
+    array shape and device, for nothing: the slowest part of a small run's
+    first save. The bytes and the checkpoint's format are the
     same either way (either reads the other's). A multi-process run keeps
     orbax's default (on GPUs orbax already writes whole arrays). Sets orbax's
     process-wide handler of ``jax.Array``, once per process.

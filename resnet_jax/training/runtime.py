@@ -199,8 +199,8 @@ class TensorBoardWriter:
 
     Written with TensorFlow's own ``tf.summary`` file writer, which is what
     clu's ``SummaryWriter`` wraps; clu's module also imports TensorBoard's
-    hparams plugin, and through it all of Keras and scikit-learn (about 1.2 s
-    of every run's start-up), for scalars alone.
+    hparams plugin, and through it all of Keras and scikit-learn (as long to
+    import as a third of TensorFlow), for scalars alone.
 
     TensorFlow writes through its own filesystems: ``gs://`` only, and TF's
     GCS client can be pointed neither at another store nor at an emulator. So
