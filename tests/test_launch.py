@@ -1,8 +1,11 @@
-"""resnet_jax.launch: what the start-up path keeps off the screen."""
+"""resnet_jax.launch: what the start-up path keeps off the screen, and the compilation cache it sets up."""
 
 import asyncio
 import gc
 import logging
+import os
+import subprocess
+import sys
 
 from resnet_jax import launch
 
@@ -43,10 +46,6 @@ def test_unretrieved_task_reports_are_dropped_and_other_asyncio_messages_pass(ca
 
 def test_the_compilation_cache_keeps_quick_programs_only_when_jax_is_told_to(tmp_path):
     """launch keeps programs of 0.5 s or more, unless JAX's own variable is set."""
-    import os
-    import subprocess
-    import sys
-
     code = (
         "import jax\n"
         "from resnet_jax import launch\n"
