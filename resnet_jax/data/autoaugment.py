@@ -510,7 +510,7 @@ def _compiled(fn):
     """``fn`` as an XLA-compiled ``tf.function``, made once per process."""
     import tensorflow as tf  # lazy: only after configure_tensorflow()
 
-    return tf.function(fn, jit_compile=True)
+    return tf.function(fn, jit_compile=True, autograph=False)  # see tf_setup.without_autograph
 
 
 def _identity(x, m, exact):

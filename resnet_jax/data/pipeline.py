@@ -56,7 +56,12 @@ from resnet_jax.data.datasets import (
     imagenet_preflight,
     load_in_memory,
 )
-from resnet_jax.data.tf_setup import configure_tensorflow, mock_data_scope, tfds_module
+from resnet_jax.data.tf_setup import (
+    configure_tensorflow,
+    mock_data_scope,
+    tfds_module,
+    without_autograph,
+)
 from resnet_jax.errors import UserError
 
 # about this many steps: one per epoch costs time and host memory.
@@ -172,7 +177,9 @@ class InMemorySource(_Source):
 
         ds = tf.data.Dataset.from_tensor_slices(self._order(epoch, count, offset))
         return ds.map(
-            example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=cfg.deterministic_input
+            without_autograph(example),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=cfg.deterministic_input,
         )
 
     def eval_examples(self):
@@ -187,7 +194,9 @@ class InMemorySource(_Source):
             return {"image": transforms.normalize(image, mean), "label": label}
 
         ds = tf.data.Dataset.from_tensor_slices((self.test.images[lo:hi], self.test.labels[lo:hi]))
-        return ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.map(
+            without_autograph(example), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        )
 
 
 def repeated_augmentation(config) -> int:
@@ -281,7 +290,9 @@ class ImageNetSource(_Source):
         ds = self._load("train", seed)
         repeats = repeated_augmentation(cfg)
         if repeats > 1:  # each example `repeats` times in a row, augmented apart
-            ds = ds.flat_map(lambda ex: tf.data.Dataset.from_tensors(ex).repeat(repeats))
+            ds = ds.flat_map(
+                without_autograph(lambda ex: tf.data.Dataset.from_tensors(ex).repeat(repeats))
+            )
         # Skipping before the map: a resume decodes none of the skipped examples.
         ds = ds.enumerate().skip(offset * b)
 
@@ -293,7 +304,9 @@ class ImageNetSource(_Source):
 
         ds = ds.take((self.steps_per_epoch - offset) * b)
         return ds.map(
-            example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=cfg.deterministic_input
+            without_autograph(example),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=cfg.deterministic_input,
         )
 
     def eval_examples(self):
@@ -307,7 +320,9 @@ class ImageNetSource(_Source):
             return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
         ds = self._load("eval", None)
-        return ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.map(
+            without_autograph(example), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        )
 
     def _output(self, image):
         """float32 0..255 pixels -> normalised float32, or rounded uint8."""
@@ -474,7 +489,7 @@ def _padded_batches(examples, num_batches: int, batch: int):
     ``num_batches`` batches of ``batch``."""
     import tensorflow as tf  # lazy: only after configure_tensorflow()
 
-    ds = examples.map(lambda ex: {**ex, "mask": tf.constant(1.0)})
+    ds = examples.map(without_autograph(lambda ex: {**ex, "mask": tf.constant(1.0)}))
     spec = ds.element_spec
     pad = tf.data.Dataset.from_tensors(
         {
