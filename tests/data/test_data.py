@@ -5,6 +5,7 @@ In-memory datasets run on scikit-learn's digits and on CIFAR under
 row identifies its example); ImageNet on tfds' mock data.
 """
 
+import functools
 import itertools
 import logging
 import os
@@ -295,6 +296,53 @@ def test_imagenet_stream_resumes_exactly_across_pipelines_and_as_uint8():
     assert ev[-1]["image"].dtype == np.uint8 and ev[-1]["image"].shape == (4, 24, 24, 3)
     with pytest.raises(ValueError, match="image_dtype"):
         data_lib.InputPipeline(tiny_config(), image_dtype="uint8")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        tiny_config(),
+        tiny_config(auto_augment="randaugment"),
+        tiny_imagenet(repeated_augmentation=2, auto_augment="trivialaugment"),
+    ],
+    ids=["cifar", "cifar-randaugment", "imagenet-repeated-trivialaugment"],
+)
+def test_pipelines_are_traced_without_autograph_and_equal_autograph_s(config, monkeypatch):
+    """AutoGraph's source rewrite never runs (tf_setup.without_autograph), and
+    the batches are those of the same functions converted by AutoGraph."""
+    from tensorflow.python.autograph.impl import api
+
+    plain = take(data_lib.InputPipeline(config).train_batches(0), 2)
+    plain += take(data_lib.InputPipeline(config).eval_batches(), 1)
+
+    calls = []
+    original = api._TRANSPILER.transform
+
+    def counting(fn, *args, **kwargs):
+        if getattr(fn, "__module__", "").startswith("resnet_jax"):  # tfds converts its own
+            calls.append(fn)
+        return original(fn, *args, **kwargs)
+
+    monkeypatch.setattr(api._TRANSPILER, "transform", counting)
+    take(data_lib.InputPipeline(config).train_batches(0), 2)
+    assert calls == []  # no function of this package went through AutoGraph
+    # The same pipelines with AutoGraph on: identical batches.
+    monkeypatch.setattr(pipeline, "without_autograph", lambda fn: fn)
+    from resnet_jax.data import autoaugment
+
+    autoaugment._compiled.cache_clear()
+    monkeypatch.setattr(autoaugment, "_compiled", _compiled_with_autograph)
+    converted = take(data_lib.InputPipeline(config).train_batches(0), 2)
+    converted += take(data_lib.InputPipeline(config).eval_batches(), 1)
+    assert calls  # AutoGraph did run this time
+    assert_same_batches(converted, plain)
+
+
+@functools.cache
+def _compiled_with_autograph(fn):
+    import tensorflow as tf
+
+    return tf.function(fn, jit_compile=True)
 
 
 @pytest.mark.parametrize("dataset", ["imagenet", "cifar"])
