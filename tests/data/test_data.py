@@ -301,11 +301,10 @@ def test_imagenet_stream_resumes_exactly_across_pipelines_and_as_uint8():
 @pytest.mark.parametrize(
     "config",
     [
-        tiny_config(),
         tiny_config(auto_augment="randaugment"),
         tiny_imagenet(repeated_augmentation=2, auto_augment="trivialaugment"),
     ],
-    ids=["cifar", "cifar-randaugment", "imagenet-repeated-trivialaugment"],
+    ids=["cifar-randaugment", "imagenet-repeated-trivialaugment"],
 )
 def test_pipelines_are_traced_without_autograph_and_equal_autograph_s(config, monkeypatch):
     """AutoGraph's source rewrite never runs (tf_setup.without_autograph), and
