@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import logging
 import os
 import sys
@@ -378,6 +379,13 @@ def run(
 
     ``on_error`` runs after the line is printed (e.g. to leave at once when
     background threads are failing too).
+
+    When ``main`` ends, however it ends, every object moves to the garbage
+    collector's permanent generation (``gc.freeze``): the process is about to
+    exit and the operating system frees its memory, while Python's collection
+    at exit would walk every object of TensorFlow and JAX first (a tenth of a
+    tiny training run's time). ``atexit`` handlers still run and open files
+    are still flushed and closed.
     """
     try:
         return main()
@@ -389,3 +397,5 @@ def run(
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; run the same command to go on.", file=sys.stderr, flush=True)
         sys.exit(130)
+    finally:
+        gc.freeze()

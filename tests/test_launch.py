@@ -7,7 +7,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from resnet_jax import launch
+from resnet_jax.errors import UserError
 
 
 def _unretrieved_failed_task():
@@ -69,3 +72,20 @@ def test_the_compilation_cache_keeps_quick_programs_only_when_jax_is_told_to(tmp
         "0": [str(tmp_path), "0.0"],
         "2.5": [str(tmp_path), "2.5"],
     }
+
+
+def test_run_freezes_the_heap_when_main_ends_however_it_ends():
+    """The exit then skips Python's final collection of every object."""
+
+    def refused():
+        raise UserError("a mistake")
+
+    try:
+        assert launch.run("t", lambda: 7) == 7
+        assert gc.get_freeze_count() > 0
+        gc.unfreeze()
+        with pytest.raises(SystemExit) as e:
+            launch.run("t", refused)
+        assert e.value.code == 2 and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
