@@ -117,9 +117,16 @@ def _network(kind):
     once per test process and shared by its formats."""
     module = rj.create_model(kind.split("_v1")[0], num_classes=10, **KINDS[kind])
     variables = _randomised(module, SIZE)
-    apply = jax.jit(functools.partial(module.apply, train=False))
-    refs = {b: (x, np.asarray(apply(variables, x))) for b in BATCHES for x in [_images(b, SIZE)]}
-    return module, variables, refs
+    return module, variables, _references(module, variables, SIZE)
+
+
+def _references(module, variables, size):
+    """``{batch: (images, JAX logits)}`` for each of BATCHES: the smaller
+    batches are the first images of the largest, so the JAX model compiles
+    once."""
+    x = _images(max(BATCHES), size)
+    logits = np.asarray(jax.jit(functools.partial(module.apply, train=False))(variables, x))
+    return {b: (x[:b], logits[:b]) for b in BATCHES}
 
 
 @pytest.mark.parametrize("kind,fmt", KIND_FORMATS)
@@ -160,13 +167,11 @@ def torchvision_net(request):
                 m.bias.normal_(0, 0.1)
     size = TORCHVISION[request.param]
     module, variables = rj.weights.from_torchvision(model.state_dict())
-    apply = jax.jit(functools.partial(module.apply, train=False))
     refs = []
-    for b in BATCHES:
-        x = _images(b, size)
+    for x, logits in _references(module, variables, size).values():
         with torch.no_grad():
             torch_logits = model(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
-        refs.append((x, np.asarray(apply(variables, x)), torch_logits))
+        refs.append((x, logits, torch_logits))
     return module, variables, size, refs
 
 
