@@ -93,10 +93,11 @@ def without_autograph(fn):
     AutoGraph rewrites a function's Python source so that ``if`` and loops on
     tensors become graph control flow; it parses and transforms every function
     reached from ``fn``: about half the time it took to build an ImageNet
-    pipeline, a fifth for CIFAR's. This package's input functions branch only on the config and on
-    static shapes, and loop only over Python lists, so the rewrite had nothing
-    to convert and the traced graph is the same without it. A branch on a
-    tensor in such a function is an error at trace time, never a silent change.
+    pipeline, a fifth for CIFAR's. This package's input functions branch only
+    on the config and on static shapes, and loop only over Python lists, so
+    the rewrite had nothing to convert and the traced graph is the same
+    without it. A branch on a tensor in such a function is an error at trace
+    time, never a silent change.
     """
     tf = tensorflow_module()
     return tf.autograph.experimental.do_not_convert(fn)

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -180,11 +181,15 @@ def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path):
         proc.send_signal(signal.SIGINT)
         # The second as soon as the first is acknowledged: a tiny run saves and
         # exits within a fraction of a second, and a Ctrl-C after its exit is none.
-        seen = []
-        for line in proc.stderr:
-            seen.append(line)
-            if "Received signal" in line:
-                break
+        seen, watchdog = [], threading.Timer(60, proc.kill)  # no hang if it never answers
+        watchdog.start()
+        try:
+            for line in proc.stderr:
+                seen.append(line)
+                if "Received signal" in line:
+                    break
+        finally:
+            watchdog.cancel()
         proc.send_signal(signal.SIGINT)
         _, rest = proc.communicate(timeout=60)
         err = "".join(seen) + rest
