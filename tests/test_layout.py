@@ -19,8 +19,8 @@ from tests.helpers import COMPILE_CACHE_ENV, ROOT
 PACKAGE = pathlib.Path(ROOT) / "resnet_jax"
 # Imported inside functions, each with its reason on the line: heavy frameworks
 # (TensorFlow, torch, keras), what `import resnet_jax` must not need
-# (safetensors, huggingface_hub, timm), and scikit-learn (1.4 s of start-up
-# for every run, needed by the digits only).
+# (safetensors, huggingface_hub, timm), and scikit-learn (slow to import, and
+# needed by the digits only).
 LAZY_ALLOWED = (
     "sklearn",
     "tensorflow",
