@@ -310,9 +310,6 @@ def test_pipelines_are_traced_without_autograph_and_equal_autograph_s(config, mo
     the batches are those of the same functions converted by AutoGraph."""
     from tensorflow.python.autograph.impl import api
 
-    plain = take(data_lib.InputPipeline(config).train_batches(0), 2)
-    plain += take(data_lib.InputPipeline(config).eval_batches(), 1)
-
     calls = []
     original = api._TRANSPILER.transform
 
@@ -322,7 +319,8 @@ def test_pipelines_are_traced_without_autograph_and_equal_autograph_s(config, mo
         return original(fn, *args, **kwargs)
 
     monkeypatch.setattr(api._TRANSPILER, "transform", counting)
-    take(data_lib.InputPipeline(config).train_batches(0), 2)
+    plain = take(data_lib.InputPipeline(config).train_batches(0), 2)
+    plain += take(data_lib.InputPipeline(config).eval_batches(), 1)
     assert calls == []  # no function of this package went through AutoGraph
     # The same pipelines with AutoGraph on: identical batches. (The augmentation
     # ops, compiled once per process, equal eager TensorFlow: test_autoaugment.)
